@@ -1,0 +1,31 @@
+# Two commands matter: `make serve` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+REPO ?= demo-models
+PORT ?= 8000
+ADMIN_TOKEN ?= demo-admin-token
+
+.PHONY: setup serve test lint bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+serve: setup
+	test -d $(REPO)/fraud || $(BIN)/turnout demo-repo $(REPO)
+	$(BIN)/turnout serve --model-repository $(REPO) --port $(PORT) --admin-token demo=$(ADMIN_TOKEN)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python -m loadtests.run
