@@ -1,0 +1,444 @@
+"""Dynamic batching behind the Runtime seam: one ``BatchingRuntime`` per model version.
+
+Rules: all state is owned by the event-loop thread (``run``, ``close`` and every callback run
+there); the executor thread only runs ``_execute``, which reads its arguments and returns.
+Merging assumes the model is row-independent along axis 0; a model that is not can opt out with
+``{"enabled": false}`` in its ``config.json`` (it then keeps the queue limit and deadlines).
+A request never fails because of what it was merged with: when a merged run fails, each of its
+requests runs again alone, so only the ones that fail by themselves get the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from gateway.errors import GatewayError, ModelError, NotReady, Overloaded, Timeout
+from gateway.models import TensorSpec
+
+log = logging.getLogger("turnout.batcher")
+
+Arrays = dict[str, np.ndarray]
+_EWMA = 0.2  # weight of the newest batch in the Retry-After estimate
+
+
+class BlockingRuntime(Protocol):
+    """What the batcher wraps: a session that runs on the calling thread (``SessionRuntime``)."""
+
+    def run_sync(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Arrays: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BatchConfig:
+    enabled: bool = True
+    max_batch_size: int = 64  # rows per merged run; a larger request runs alone
+    max_queue_delay_us: int = 0  # how long the oldest request may wait for a batch to fill
+    max_queue: int = 256  # requests waiting (not running) before Overloaded
+    max_concurrent_batches: int = 1
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "enabled":
+                if not isinstance(value, bool):
+                    raise ValueError(f"'enabled' must be true or false, got {value!r}")
+                continue
+            least = 0 if f.name == "max_queue_delay_us" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                kind = "a non-negative" if least == 0 else "a positive"
+                raise ValueError(f"{f.name!r} must be {kind} integer, got {value!r}")
+
+    @classmethod
+    def from_file(cls, path: Path, defaults: BatchConfig | None = None) -> BatchConfig:
+        """``defaults`` overridden by the keys of the JSON object in ``path`` (absent file: the
+        defaults). Raises ValueError naming the file and the offending key."""
+        base = cls() if defaults is None else defaults
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return base
+        except OSError as exc:
+            raise ValueError(f"cannot read {path.name}: {exc.strerror or exc}") from None
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"{path.name} is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path.name} must hold a JSON object")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in doc:
+            if key not in known:
+                raise ValueError(f"{path.name}: unknown key {key!r}; expected any of {known}")
+        try:
+            return dataclasses.replace(base, **doc)
+        except ValueError as exc:
+            raise ValueError(f"{path.name}: {exc}") from None
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """Counters since construction, for export. ``rows / batches`` is the mean batch size."""
+
+    requests: int = 0  # accepted into the queue
+    batches: int = 0  # inner runs
+    rows: int = 0  # rows over all inner runs
+    rejected: int = 0  # Overloaded (429)
+    timed_out: int = 0  # Timeout (504)
+    failed: int = 0  # requests failed by a model error (their own: see ``isolated``)
+    isolated: int = 0  # merged runs that failed and were rerun one request at a time
+    cancelled: int = 0  # abandoned by the caller
+    inline: int = 0  # ran on the event loop: small, and nothing else waiting
+
+
+@dataclass(slots=True, eq=False)  # identity hash: requests are members of an ordered set
+class _Request:
+    inputs: Mapping[str, np.ndarray]
+    outputs: tuple[str, ...]
+    rows: int
+    key: Hashable | None  # requests merge only with an equal key; None never merges
+    deadline: float | None
+    future: asyncio.Future[Arrays]
+    enqueued: float = field(default_factory=time.monotonic)
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    # per request: its outputs, its own model error, or None (skipped: deadline passed or
+    # caller gone)
+    results: list[Arrays | GatewayError | None]
+    rows: int  # over all inner runs, a failed merged run included
+    seconds: float
+    runs: int = 1
+    isolated: bool = False
+
+
+class BatchingRuntime:
+    """Merges concurrent requests to one version into one run of ``inner`` on ``executor``.
+
+    No background task: the queue is pumped when a request arrives, when a batch finishes and
+    when a queue-delay timer fires, so construction needs no event loop (loaders run on
+    threads). ``on_batch(rows, seconds)`` is called on the loop after every inner run.
+    """
+
+    def __init__(
+        self,
+        inner: BlockingRuntime,
+        inputs: Sequence[TensorSpec],
+        executor: Executor,
+        config: BatchConfig | None = None,
+        *,
+        name: str = "model",
+        on_batch: Callable[[int, float], None] | None = None,
+        inline_rows: int = 0,
+    ) -> None:
+        """``inline_rows``: a request of at most this many rows that finds the queue empty and
+        the session idle runs right away on the event loop thread, skipping the thread hop
+        (for models that take microseconds, the hop costs more than the run)."""
+        self.config = BatchConfig() if config is None else config
+        self.name = name
+        self.stats = BatchStats()
+        self._inner = inner
+        self._executor = executor
+        self._on_batch = on_batch
+        self._merge = self.config.enabled and bool(inputs) and all(s.batched for s in inputs)
+        self._queue: dict[_Request, None] = {}  # insertion-ordered set, O(1) removal
+        self._inflight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._batch_s = 0.0
+        self._per_batch = 1.0
+        self._inline_rows = inline_rows
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def merging(self) -> bool:
+        return self._merge
+
+    async def run(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        deadline: float | None = None,
+    ) -> Arrays:
+        """``deadline`` is an absolute ``time.monotonic()`` value: past it the request fails
+        with Timeout, and is not run if its batch has not started."""
+        loop = self._bind()
+        if self._closed:
+            raise NotReady(f"{self.name} is unloading")
+        if deadline is not None and deadline <= time.monotonic():
+            self.stats.timed_out += 1
+            raise Timeout(f"deadline passed before {self.name} could run the request")
+        if len(self._queue) >= self.config.max_queue:
+            self.stats.rejected += 1
+            raise Overloaded(
+                f"{self.name} is overloaded: {len(self._queue)} requests queued",
+                self._retry_after(),
+            )
+        rows, key = self._key(inputs, outputs)
+        if rows <= self._inline_rows and not self._queue and not self._inflight:
+            self.stats.requests += 1
+            self.stats.inline += 1
+            self.stats.batches += 1
+            self.stats.rows += rows
+            return self._inner.run_sync(inputs, outputs)
+        request = _Request(inputs, tuple(outputs), rows, key, deadline, loop.create_future())
+        if deadline is not None:
+            request.timer = loop.call_later(deadline - time.monotonic(), self._expire, request)
+        request.future.add_done_callback(partial(self._settled, request))
+        self._queue[request] = None
+        self.stats.requests += 1
+        self._pump()
+        return await request.future
+
+    def run_sync(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Arrays:
+        """Unbatched, on the calling thread (shadow copies)."""
+        if self._closed:
+            raise NotReady(f"{self.name} is unloading")
+        return self._inner.run_sync(inputs, outputs)
+
+    def close(self) -> None:
+        """Fail queued requests with NotReady; close ``inner`` once running batches finish.
+        Call on the event-loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+        for request in list(self._queue):
+            del self._queue[request]
+            if not request.future.done():
+                request.future.set_exception(NotReady(f"{self.name} was unloaded"))
+        if self._inflight == 0:
+            self._inner.close()
+
+    # -- queue (event-loop thread) ----------------------------------------------------------
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._queue or self._inflight:
+                raise RuntimeError(f"{self.name}: batcher is busy on another event loop")
+            self._loop = loop
+        return loop
+
+    def _key(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> tuple[int, Hashable | None]:
+        sizes = {a.shape[0] if a.ndim else 0 for a in inputs.values()}
+        rows = max(sizes, default=0)
+        if not self._merge or len(sizes) != 1 or any(a.ndim == 0 for a in inputs.values()):
+            return rows, None
+        parts = tuple((n, inputs[n].dtype, inputs[n].shape[1:]) for n in sorted(inputs))
+        return rows, (tuple(outputs), parts)
+
+    def _expire(self, request: _Request) -> None:
+        if not request.future.done():
+            self.stats.timed_out += 1
+            request.future.set_exception(Timeout(f"deadline passed before {self.name} answered"))
+
+    def _settled(self, request: _Request, future: asyncio.Future[Arrays]) -> None:
+        if request.timer is not None:
+            request.timer.cancel()
+        self._queue.pop(request, None)
+        if future.cancelled():
+            self.stats.cancelled += 1
+
+    def _pump(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+            self._wakeup = None
+        while self._queue and not self._closed:
+            if self._inflight >= self.config.max_concurrent_batches:
+                return
+            batch, wait = self._take()
+            if wait > 0:
+                assert self._loop is not None
+                self._wakeup = self._loop.call_later(wait, self._pump)
+                return
+            if batch:
+                self._launch(batch)
+
+    def _take(self) -> tuple[list[_Request], float]:
+        """The oldest live request plus later compatible ones that fit, or how long to wait
+        for more (only while the queue delay allows)."""
+        now = time.monotonic()
+        limit = self.config.max_batch_size
+        batch: list[_Request] = []
+        rows = 0
+        for request in list(self._queue):
+            if request.future.done():
+                del self._queue[request]
+            elif request.deadline is not None and request.deadline <= now:
+                del self._queue[request]
+                self._expire(request)
+            elif not batch:
+                batch.append(request)
+                rows = request.rows
+                if request.key is None or rows >= limit:
+                    break
+            elif request.key == batch[0].key and rows + request.rows <= limit:
+                batch.append(request)
+                rows += request.rows
+                if rows >= limit:
+                    break
+        if not batch:
+            return [], 0.0
+        delay = self.config.max_queue_delay_us / 1e6
+        if delay and batch[0].key is not None and rows < limit:
+            wait = batch[0].enqueued + delay - now
+            if wait > 0 and len(self._queue) < self.config.max_queue:
+                return [], wait
+        for request in batch:
+            del self._queue[request]
+        return batch, 0.0
+
+    def _launch(self, batch: list[_Request]) -> None:
+        assert self._loop is not None
+        try:
+            future = self._loop.run_in_executor(self._executor, self._execute, batch)
+        except RuntimeError:  # the executor was shut down
+            self._fail(batch, NotReady(f"{self.name} is shutting down"))
+            return
+        self._inflight += 1
+        future.add_done_callback(partial(self._finished, batch))
+
+    def _finished(self, batch: list[_Request], future: asyncio.Future[_Outcome]) -> None:
+        self._inflight -= 1
+        if self._closed and self._inflight == 0:
+            self._inner.close()
+        if future.cancelled():
+            self._fail(batch, NotReady(f"{self.name} is shutting down"))
+        elif (exc := future.exception()) is not None:
+            self._fail(batch, self._translate(exc))
+        else:
+            self._deliver(batch, future.result())
+        self._pump()
+
+    def _deliver(self, batch: list[_Request], outcome: _Outcome) -> None:
+        for request, result in zip(batch, outcome.results, strict=True):
+            if result is None:
+                self._expire(request)
+            elif request.future.done():
+                pass
+            elif isinstance(result, GatewayError):
+                self.stats.failed += 1
+                request.future.set_exception(result)
+            else:
+                request.future.set_result(result)
+        self.stats.isolated += outcome.isolated
+        ran = sum(r is not None for r in outcome.results)
+        if ran:
+            self.stats.batches += outcome.runs
+            self.stats.rows += outcome.rows
+            first = self.stats.batches == 1
+            self._batch_s = outcome.seconds if first else _ewma(self._batch_s, outcome.seconds)
+            self._per_batch = ran if first else _ewma(self._per_batch, ran)
+            if self._on_batch is not None:
+                try:
+                    self._on_batch(outcome.rows, outcome.seconds)
+                except Exception:  # a metrics hook must not strand the callers
+                    log.exception("%s: on_batch hook failed", self.name)
+
+    def _fail(self, batch: list[_Request], exc: GatewayError) -> None:
+        for request in batch:
+            if not request.future.done():
+                self.stats.failed += 1
+                # a copy per caller: one exception object raised in many tasks tangles tracebacks
+                request.future.set_exception(copy.copy(exc))
+
+    def _translate(self, exc: BaseException) -> GatewayError:
+        if isinstance(exc, GatewayError):
+            return exc
+        log.error("%s: run failed", self.name, exc_info=exc)
+        return ModelError(f"model execution failed: {exc!r}")
+
+    def _retry_after(self) -> float:
+        batches_ahead = math.ceil(len(self._queue) / max(self._per_batch, 1.0))
+        drain_s = batches_ahead * self._batch_s / self.config.max_concurrent_batches
+        return float(max(1, math.ceil(drain_s)))
+
+    # -- executor thread ----------------------------------------------------------------------
+    def _execute(self, batch: list[_Request]) -> _Outcome:
+        now = time.monotonic()
+        live = [
+            i
+            for i, r in enumerate(batch)
+            if not r.future.done() and (r.deadline is None or r.deadline > now)
+        ]
+        results: list[Arrays | GatewayError | None] = [None] * len(batch)
+        if not live:
+            return _Outcome(results, 0, 0.0, runs=0)
+        rows = sum(batch[i].rows for i in live)
+        started = time.perf_counter()
+        if len(live) == 1:
+            results[live[0]] = self._alone(batch[live[0]])
+            return _Outcome(results, rows, time.perf_counter() - started)
+        first = batch[live[0]]
+        merged = {
+            name: np.concatenate([batch[i].inputs[name] for i in live]) for name in first.inputs
+        }
+        try:
+            out = self._inner.run_sync(merged, first.outputs)
+        except Exception:
+            # Which request broke the run is unknown: rerun each alone, so that only the
+            # requests that fail by themselves fail (a poisoned row costs its batch one run).
+            runs, alone = self._each_alone(batch, live, results)
+            seconds = time.perf_counter() - started
+            return _Outcome(results, rows + alone, seconds, 1 + runs, isolated=True)
+        if all(a.ndim >= 1 and a.shape[0] == rows for a in out.values()):
+            start = 0
+            for i in live:
+                stop = start + batch[i].rows
+                results[i] = {name: a[start:stop] for name, a in out.items()}
+                start = stop
+            return _Outcome(results, rows, time.perf_counter() - started)
+        # outputs not aligned with input rows: this model cannot be batched
+        log.warning("%s: outputs do not follow input rows; batching disabled", self.name)
+        self._merge = False
+        runs, alone = self._each_alone(batch, live, results)
+        return _Outcome(results, rows + alone, time.perf_counter() - started, 1 + runs)
+
+    def _each_alone(
+        self, batch: list[_Request], live: list[int], results: list[Arrays | GatewayError | None]
+    ) -> tuple[int, int]:
+        """Run ``batch[i]`` alone for each i in ``live`` whose caller still waits, into
+        ``results``; returns (runs, rows)."""
+        runs = rows = 0
+        for i in live:
+            request = batch[i]
+            if request.future.done():  # timed out or cancelled meanwhile: leave it skipped
+                continue
+            results[i] = self._alone(request)
+            runs += 1
+            rows += request.rows
+        return runs, rows
+
+    def _alone(self, request: _Request) -> Arrays | GatewayError:
+        try:
+            return self._inner.run_sync(request.inputs, request.outputs)
+        except Exception as exc:
+            return self._translate(exc)
+
+
+def _ewma(old: float, new: float) -> float:
+    return (1.0 - _EWMA) * old + _EWMA * new

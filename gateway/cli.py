@@ -1,0 +1,284 @@
+"""``turnout serve`` and ``turnout demo-repo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.config
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.codec import encode_error
+from gateway.settings import Settings, SettingsError, parse_credentials
+
+_LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+# Control characters (C0, DEL, C1 including the one-byte CSI) and Unicode line separators, as
+# escapes: a client-supplied value in a message can neither start a forged log line nor drive a
+# terminal.
+_ESCAPES = {
+    **{c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]},
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+_CREDENTIAL_FLAGS = {"admin_token": "TURNOUT_ADMIN_TOKENS", "api_key": "TURNOUT_API_KEYS"}
+
+
+class SafeFormatter(logging.Formatter):
+    """One record, one line: control characters are escaped in the message and in a traceback
+    too (an exception's message may quote client input), so log shippers see whole records."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).translate(_ESCAPES)
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """One handler on the root logger for the gateway's and uvicorn's records (uvicorn applies
+    it again in each worker process)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"safe": {"()": SafeFormatter, "fmt": _LOG_FORMAT}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "safe",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+    }
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools stops parsing and uvicorn answers 400, which
+    ``send_400_response`` turns into the 431."""
+
+
+class HeadLimitedHttpTools(HttpToolsProtocol):
+    """httptools with a cap on the request head (request line and headers): llhttp has none, so
+    one client could make a worker buffer gigabytes of headers. The cap is uvicorn's
+    ``h11_max_incomplete_event_size`` (which h11 honours and httptools ignores).
+
+    A head is measured as it is parsed (URL and each header); a head still incomplete after a
+    read is measured in raw bytes, so one header that never ends is refused too, within one read.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parsed = 0  # bytes of the current head seen by the callbacks
+        self._raw = 0  # bytes received while the current head is incomplete
+        self._in_head = True
+        self._refusing = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._raw += len(data)
+        super().data_received(data)
+        limit = self.config.h11_max_incomplete_event_size
+        over = self._in_head and limit is not None and self._raw > limit
+        if over and limit is not None and not self.transport.is_closing():
+            self._refuse(limit)
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._parsed, self._raw = True, 0, 0
+
+    def send_400_response(self, msg: str) -> None:
+        limit = self.config.h11_max_incomplete_event_size
+        if self._refusing and limit is not None:
+            self._refuse(limit)
+        else:
+            super().send_400_response(msg)
+
+    def _count(self, size: int) -> None:
+        self._parsed += size
+        limit = self.config.h11_max_incomplete_event_size
+        if limit is not None and self._parsed > limit:
+            self._refusing = True
+            raise _HeadTooLarge
+
+    def _refuse(self, limit: int) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # a pipelined response is still being written: just hang up
+            return
+        client = self.client[0] if self.client else "-"
+        self.logger.info("refused a request head over %d bytes from %s", limit, client)
+        body = encode_error(f"request line and headers exceed the limit of {limit} bytes")
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="turnout", description="ONNX model-serving gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="serve a model repository (flags override TURNOUT_* variables)"
+    )
+    serve.add_argument("--model-repository", metavar="DIR")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int)
+    serve.add_argument(
+        "--admin-token",
+        action="append",
+        metavar="NAME=TOKEN[@EXPIRY]",
+        default=[],
+        help="admin bearer token (repeatable); EXPIRY is ISO 8601 with a zone",
+    )
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        metavar="NAME=KEY[@EXPIRY]",
+        default=[],
+        help="require a key for inference, model metadata, drift and feedback (repeatable)",
+    )
+    serve.add_argument("--redis-url", help="share routing state through Redis")
+    serve.add_argument("--redis-prefix", help="key prefix in Redis (default turnout:)")
+    serve.add_argument("--feedback-ttl-s", type=int, help="how long an inference id joins feedback")
+    serve.add_argument(
+        "--version-override",
+        action="store_const",
+        const="true",
+        help="honour the X-Turnout-Version debug header (never in production)",
+    )
+    serve.add_argument("--max-shadow-inflight", type=int)
+    serve.add_argument("--drift-window-s", type=int, help="monitors' current window (default 300)")
+    serve.add_argument(
+        "--no-batching",
+        dest="batching",
+        action="store_const",
+        const="false",
+        help="never merge requests",
+    )
+    serve.add_argument("--max-batch-size", type=int, help="rows per merged run (default 64)")
+    serve.add_argument("--max-queue-delay-us", type=int, help="wait for a fuller batch (default 0)")
+    serve.add_argument("--max-queue", type=int, help="requests waiting per version; beyond: 429")
+    serve.add_argument("--request-timeout-ms", type=int, help="default deadline (default: none)")
+    serve.add_argument(
+        "--inline-threshold-us",
+        type=int,
+        help="run cheaper requests on the event loop (default 100)",
+    )
+    serve.add_argument("--intra-op-threads", type=int)
+    serve.add_argument("--inter-op-threads", type=int)
+    serve.add_argument("--graph-optimization", choices=["disable", "basic", "extended", "all"])
+    serve.add_argument("--execution-threads", type=int)
+    serve.add_argument("--max-body-bytes", type=int)
+    serve.add_argument("--max-tensor-elements", type=int)
+    serve.add_argument("--max-batch-rows", type=int, help="rows per request (default 65536)")
+    serve.add_argument(
+        "--max-header-bytes", type=int, help="request line and headers (default 65536); 431 above"
+    )
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    demo = commands.add_parser("demo-repo", help="write the demo model repository")
+    demo.add_argument("directory", type=Path)
+    demo.add_argument("--no-heavy", action="store_true", help="skip the heavy benchmark model")
+
+    args = parser.parse_args(argv)
+    if args.command == "demo-repo":
+        from gateway.demo import write_demo_repository
+
+        written = write_demo_repository(args.directory, heavy=not args.no_heavy)
+        print(f"wrote {len(written)} model versions under {args.directory}")
+        return 0
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides = {
+        f"TURNOUT_{key.upper()}": str(value)
+        for key, value in vars(args).items()
+        if key not in ("command", *_CREDENTIAL_FLAGS) and value is not None
+    }
+    try:
+        for key, variable in _CREDENTIAL_FLAGS.items():
+            flags: list[str] = getattr(args, key)
+            # Validate each flag on its own so a malformed one is named, then pass them on together.
+            for flag in flags:
+                parse_credentials("--" + key.replace("_", "-"), flag)
+            if flags:
+                overrides[variable] = ",".join(flags)
+        settings = Settings.from_env(overrides=overrides)
+    except SettingsError as exc:
+        print(f"turnout: {exc}", file=sys.stderr)
+        return 2
+    logging_config = log_config(settings.log_level)
+    logging.config.dictConfig(logging_config)
+    _warn_about_credentials(settings)
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": HeadLimitedHttpTools,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "log_config": logging_config,
+        "log_level": settings.log_level,
+        "access_log": False,
+        "timeout_graceful_shutdown": 30,
+    }
+    # uvicorn raises SIGTERM again once it has drained, which would end the process "killed by
+    # SIGTERM" (-15); a drained gateway exits 0.
+    signal.signal(signal.SIGTERM, _exit_drained)
+    if settings.workers == 1:
+        from gateway.app import create_app
+
+        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+    else:
+        # Worker processes rebuild the same settings from the environment.
+        os.environ.update(settings.to_env())
+        uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
+    return 0
+
+
+def _exit_drained(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def _warn_about_credentials(settings: Settings) -> None:
+    log = logging.getLogger("turnout")
+    if not settings.admin_tokens:
+        log.warning("no admin tokens configured: the admin and repository APIs refuse every call")
+    now = datetime.now(UTC)
+    for kind, expiry in [("admin token", settings.admin_token_expiry),
+                         ("API key", settings.api_key_expiry)]:  # fmt: skip
+        for name in sorted(n for n, when in expiry.items() if when <= now):
+            log.warning("%s %r expired at %s: it is refused", kind, name, expiry[name].isoformat())
+    if settings.api_keys:
+        log.info(
+            "%d API key(s): inference, model metadata, drift and feedback need one",
+            len(settings.api_keys),
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Views wider than one process: the process group (the workers of one server) and the fleet.
+
+Every process publishes its counters (request counts and each version's monitor counts) to the
+state store once a second, with a TTL, under a member name ``host:group:pid``. A reader merges
+its own fresh counters with the other members' last publish: a scrape of ``/metrics`` reports
+the process group, whichever worker answers; the drift endpoint can report the whole fleet.
+With one worker and no Redis there is nothing to read and the views are the process's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from typing import Literal
+
+import orjson
+
+from gateway.metrics import Traffic, View
+from gateway.registry import Registry
+from monitors.export import MonitorCounts
+from router.store import StateStore, StoreUnavailable
+
+log = logging.getLogger("turnout.fleet")
+
+Scope = Literal["process", "group", "fleet"]
+_TRAFFIC = "traffic"
+_MONITOR = "monitor/"
+
+
+class CountsExchange:
+    def __init__(
+        self,
+        store: StateStore,
+        registry: Registry,
+        traffic: Traffic,
+        *,
+        shared: bool,
+        workers: int,
+        interval_s: float = 1.0,
+    ) -> None:
+        """``shared``: the store is shared (Redis), so there is something to publish to."""
+        group_pid = os.getppid() if workers > 1 else os.getpid()
+        self.group = f"{socket.gethostname()}:{group_pid}:"
+        self.member = f"{self.group}{os.getpid()}"
+        self.store = store
+        self.registry = registry
+        self.traffic = traffic
+        self.shared = shared
+        self.workers = workers
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def local(self, now: float) -> View:
+        view = View(Counter(self.traffic.requests), Counter(self.traffic.inflight))
+        for loaded in self.registry.loaded():
+            view.add_monitor((loaded.info.model, loaded.info.version), loaded.monitor.export(now))
+        return view
+
+    async def view(self, scope: Scope) -> View:
+        """This process merged with the other live members of ``scope``."""
+        view = self.local(time.monotonic())
+        if not self.shared or scope == "process" or (scope == "group" and self.workers == 1):
+            return view
+        try:
+            members = await self.store.read_counts(self.group if scope == "group" else "")
+        except StoreUnavailable as exc:
+            log.warning("%s view is this process only: %s", scope, exc)
+            return view
+        for member, blobs in members.items():
+            if member != self.member:
+                _merge(view, blobs)
+                view.members += 1
+        return view
+
+    def blobs(self, now: float) -> dict[str, bytes]:
+        view = self.local(now)
+        out = {
+            _TRAFFIC: orjson.dumps(
+                {"requests": [[*k, n] for k, n in view.requests.items()], "inflight": view.inflight}
+            )
+        }
+        for (model, version), counts in view.monitors.items():
+            out[f"{_MONITOR}{model}/{version}"] = counts.to_bytes()
+        return out
+
+    def start(self) -> None:
+        if self.shared:
+            self._task = asyncio.create_task(self._publish_loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _publish_loop(self) -> None:
+        while True:
+            try:
+                blobs = self.blobs(time.monotonic())
+                await self.store.publish_counts(self.member, blobs, ttl_s=5 * self.interval_s)
+            except StoreUnavailable as exc:
+                log.debug("counters not published: %s", exc)
+            await asyncio.sleep(self.interval_s)
+
+
+def _merge(view: View, blobs: dict[str, bytes]) -> None:
+    for name, blob in blobs.items():
+        try:
+            if name == _TRAFFIC:
+                traffic = orjson.loads(blob)
+                for *key, n in traffic["requests"]:
+                    view.requests[(key[0], key[1], key[2], key[3])] += int(n)
+                for model, n in traffic["inflight"].items():
+                    view.inflight[model] += int(n)
+            elif name.startswith(_MONITOR):
+                model, _, version = name.removeprefix(_MONITOR).rpartition("/")
+                view.add_monitor((model, version), MonitorCounts.from_bytes(blob))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("unreadable counters %r skipped: %s", name, exc)

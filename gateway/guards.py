@@ -1,0 +1,437 @@
+"""Rollout guards in the gateway: a background task keeps windows of the live counters, judges
+every policy that carries ``guards`` (router.guards) and applies the change a verdict leads to
+through the admin API, as an ordinary audited policy change with a new revision.
+
+One evaluator acts across a fleet: each tick a replica takes or renews the store's lease, and
+only its holder evaluates and acts (with the memory store, the process is its own fleet). The
+holder judges the traffic it serves itself: every replica counts its own requests, and guards
+do not merge the fleet's counters. Every write carries If-Match with the revision judged, so
+even two evaluators could not both change the same revision.
+
+Windows are deltas of cumulative counters between periodic snapshots: requests and 5xx from
+``Traffic``, latency from each version's monitor, comparisons from the shadow runner. A window
+never reaches back before the policy's current revision was first seen here, so each canary
+step is judged on its own traffic. Drift comes from the monitors' own window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.admin import Admin
+from gateway.endpoints import json_response
+from gateway.errors import GatewayError, NotFound, NotReady
+from gateway.metrics import GuardMetrics, Traffic
+from monitors import LatencyHistogram
+from router.guards import (
+    CONDITIONS,
+    ColumnPsi,
+    Evaluation,
+    Figures,
+    GuardSpec,
+    Plan,
+    ShadowWindow,
+    VersionWindow,
+    evaluate,
+    plan,
+    subjects,
+)
+from router.policies import PolicyError
+from router.spec import parse_policy
+from router.store import StoreUnavailable
+from router.table import Route
+
+log = logging.getLogger("turnout.guards")
+
+TICK_S = 0.5
+LEASE_NAME = "guards"
+LEASE_TTL_S = 3.0  # a dead leader is replaced within this long
+HISTORY_POINTS = 120  # snapshots kept per longest window: its resolution is window_s / 120
+AUDIT_LOOKBACK = 100  # entries searched for the last guard action
+
+
+@dataclass(frozen=True, slots=True)
+class _Counters:
+    """One version's cumulative counters at a snapshot."""
+
+    requests: int
+    errors: int
+    monitor: int  # id of the version's monitor: a reload starts new latency counts
+    latency: LatencyHistogram | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    at: float
+    versions: dict[tuple[str, str], _Counters]
+    shadows: dict[tuple[str, str], ShadowWindow]  # (model, shadow version): cumulative
+
+
+@dataclass(slots=True)
+class _ModelState:
+    revision: int
+    since: float  # when this replica first saw the revision
+    next_at: float
+    healthy_since: float | None = None
+    verdict: str | None = None
+
+
+@dataclass(slots=True)
+class _Judgement:
+    evaluation: Evaluation
+    figures: Figures
+    covered_s: float
+
+
+class GuardEvaluator:
+    def __init__(self, admin: Admin, traffic: Traffic, metrics: GuardMetrics) -> None:
+        self.admin = admin
+        self.table = admin.table
+        self.registry = admin.registry
+        self.shadows = admin.shadows
+        self.traffic = traffic
+        self.metrics = metrics
+        self.holder = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._history: deque[_Snapshot] = deque()
+        self._states: dict[str, _ModelState] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick(time.monotonic())
+            except Exception:  # a bug in one tick must not end the guards for good
+                log.exception("guard evaluation failed")
+            await asyncio.sleep(TICK_S)
+
+    # -- one tick -------------------------------------------------------------------------------
+    async def tick(self, now: float) -> None:
+        routes = {m: r for m, r in self.table.routes().items() if "guards" in r.doc}
+        for model in [m for m in self._states if m not in routes]:
+            del self._states[model]
+            self.metrics.forget(model)
+        if not routes:  # nothing to evaluate: hold no lease, keep no history
+            self._history.clear()
+            self.metrics.leader = False
+            return
+        await self._lead()
+        current = self._snapshot(now, routes)
+        self._remember(current, routes)
+        for model, route in routes.items():
+            state = self._state(model, route, now)
+            if not self.metrics.leader or now < state.next_at:
+                continue
+            # installed documents passed build_policy, which validates their guards
+            spec = GuardSpec.parse(route.doc["guards"])
+            state.next_at = now + spec.interval_s
+            try:
+                await self._evaluate(model, route, spec, state, current, now)
+            except Exception:  # one model's failure must not stop the others' guards
+                log.exception("guards of %s: evaluation failed", model)
+
+    async def _lead(self) -> None:
+        try:
+            leader = await self.table.store.acquire_lease(LEASE_NAME, self.holder, LEASE_TTL_S)
+        except StoreUnavailable as exc:
+            if self.metrics.leader:
+                log.warning("guard lease not renewed, standing down: %s", exc)
+            leader = False
+        if leader != self.metrics.leader:
+            log.info("guards: %s", "evaluating (lease held)" if leader else "standing by")
+            for model, state in self._states.items():
+                state.healthy_since = None
+                self.metrics.forget(model)
+        self.metrics.leader = leader
+
+    def _state(self, model: str, route: Route, now: float) -> _ModelState:
+        state = self._states.get(model)
+        if state is None or state.revision != route.revision:
+            state = self._states[model] = _ModelState(route.revision, now, now)
+            self.metrics.forget(model)
+        return state
+
+    async def _evaluate(
+        self,
+        model: str,
+        route: Route,
+        spec: GuardSpec,
+        state: _ModelState,
+        current: _Snapshot,
+        now: float,
+    ) -> None:
+        judged = self._judge(model, route, spec, current, now)
+        evaluation = judged.evaluation
+        self._export(model, route, spec, judged)
+        if evaluation.verdict == "pass":
+            state.healthy_since = now if state.healthy_since is None else state.healthy_since
+        else:
+            state.healthy_since = None
+        if evaluation.verdict != state.verdict:
+            level = logging.WARNING if evaluation.verdict == "breach" else logging.INFO
+            log.log(level, "guards of %s rev %d: %s", model, route.revision, evaluation.verdict)
+            state.verdict = evaluation.verdict
+        healthy_for = 0.0 if state.healthy_since is None else now - state.healthy_since
+        by_guard = False
+        if evaluation.verdict == "breach" and route.strategy == "blue_green":
+            by_guard = await self._last_change_by_guard(model)
+        change = plan(
+            route.doc, spec, evaluation, healthy_for_s=healthy_for, last_change_by_guard=by_guard
+        )
+        if change is not None:
+            await self._apply(model, route, spec, judged, change)
+
+    async def _apply(
+        self, model: str, route: Route, spec: GuardSpec, judged: _Judgement, change: Plan
+    ) -> None:
+        try:
+            doc = parse_policy(change.doc, self.registry.ready_versions(model))
+        except PolicyError as exc:
+            log.error("guards of %s: %s would leave an invalid policy: %s", model, change, exc)
+            return
+        details = {"guards": spec.as_doc(), **self._describe(judged, route, spec)}
+        try:
+            record = await self.admin.apply(
+                model, doc, route.revision, f"guard:{change.guard}", change.action,
+                change.reason, details,
+            )  # fmt: skip
+        except GatewayError as exc:  # 412: changed meanwhile; 503: store down. Next tick retries.
+            log.warning("guards of %s: %s not applied: %s", model, change.action, exc.message)
+            return
+        self.metrics.actions[(model, change.action)] += 1
+        revision = record.revision if record is not None else None
+        log.warning(
+            "guards of %s: %s (revision %d -> %s): %s",
+            model, change.action, route.revision, revision, change.reason,
+        )  # fmt: skip
+
+    async def _last_change_by_guard(self, model: str) -> bool:
+        try:
+            entries = await self.table.store.audit(model, 1)
+        except StoreUnavailable:
+            return True  # unsure: do not switch
+        return bool(entries) and entries[0].who.startswith("guard:")
+
+    # -- windows --------------------------------------------------------------------------------
+    def _snapshot(self, now: float, routes: Mapping[str, Route]) -> _Snapshot:
+        requests: dict[tuple[str, str], list[int]] = {}
+        for (model, version, _role, code), n in self.traffic.requests.items():
+            if model in routes and version:
+                cell = requests.setdefault((model, version), [0, 0])
+                cell[0] += n
+                cell[1] += n if code.startswith("5") else 0
+        versions: dict[tuple[str, str], _Counters] = {}
+        for model, route in routes.items():
+            for version in _primary_versions(route.doc):
+                total, errors = requests.get((model, version), (0, 0))
+                try:
+                    monitor = self.registry.get(model, version).monitor
+                except GatewayError:  # not loaded here (yet): requests only
+                    versions[(model, version)] = _Counters(total, errors, 0, None)
+                    continue
+                latency = monitor.cumulative_latency()["total"]
+                versions[(model, version)] = _Counters(total, errors, id(monitor), latency)
+        shadows: dict[tuple[str, str], ShadowWindow] = {}
+        for (model, _primary, shadow), d in self.shadows.divergence.items():
+            if model in routes:
+                seen = shadows.get((model, shadow), ShadowWindow())
+                shadows[(model, shadow)] = ShadowWindow(
+                    seen.compared + d.requests,
+                    seen.rows + d.rows,
+                    seen.disagreements + d.disagreements,
+                )
+        return _Snapshot(now, versions, shadows)
+
+    def _remember(self, snapshot: _Snapshot, routes: Mapping[str, Route]) -> None:
+        longest = max(GuardSpec.parse(r.doc["guards"]).window_s for r in routes.values())
+        resolution = max(TICK_S, longest / HISTORY_POINTS)
+        if not self._history or snapshot.at - self._history[-1].at >= resolution:
+            self._history.append(snapshot)
+        while self._history and self._history[0].at < snapshot.at - longest - resolution:
+            self._history.popleft()
+
+    def _base(self, start: float, current: _Snapshot) -> _Snapshot:
+        """The oldest snapshot taken at or after ``start`` (the current one if none)."""
+        return next((s for s in self._history if s.at >= start), current)
+
+    def _judge(
+        self, model: str, route: Route, spec: GuardSpec, current: _Snapshot, now: float
+    ) -> _Judgement:
+        state = self._states.get(model)
+        since = state.since if state is not None and state.revision == route.revision else now
+        base = self._base(max(now - spec.window_s, since), current)
+        drift = spec.max_psi is not None or spec.max_prediction_psi is not None
+        tested = {s.version for s in subjects(route.doc)}
+        versions: dict[str, VersionWindow] = {}
+        for version in _primary_versions(route.doc):
+            cur = current.versions.get((model, version))
+            if cur is None:
+                continue
+            old = base.versions.get((model, version), cur)
+            features, outputs = (
+                self._drift(model, version, now) if drift and version in tested else ((), ())
+            )
+            versions[version] = VersionWindow(
+                requests=cur.requests - old.requests,
+                errors=cur.errors - old.errors,
+                latency=_latency_delta(cur, old),
+                features=features,
+                outputs=outputs,
+            )
+        shadows: dict[str, ShadowWindow] = {}
+        for version in route.doc.get("shadow", {}).get("versions", ()):
+            cur_s = current.shadows.get((model, version), ShadowWindow())
+            old_s = base.shadows.get((model, version), cur_s)
+            shadows[version] = ShadowWindow(
+                cur_s.compared - old_s.compared,
+                cur_s.rows - old_s.rows,
+                cur_s.disagreements - old_s.disagreements,
+            )
+        figures = Figures(versions, shadows)
+        return _Judgement(evaluate(spec, route.doc, figures), figures, current.at - base.at)
+
+    def _drift(
+        self, model: str, version: str, now: float
+    ) -> tuple[tuple[ColumnPsi, ...], tuple[ColumnPsi, ...]]:
+        try:
+            snapshot = self.registry.get(model, version).monitor.snapshot(now)
+        except GatewayError:
+            return (), ()
+
+        def columns(key: str) -> tuple[ColumnPsi, ...]:
+            return tuple(
+                ColumnPsi(
+                    c["name"],
+                    c["psi"],
+                    math.inf if c["critical_psi"] is None else c["critical_psi"],
+                    c["status"] != "insufficient",
+                )
+                for c in snapshot[key]
+            )
+
+        return columns("features"), columns("outputs")
+
+    # -- reporting ------------------------------------------------------------------------------
+    def _export(self, model: str, route: Route, spec: GuardSpec, judged: _Judgement) -> None:
+        self.metrics.evaluations[(model, judged.evaluation.verdict)] += 1
+        self.metrics.forget(model)
+        for guard, threshold in spec.thresholds().items():
+            self.metrics.thresholds[(model, guard)] = threshold
+        for check in judged.evaluation.checks:
+            if check.value is not None and check.guard in CONDITIONS:
+                self.metrics.values[(model, check.version, check.guard)] = check.value
+        for subject in subjects(route.doc):
+            window = judged.figures.versions.get(subject.version, VersionWindow())
+            self.metrics.requests[(model, subject.version)] = window.requests
+
+    def _describe(self, judged: _Judgement, route: Route, spec: GuardSpec) -> dict[str, Any]:
+        """The evidence, JSON-ready: verdict, checks, window and per-version figures."""
+        versions = {}
+        for version, w in judged.figures.versions.items():
+            p99 = w.latency.quantile(0.99) if w.latency is not None and w.latency.count else None
+            versions[version] = {
+                "requests": w.requests,
+                "errors": w.errors,
+                "error_ratio": w.errors / w.requests if w.requests else None,
+                "p99_s": p99,
+            }
+        shadows = {
+            v: {
+                **dataclasses.asdict(s),
+                "disagreement_ratio": s.disagreements / s.rows if s.rows else None,
+            }
+            for v, s in judged.figures.shadows.items()
+        }
+        return {
+            "revision": route.revision,
+            **judged.evaluation.as_json(),
+            "window": {"window_s": spec.window_s, "covered_s": judged.covered_s},
+            "versions": versions,
+            "shadows": shadows,
+        }
+
+    async def endpoint(self, request: Request) -> Response:
+        """GET /admin/routes/{model}/guards: the verdict on this replica's current windows, the
+        figures and thresholds behind it, and the last action any guard took on the model."""
+        self.admin.auth.authenticate(request.headers.get("authorization"))
+        model = request.path_params["model"]
+        route = self.table.get(model)
+        if route is None:
+            raise NotFound(f"model {model!r} has no routing policy")
+        if "guards" not in route.doc:
+            raise NotFound(f"the policy of {model!r} has no guards")
+        spec = GuardSpec.parse(route.doc["guards"])
+        now = time.monotonic()
+        judged = self._judge(model, route, spec, self._snapshot(now, {model: route}), now)
+        try:
+            entries = await self.table.store.audit(model, AUDIT_LOOKBACK)
+        except StoreUnavailable as exc:
+            raise NotReady(f"routing state store unavailable: {exc}") from None
+        last = next((e for e in entries if e.who.startswith("guard:")), None)
+        state = self._states.get(model)
+        healthy_for = None
+        if state is not None and state.healthy_since is not None and self.metrics.leader:
+            healthy_for = now - state.healthy_since
+        return json_response(
+            {
+                "model": model,
+                "strategy": route.strategy,
+                "guards": spec.as_doc(),
+                "thresholds": spec.thresholds(),
+                "leader": self.metrics.leader,
+                "healthy_for_s": healthy_for,
+                **self._describe(judged, route, spec),
+                "last_action": dataclasses.asdict(last) if last is not None else None,
+            }
+        )
+
+
+def _primary_versions(doc: Mapping[str, Any]) -> list[str]:
+    """The versions a document sends traffic to (shadows apart)."""
+    strategy = doc["strategy"]
+    if strategy == "single":
+        return [doc["version"]]
+    if strategy == "canary":
+        return [doc["baseline"], doc["candidate"]]
+    if strategy == "blue_green":
+        return [doc["active"], doc["standby"]]
+    return list(doc["arms"])
+
+
+def _latency_delta(cur: _Counters, old: _Counters) -> LatencyHistogram | None:
+    """The window's latency histogram; counts since load when the version was reloaded."""
+    if cur.latency is None:
+        return None
+    if old.latency is None or old.monitor != cur.monitor:
+        return cur.latency
+    counts = cur.latency.counts - old.latency.counts
+    if (counts < 0).any():
+        return cur.latency
+    # min and max cannot be subtracted; the cumulative ones only clamp quantiles more loosely
+    stats = np.array([cur.latency.sum - old.latency.sum, cur.latency.min, cur.latency.max])
+    return LatencyHistogram(counts, stats)

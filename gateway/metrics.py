@@ -1,0 +1,346 @@
+"""Every Prometheus metric the gateway exports, defined once.
+
+The hot path only bumps plain dict counters and numba histograms; this collector turns them
+into Prometheus families at scrape time, so requests never pay for prometheus_client.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from gateway.batcher import BatchingRuntime
+from gateway.registry import Registry
+from gateway.shadow import ShadowRunner
+from monitors.export import MonitorCounts
+from router.table import RouteTable
+
+# Latency buckets in seconds (upper bounds), from 100 µs to 10 s.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+STATUS_CODES = {"insufficient": 0, "stable": 1, "watch": 2, "act": 3}
+
+
+class Traffic:
+    """Request counts by (model, version, role, code) and in-flight requests by model."""
+
+    __slots__ = ("inflight", "requests")
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str, str, str]] = Counter()
+        self.inflight: Counter[str] = Counter()
+
+
+@dataclass(slots=True)
+class View:
+    """Counters of one scope (a process, its process group, the fleet): requests by (model,
+    version, role, code), in-flight requests by model, monitor counts by (model, version)."""
+
+    requests: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
+    inflight: Counter[str] = field(default_factory=Counter)
+    monitors: dict[tuple[str, str], MonitorCounts] = field(default_factory=dict)
+    members: int = 1
+
+    def add_monitor(self, key: tuple[str, str], counts: MonitorCounts) -> None:
+        current = self.monitors.get(key)
+        if current is None:
+            self.monitors[key] = counts
+        elif current.fingerprint == counts.fingerprint:
+            self.monitors[key] = current.merge(counts)
+        # else: another artifact or reference under the same name is not comparable: skipped
+
+
+class GuardMetrics:
+    """What the guard evaluator (gateway/guards.py) counts and measures, exported at scrape time.
+    Values and thresholds are those of the latest evaluation by this replica while it leads."""
+
+    __slots__ = ("actions", "evaluations", "leader", "requests", "thresholds", "values")
+
+    def __init__(self) -> None:
+        self.leader = False
+        self.evaluations: Counter[tuple[str, str]] = Counter()  # (model, verdict)
+        self.actions: Counter[tuple[str, str]] = Counter()  # (model, action)
+        self.values: dict[tuple[str, str, str], float] = {}  # (model, version, guard)
+        self.thresholds: dict[tuple[str, str], float] = {}  # (model, guard)
+        self.requests: dict[tuple[str, str], int] = {}  # (model, version): in the window
+
+    def forget(self, model: str) -> None:
+        """Drop the model's gauges (its guards changed, or another replica evaluates now)."""
+        self.values = {k: v for k, v in self.values.items() if k[0] != model}
+        self.thresholds = {k: v for k, v in self.thresholds.items() if k[0] != model}
+        self.requests = {k: v for k, v in self.requests.items() if k[0] != model}
+
+
+class GatewayCollector(Collector):
+    def __init__(
+        self,
+        registry: Registry,
+        table: RouteTable,
+        shadows: ShadowRunner,
+        guards: GuardMetrics | None = None,
+    ) -> None:
+        """Set ``view`` (request counts and monitor counts of the scope to report) before
+        each collection; everything else is read from this process."""
+        self.registry = registry
+        self.table = table
+        self.shadows = shadows
+        self.guards = guards
+        self.view = View()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._traffic()
+        yield from self._versions()
+        yield from self._routes()
+        yield from self._shadows()
+        yield from self._batching()
+        if self.guards is not None:
+            yield from self._guards(self.guards)
+
+    def _batching(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        batches = CounterMetricFamily("turnout_batches", "Merged onnxruntime runs", labels=labels)
+        rows = CounterMetricFamily(
+            "turnout_batch_rows",
+            "Rows over all merged runs (rows / batches = mean batch size)",
+            labels=labels,
+        )
+        rejected = CounterMetricFamily(
+            "turnout_queue_rejected",
+            "Requests refused with 429: the version's queue was full",
+            labels=labels,
+        )
+        timed_out = CounterMetricFamily(
+            "turnout_deadline_exceeded",
+            "Requests answered 504: their deadline passed before they ran",
+            labels=labels,
+        )
+        depth = GaugeMetricFamily(
+            "turnout_queue_depth", "Requests waiting for the version's session", labels=labels
+        )
+        for loaded in self.registry.loaded():
+            runtime = loaded.runtime
+            if not isinstance(runtime, BatchingRuntime):
+                continue
+            key = [loaded.info.model, loaded.info.version]
+            stats = runtime.stats
+            batches.add_metric(key, stats.batches)
+            rows.add_metric(key, stats.rows)
+            rejected.add_metric(key, stats.rejected)
+            timed_out.add_metric(key, stats.timed_out)
+            depth.add_metric(key, runtime.queue_depth)
+        yield from (batches, rows, rejected, timed_out, depth)
+
+    def _traffic(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "turnout_requests",
+            "Inference requests answered, by status code and route role",
+            labels=["model", "version", "role", "code"],
+        )
+        for labels, n in sorted(self.view.requests.items()):
+            requests.add_metric(list(labels), n)
+        yield requests
+        inflight = GaugeMetricFamily(
+            "turnout_requests_in_flight", "Inference requests being served", labels=["model"]
+        )
+        for model, n in sorted(self.view.inflight.items()):
+            inflight.add_metric([model], n)
+        yield inflight
+
+    def _versions(self) -> Iterator[Metric]:
+        info = InfoMetricFamily(
+            "turnout_model",
+            "Loaded model versions and their artifacts",
+            labels=["model", "version"],
+        )
+        latency = {
+            series: HistogramMetricFamily(
+                f"turnout_{series}_duration_seconds",
+                help_,
+                labels=["model", "version"],
+            )
+            for series, help_ in (
+                ("request", "End-to-end gateway time per inference request"),
+                ("model", "Model execution time per inference request"),
+            )
+        }
+        drift = _DriftFamilies()
+        for loaded in sorted(
+            self.registry.loaded(), key=lambda lv: (lv.info.model, int(lv.info.version))
+        ):
+            labels = [loaded.info.model, loaded.info.version]
+            info.add_metric(labels, {"sha256": loaded.info.sha256})
+            counts = self.view.monitors.get((loaded.info.model, loaded.info.version))
+            if counts is None:
+                continue
+            for series, histogram in loaded.monitor.latency_from(counts).items():
+                family = latency["request" if series == "total" else "model"]
+                cumulative = histogram.buckets(LATENCY_BUCKETS)
+                buckets = [
+                    (str(b), float(c)) for b, c in zip(LATENCY_BUCKETS, cumulative, strict=True)
+                ]
+                buckets.append(("+Inf", float(histogram.count)))
+                family.add_metric(labels, buckets, histogram.sum)
+            drift.add(labels, loaded.monitor.report(counts))
+        yield info
+        yield from latency.values()
+        yield from drift.families()
+
+    def _routes(self) -> Iterator[Metric]:
+        share = GaugeMetricFamily(
+            "turnout_route_share",
+            "Expected share of a model's answered traffic per version under its policy",
+            labels=["model", "version", "strategy"],
+        )
+        revision = GaugeMetricFamily(
+            "turnout_policy_revision", "Revision of the model's routing policy", labels=["model"]
+        )
+        for model, route in sorted(self.table.routes().items()):
+            revision.add_metric([model], route.revision)
+            for version, weight in sorted(route.policy.shares().items()):
+                share.add_metric([model, version, route.strategy], weight)
+        yield share
+        yield revision
+
+    def _shadows(self) -> Iterator[Metric]:
+        labels = ["model", "version", "shadow"]
+        families: dict[str, Any] = {
+            "requests": CounterMetricFamily("turnout_shadow_requests", "Shadow copies compared", labels=labels),
+            "errors": CounterMetricFamily("turnout_shadow_errors", "Shadow copies that failed", labels=labels),
+            "dropped": CounterMetricFamily("turnout_shadow_dropped", "Shadow copies dropped: too many in flight", labels=labels),
+            "mean_abs_diff": GaugeMetricFamily("turnout_shadow_mean_abs_diff", "Mean absolute difference of shadow and primary outputs", labels=labels),
+            "disagreement_rate": GaugeMetricFamily("turnout_shadow_disagreement_ratio", "Share of rows where shadow and primary decide differently", labels=labels),
+        }  # fmt: skip
+        for (model, primary, shadow), d in sorted(self.shadows.divergence.items()):
+            values = d.as_json()
+            for key, family in families.items():
+                value = values[key]
+                if value is not None:
+                    family.add_metric([model, primary, shadow], value)
+        yield from families.values()
+
+    def _guards(self, g: GuardMetrics) -> Iterator[Metric]:
+        leader = GaugeMetricFamily(
+            "turnout_guard_leader",
+            "1 while this replica holds the guard lease and evaluates, else 0",
+        )
+        leader.add_metric([], 1.0 if g.leader else 0.0)
+        yield leader
+        evaluations = CounterMetricFamily(
+            "turnout_guard_evaluations",
+            "Guard evaluations, by verdict (pass, insufficient, breach)",
+            labels=["model", "verdict"],
+        )
+        for (model, verdict), n in sorted(g.evaluations.items()):
+            evaluations.add_metric([model, verdict], n)
+        yield evaluations
+        actions = CounterMetricFamily(
+            "turnout_guard_actions",
+            "Policy changes applied by guards (rollback, switch, drop_arm, drop_shadow, advance, promote)",
+            labels=["model", "action"],
+        )
+        for (model, action), n in sorted(g.actions.items()):
+            actions.add_metric([model, action], n)
+        yield actions
+        values = GaugeMetricFamily(
+            "turnout_guard_value",
+            "The value a guard compares with its threshold, latest evaluation (bounds, not point estimates: see docs/operations.md)",
+            labels=["model", "version", "guard"],
+        )
+        for key, value in sorted(g.values.items()):
+            values.add_metric(list(key), value)
+        yield values
+        thresholds = GaugeMetricFamily(
+            "turnout_guard_threshold", "A guard's configured threshold", labels=["model", "guard"]
+        )
+        for pair, value in sorted(g.thresholds.items()):
+            thresholds.add_metric(list(pair), value)
+        yield thresholds
+        window = GaugeMetricFamily(
+            "turnout_guard_window_requests",
+            "Requests answered by a version under test in the guard window",
+            labels=["model", "version"],
+        )
+        for pair, n in sorted(g.requests.items()):
+            window.add_metric(list(pair), n)
+        yield window
+
+
+class _DriftFamilies:
+    def __init__(self) -> None:
+        f = ["model", "version", "feature"]
+        o = ["model", "version", "output"]
+        self.psi = GaugeMetricFamily(
+            "turnout_feature_psi",
+            "Population stability index of an input feature, current window",
+            labels=f,
+        )
+        self.status = GaugeMetricFamily(
+            "turnout_feature_drift_status",
+            "Drift status of a feature: 0 insufficient, 1 stable, 2 watch, 3 act",
+            labels=f,
+        )
+        self.p_value = GaugeMetricFamily(
+            "turnout_feature_drift_p_value",
+            "Chi-square p-value of the feature's PSI under sampling noise",
+            labels=f,
+        )
+        self.out_of_range = GaugeMetricFamily(
+            "turnout_feature_out_of_range_ratio",
+            "Share of current values outside the reference range",
+            labels=f,
+        )
+        self.missing = GaugeMetricFamily(
+            "turnout_feature_missing_ratio",
+            "Share of current values that are NaN or infinite",
+            labels=f,
+        )
+        self.pred_psi = GaugeMetricFamily(
+            "turnout_prediction_psi",
+            "Population stability index of a model output, current window",
+            labels=o,
+        )
+        self.pred_status = GaugeMetricFamily(
+            "turnout_prediction_drift_status",
+            "Drift status of an output: 0 insufficient, 1 stable, 2 watch, 3 act",
+            labels=o,
+        )
+        self.observed = GaugeMetricFamily(
+            "turnout_drift_window_values",
+            "Finite values counted in the current drift window",
+            labels=f,
+        )
+
+    def add(self, labels: list[str], snapshot: dict[str, Any]) -> None:
+        for column in snapshot["features"]:
+            key = [*labels, column["name"]]
+            _add(self.psi, key, column["psi"])
+            _add(self.status, key, STATUS_CODES[column["status"]])
+            _add(self.p_value, key, column["p_value"])
+            _add(self.out_of_range, key, column["out_of_range"])
+            _add(self.missing, key, column["missing"])
+            _add(self.observed, key, column["count"])
+        for column in snapshot["outputs"]:
+            key = [*labels, column["name"]]
+            _add(self.pred_psi, key, column["psi"])
+            _add(self.pred_status, key, STATUS_CODES[column["status"]])
+
+    def families(self) -> Iterator[Metric]:
+        yield from (self.psi, self.status, self.p_value, self.out_of_range, self.missing,
+                    self.observed, self.pred_psi, self.pred_status)  # fmt: skip
+
+
+def _add(family: GaugeMetricFamily, labels: list[str], value: float | None) -> None:
+    if value is not None:
+        family.add_metric(labels, value)
