@@ -1,0 +1,510 @@
+"""Rollout guards: the ``guards`` object of a policy, the statistics that judge live windows,
+the verdict, and the policy change a verdict leads to.
+
+Pure: no I/O and no clock. The gateway measures the windows and applies the plans
+(gateway/guards.py); docs/operations.md describes every field for operators. Small samples stay
+honest: error and disagreement ratios are judged by their one-sided Clopper-Pearson lower bound,
+p99 latencies by distribution-free order-statistic bounds, drift by the monitors' noise level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, get_args
+
+from scipy import special, stats
+
+from router.policies import PolicyError
+from router.spec import apply_action
+
+OnBreach = Literal["rollback", "alert"]
+Verdict = Literal["pass", "insufficient", "breach"]
+CheckStatus = Literal["pass", "breach", "insufficient", "skipped"]
+# The conditions, in evaluation order; each compares one value with the threshold of its name.
+CONDITIONS = (
+    "max_error_ratio",
+    "max_p99_ratio_to_baseline",
+    "max_p99_s",
+    "max_psi",
+    "max_prediction_psi",
+    "max_shadow_disagreement",
+)
+SETTINGS = ("window_s", "min_requests", "interval_s", "confidence", "on_breach", "advance_after_s")
+P99 = 0.99
+
+
+# -- the guards object --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class GuardSpec:
+    window_s: float = 60.0
+    min_requests: int = 200
+    interval_s: float = 2.0
+    confidence: float = 0.95
+    on_breach: OnBreach = "rollback"
+    advance_after_s: float | None = None
+    max_error_ratio: float | None = None
+    max_p99_ratio_to_baseline: float | None = None
+    max_p99_s: float | None = None
+    max_psi: float | None = None
+    max_prediction_psi: float | None = None
+    max_shadow_disagreement: float | None = None
+
+    @classmethod
+    def parse(cls, raw: Any) -> GuardSpec:
+        """Validate a guards object; PolicyError names the field (``guards.window_s``).
+        Independent of the strategy, so every action keeps the document valid: a condition
+        that does not apply to a strategy is skipped when evaluated."""
+        if not isinstance(raw, Mapping):
+            raise PolicyError("guards", 'must be an object, e.g. {"max_error_ratio": 0.01}')
+        unknown = [k for k in raw if k not in SETTINGS and k not in CONDITIONS]
+        if unknown:
+            allowed = ", ".join((*SETTINGS, *CONDITIONS))
+            raise PolicyError(f"guards.{unknown[0]}", f"unknown field (allowed: {allowed})")
+        on_breach = raw.get("on_breach", "rollback")
+        if on_breach not in get_args(OnBreach):
+            raise PolicyError(
+                "guards.on_breach", f"must be one of {list(get_args(OnBreach))}, got {on_breach!r}"
+            )
+        min_requests = raw.get("min_requests", 200)
+        if isinstance(min_requests, bool) or not isinstance(min_requests, int):
+            raise PolicyError("guards.min_requests", f"must be an integer, got {min_requests!r}")
+        if not 1 <= min_requests <= 1_000_000_000:
+            raise PolicyError("guards.min_requests", f"must be in [1, 1e9], got {min_requests}")
+
+        def number(name: str, low: float, high: float, open_low: bool = False) -> float | None:
+            if name not in raw:
+                return None
+            value = raw[name]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise PolicyError(f"guards.{name}", f"must be a number, got {value!r}")
+            if not (low < value if open_low else low <= value) or not value <= high:
+                bounds = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+                raise PolicyError(f"guards.{name}", f"must be in {bounds}, got {value!r}")
+            return float(value)
+
+        def setting(name: str, default: float, low: float, high: float) -> float:
+            value = number(name, low, high)
+            return default if value is None else value
+
+        ratio_max = 1.0 - 1e-12  # a ratio bound of 1 could never be exceeded
+        return cls(
+            window_s=setting("window_s", 60.0, 1.0, 86_400.0),
+            min_requests=min_requests,
+            interval_s=setting("interval_s", 2.0, 0.5, 3_600.0),
+            confidence=setting("confidence", 0.95, 0.5, 0.9999),
+            on_breach=on_breach,
+            advance_after_s=number("advance_after_s", 0.0, 7 * 86_400.0),
+            max_error_ratio=number("max_error_ratio", 0.0, ratio_max),
+            max_p99_ratio_to_baseline=number("max_p99_ratio_to_baseline", 0.0, 1e6, True),
+            max_p99_s=number("max_p99_s", 0.0, 1e6, True),
+            max_psi=number("max_psi", 0.0, 1e6, True),
+            max_prediction_psi=number("max_prediction_psi", 0.0, 1e6, True),
+            max_shadow_disagreement=number("max_shadow_disagreement", 0.0, ratio_max),
+        )
+
+    def as_doc(self) -> dict[str, Any]:
+        """The normalised object stores keep: settings with defaults, conditions as given."""
+        doc: dict[str, Any] = {
+            "window_s": self.window_s,
+            "min_requests": self.min_requests,
+            "interval_s": self.interval_s,
+            "confidence": self.confidence,
+            "on_breach": self.on_breach,
+        }
+        if self.advance_after_s is not None:
+            doc["advance_after_s"] = self.advance_after_s
+        return doc | self.thresholds()
+
+    def thresholds(self) -> dict[str, float]:
+        """The configured conditions: name -> threshold."""
+        values = {name: getattr(self, name) for name in CONDITIONS}
+        return {name: value for name, value in values.items() if value is not None}
+
+
+def parse_guards(raw: Any) -> dict[str, Any]:
+    """Validate and normalise a policy's ``guards`` object (router.spec calls this)."""
+    return GuardSpec.parse(raw).as_doc()
+
+
+# -- statistics ---------------------------------------------------------------------------------
+def ratio_lower_bound(successes: int, trials: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson lower bound of a binomial proportion: the true ratio is at
+    least this with probability ``confidence`` or more, whatever the sample size. 0 when
+    ``successes`` is 0 (or ``trials`` is 0)."""
+    if not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials, got {successes}, {trials}")
+    if successes == 0:
+        return 0.0
+    return float(special.betaincinv(successes, trials - successes + 1, 1.0 - confidence))
+
+
+def quantile_ranks(n: int, q: float, confidence: float) -> tuple[int, int]:
+    """1-based ranks ``(lo, hi)`` of the order statistics that bound the q-quantile ξ of a
+    continuous distribution from a sample of ``n``, each one-sided at ``confidence``:
+    P(X₍lo₎ ≤ ξ) ≥ confidence with ``lo`` the largest such rank (0: no order statistic is a
+    lower bound), P(X₍hi₎ ≥ ξ) ≥ confidence with ``hi`` the smallest (n + 1: none is an upper
+    bound). X₍k₎ ≤ ξ iff at least k draws fall at or below ξ, a Binomial(n, q) count."""
+    if n <= 0:
+        return 0, 1
+    lo = int(stats.binom.ppf(1.0 - confidence, n, q))
+    while lo < n and stats.binom.sf(lo, n, q) >= confidence:  # ppf's float edge: exact ranks
+        lo += 1
+    while lo > 0 and stats.binom.sf(lo - 1, n, q) < confidence:
+        lo -= 1
+    hi = int(stats.binom.ppf(confidence, n, q)) + 1
+    while hi > 1 and stats.binom.cdf(hi - 2, n, q) >= confidence:
+        hi -= 1
+    while hi <= n and stats.binom.cdf(hi - 1, n, q) < confidence:
+        hi += 1
+    return lo, min(hi, n + 1)
+
+
+class Latencies(Protocol):
+    """A latency histogram (monitors.LatencyHistogram): nearest-rank quantiles in seconds."""
+
+    @property
+    def count(self) -> int: ...
+
+    def quantile(self, q: float) -> float: ...
+
+
+def at_rank(latencies: Latencies, rank: int) -> float:
+    """The ``rank``-th smallest latency (1-based), as the histogram resolves it."""
+    n = latencies.count
+    # (rank - 0.5)/n lands numpy's inverted_cdf index ceil(n·q - 1) on rank - 1 without float
+    # round-off moving it to a neighbour
+    return latencies.quantile((rank - 0.5) / n)
+
+
+def p99_bounds(latencies: Latencies, confidence: float) -> tuple[float | None, float | None]:
+    """(lower, upper) confidence bounds of the p99 latency; None where the sample is too small."""
+    lo, hi = quantile_ranks(latencies.count, P99, confidence)
+    lower = at_rank(latencies, lo) if lo >= 1 else None
+    upper = at_rank(latencies, hi) if hi <= latencies.count else None
+    return lower, upper
+
+
+# -- figures, checks and verdicts --------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ColumnPsi:
+    """One monitored column in the version's drift window (monitors.drift)."""
+
+    name: str
+    psi: float
+    critical_psi: float  # the PSI sampling noise alone reaches 1 % of the time; inf if undefined
+    sufficient: bool  # status is not "insufficient"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionWindow:
+    """A version's figures over the window: requests answered (any status), the 5xx among
+    them, the latency of successful ones, and drift columns from the monitor's own window."""
+
+    requests: int = 0
+    errors: int = 0
+    latency: Latencies | None = None
+    features: tuple[ColumnPsi, ...] = ()
+    outputs: tuple[ColumnPsi, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowWindow:
+    """A shadow version's comparisons with the primary over the window."""
+
+    compared: int = 0
+    rows: int = 0
+    disagreements: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    versions: Mapping[str, VersionWindow]
+    shadows: Mapping[str, ShadowWindow] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """A version under test and the version it is compared with (None: absolute limits only)."""
+
+    version: str
+    baseline: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    guard: str  # a condition name, or "min_requests" for the sample-size gate
+    version: str
+    status: CheckStatus
+    value: float | None
+    threshold: float
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "guard": self.guard,
+            "version": self.version,
+            "status": self.status,
+            "value": self.value,
+            "threshold": self.threshold,
+            **self.detail,
+        }
+
+    def describe(self) -> str:
+        op = "≥" if self.guard.endswith("psi") else ">"
+        value = "n/a" if self.value is None else f"{self.value:.4g}"
+        limit = f"{op} {self.threshold:g}"
+        return f"{self.guard} {self.status} for version {self.version}: {value} {limit}"
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    verdict: Verdict
+    checks: tuple[Check, ...]
+
+    @property
+    def breaches(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if c.status == "breach")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "checks": [c.as_json() for c in self.checks]}
+
+
+def subjects(doc: Mapping[str, Any]) -> tuple[Subject, ...]:
+    """Who is under test. canary: the candidate against the baseline; ab: every arm with
+    weight, each against the first weighted arm (which itself meets absolute limits only);
+    bandit: every arm against the first; blue_green: the active version and single: the
+    version, both on absolute limits (the standby serves nothing to compare with)."""
+    strategy = doc["strategy"]
+    if strategy == "canary":
+        return (Subject(doc["candidate"], doc["baseline"]),)
+    if strategy == "blue_green":
+        return (Subject(doc["active"], None),)
+    if strategy == "single":
+        return (Subject(doc["version"], None),)
+    arms = [v for v, w in doc["arms"].items() if w > 0] if strategy == "ab" else doc["arms"]
+    if not arms:
+        return ()
+    return tuple(Subject(v, None if v == arms[0] else arms[0]) for v in arms)
+
+
+def evaluate(spec: GuardSpec, doc: Mapping[str, Any], figures: Figures) -> Evaluation:
+    """Judge every subject (gated on ``min_requests`` in its window) and every shadow version.
+    The verdict is ``breach`` when any check breaches, else ``insufficient`` when a subject's
+    check lacks data, else ``pass``; shadow checks lacking data hold nothing back."""
+    checks: list[Check] = []
+    for subject in subjects(doc):
+        window = figures.versions.get(subject.version, VersionWindow())
+        if window.requests < spec.min_requests:
+            gate = Check(
+                "min_requests",
+                subject.version,
+                "insufficient",
+                float(window.requests),
+                float(spec.min_requests),
+                {"requests": window.requests},
+            )
+            checks.append(gate)
+            continue
+        baseline = figures.versions.get(subject.baseline) if subject.baseline else None
+        checks.extend(_version_checks(spec, subject, window, baseline))
+    if spec.max_shadow_disagreement is not None:
+        for shadow in doc.get("shadow", {}).get("versions", ()):
+            checks.append(_shadow_check(spec, shadow, figures.shadows.get(shadow, ShadowWindow())))
+    if any(c.status == "breach" for c in checks):
+        verdict: Verdict = "breach"
+    elif any(c.status == "insufficient" and c.guard != "max_shadow_disagreement" for c in checks):
+        verdict = "insufficient"
+    else:
+        verdict = "pass"
+    return Evaluation(verdict, tuple(checks))
+
+
+def _version_checks(
+    spec: GuardSpec, subject: Subject, window: VersionWindow, baseline: VersionWindow | None
+) -> list[Check]:
+    version, c = subject.version, spec.confidence
+    checks: list[Check] = []
+    if spec.max_error_ratio is not None:
+        bound = ratio_lower_bound(window.errors, window.requests, c)
+        detail: dict[str, Any] = {
+            "requests": window.requests,
+            "errors": window.errors,
+            "error_ratio": window.errors / window.requests,
+            "lower_bound": bound,
+            "confidence": c,
+        }
+        checks.append(_compare("max_error_ratio", version, bound, spec.max_error_ratio, detail))
+    latency = window.latency if window.latency is not None and window.latency.count else None
+    lower = p99_bounds(latency, c)[0] if latency is not None else None
+    point: dict[str, Any] = {
+        "p99_s": latency.quantile(P99) if latency else None,
+        "p99_lower_s": lower,
+    }
+    if spec.max_p99_s is not None:
+        if lower is None:  # no successful request: the error guard speaks for it
+            checks.append(_skipped("max_p99_s", version, spec.max_p99_s, "no latency observed"))
+        else:
+            checks.append(_compare("max_p99_s", version, lower, spec.max_p99_s, point))
+    if spec.max_p99_ratio_to_baseline is not None and subject.baseline is not None:
+        threshold = spec.max_p99_ratio_to_baseline
+        base = baseline.latency if baseline is not None else None
+        upper = p99_bounds(base, c)[1] if base is not None and base.count else None
+        if lower is None or upper is None or upper <= 0:
+            why = "no latency observed" if lower is None else "baseline sample too small"
+            checks.append(_skipped("max_p99_ratio_to_baseline", version, threshold, why))
+        else:
+            assert base is not None
+            versus: dict[str, Any] = {
+                **point,
+                "baseline": subject.baseline,
+                "baseline_p99_s": base.quantile(P99),
+                "baseline_p99_upper_s": upper,
+                "confidence": c,
+            }
+            name = "max_p99_ratio_to_baseline"
+            checks.append(_compare(name, version, lower / upper, threshold, versus))
+    if spec.max_psi is not None:
+        checks.append(_psi_check("max_psi", version, window.features, spec.max_psi))
+    if spec.max_prediction_psi is not None:
+        name = "max_prediction_psi"
+        checks.append(_psi_check(name, version, window.outputs, spec.max_prediction_psi))
+    return checks
+
+
+def _psi_check(guard: str, version: str, columns: tuple[ColumnPsi, ...], limit: float) -> Check:
+    """The worst PSI among columns whose drift is beyond sampling noise (PSI ≥ critical PSI)
+    and whose window holds enough values; 0 when none is; breach at ≥ the limit."""
+    if not columns:
+        return _skipped(guard, version, limit, "no drift reference for this version")
+    sufficient = [col for col in columns if col.sufficient]
+    if not sufficient:
+        why = {"reason": "too few values in the drift window"}
+        return Check(guard, version, "insufficient", None, limit, why)
+    significant = [col for col in sufficient if col.psi >= col.critical_psi]
+    worst = max(significant, key=lambda col: col.psi, default=None)
+    value = worst.psi if worst is not None else 0.0
+    detail: dict[str, Any] = {
+        "column": worst.name if worst else None,
+        "columns_over": [col.name for col in significant if col.psi >= limit],
+    }
+    return Check(guard, version, "breach" if value >= limit else "pass", value, limit, detail)
+
+
+def _shadow_check(spec: GuardSpec, shadow: str, window: ShadowWindow) -> Check:
+    limit = spec.max_shadow_disagreement
+    assert limit is not None
+    name = "max_shadow_disagreement"
+    if window.compared < spec.min_requests or window.rows == 0:
+        return Check(name, shadow, "insufficient", None, limit, {"compared": window.compared})
+    bound = ratio_lower_bound(window.disagreements, window.rows, spec.confidence)
+    detail: dict[str, Any] = {
+        "compared": window.compared,
+        "rows": window.rows,
+        "disagreements": window.disagreements,
+        "disagreement_ratio": window.disagreements / window.rows,
+        "lower_bound": bound,
+        "confidence": spec.confidence,
+    }
+    return _compare(name, shadow, bound, limit, detail)
+
+
+def _compare(
+    guard: str, version: str, value: float, threshold: float, detail: Mapping[str, Any]
+) -> Check:
+    status: CheckStatus = "breach" if value > threshold else "pass"
+    return Check(guard, version, status, value, threshold, detail)
+
+
+def _skipped(guard: str, version: str, threshold: float, why: str) -> Check:
+    return Check(guard, version, "skipped", None, threshold, {"reason": why})
+
+
+# -- actions ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A policy change to apply: ``action`` names it in the audit trail, ``guard`` is the
+    condition that led to it (the audit's ``who`` is ``guard:<guard>``)."""
+
+    action: str  # rollback, switch, drop_arm, drop_shadow, advance, promote
+    doc: dict[str, Any]
+    guard: str
+    reason: str
+
+
+def plan(
+    doc: Mapping[str, Any],
+    spec: GuardSpec,
+    evaluation: Evaluation,
+    *,
+    healthy_for_s: float = 0.0,
+    last_change_by_guard: bool = False,
+) -> Plan | None:
+    """The change an evaluation leads to, or None.
+
+    On breach (``on_breach: rollback``): canary rolls back; blue_green switches back, unless
+    the last change was already a guard's (no flapping between two bad versions); ab sets the
+    breaching arms' weights to 0 and renormalises the others; bandit removes the breaching arms
+    (one left: single); never below one serving version. Shadow versions that breach leave the
+    ``shadow`` list in the same change. On ``pass`` held for ``advance_after_s``
+    (``healthy_for_s``), an unpaused canary advances one step; past the last it promotes.
+    """
+    d = dict(doc)
+    if evaluation.verdict == "pass":
+        if d["strategy"] != "canary" or spec.advance_after_s is None or d["paused"]:
+            return None
+        if healthy_for_s < spec.advance_after_s:
+            return None
+        after = apply_action(d, "advance")
+        promoted = after["strategy"] == "single"
+        target = "promotion" if promoted else f"weight {after['weight']:g}"
+        reason = (
+            f"healthy for {healthy_for_s:.1f} s (advance_after_s {spec.advance_after_s:g}): "
+            f"weight {d['weight']:g} -> {target}"
+        )
+        return Plan("promote" if promoted else "advance", after, "advance_after_s", reason)
+    if evaluation.verdict != "breach" or spec.on_breach != "rollback":
+        return None
+    breaches = evaluation.breaches
+    bad = {c.version for c in breaches if c.guard != "max_shadow_disagreement"}
+    bad_shadows = {c.version for c in breaches if c.guard == "max_shadow_disagreement"}
+    action, after = _primary_action(d, bad, last_change_by_guard)
+    shadow = after.get("shadow")
+    if shadow is not None and bad_shadows & set(shadow["versions"]):
+        kept = [v for v in shadow["versions"] if v not in bad_shadows]
+        after = {k: v for k, v in after.items() if k != "shadow"}
+        if kept:
+            after["shadow"] = {**shadow, "versions": kept}
+        action = action or "drop_shadow"
+    if action is None:
+        return None
+    by_shadow = action == "drop_shadow"
+    cause = next(c for c in breaches if (c.guard == "max_shadow_disagreement") == by_shadow)
+    reason = "; ".join(c.describe() for c in breaches)
+    return Plan(action, after, cause.guard, reason)
+
+
+def _primary_action(
+    d: dict[str, Any], bad: set[str], last_change_by_guard: bool
+) -> tuple[str | None, dict[str, Any]]:
+    strategy = d["strategy"]
+    if strategy == "canary" and d["candidate"] in bad:
+        return "rollback", apply_action(d, "rollback")
+    if strategy == "blue_green" and d["active"] in bad and not last_change_by_guard:
+        return "switch", apply_action(d, "switch")
+    if strategy == "ab" and bad & {v for v, w in d["arms"].items() if w > 0}:
+        weights = {v: 0.0 if v in bad else w for v, w in d["arms"].items()}
+        total = math.fsum(weights.values())
+        if total <= 0.0:  # every weighted arm breached: nothing healthier to send traffic to
+            return None, d
+        return "drop_arm", {**d, "arms": {v: w / total for v, w in weights.items()}}
+    if strategy == "bandit" and bad & set(d["arms"]):
+        arms = [v for v in d["arms"] if v not in bad]
+        if not arms:
+            return None, d
+        if len(arms) == 1:
+            kept: dict[str, Any] = {k: d[k] for k in ("shadow", "guards", "seed") if k in d}
+            return "drop_arm", {"strategy": "single", "version": arms[0], **kept}
+        return "drop_arm", {**d, "arms": arms}
+    return None, d

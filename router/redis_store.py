@@ -1,0 +1,308 @@
+"""The state store shared by gateway replicas through Redis (redis.asyncio).
+
+Keys, all under ``prefix``::
+
+    revision               global revision counter
+    docs / revs            hashes: model -> JSON policy document / the revision that wrote it
+    audit, audit:<model>   lists of JSON audit entries, newest first, trimmed to AUDIT_CAP
+    stats:<rev>:<model>    hash: "<served|rewards|reward_sum|reward_sumsq>:<version>" -> total
+    assign:<request id>    JSON assignment, with PX expiry
+    lease:<name>           the lease holder's id, with PX expiry
+    members                set of processes that publish counters
+    counts:<member>        hash: field -> a process's counters (opaque bytes), with PX expiry
+    changes                pub/sub channel: the new revision after each change
+
+Redis errors never leave this module: every public method raises StoreUnavailable instead
+(``ping`` returns False, ``watch`` retries). Client-side timeouts and no automatic retries, so a
+dead Redis fails fast, and a write is never replayed after a timeout (it may have applied).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from router.store import (
+    AUDIT_CAP,
+    ArmStats,
+    Assignment,
+    AuditEntry,
+    RouteRecord,
+    StaleRevision,
+    StoreUnavailable,
+    audit_body,
+    decode_assignment,
+    decode_entry,
+    encode_assignment,
+)
+
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 0.5
+POOL_WAIT_S = 10.0
+
+# One script, so writers in many processes never interleave between the If-Match check and the
+# audit append. JSON is spliced as strings: cjson would round floats and turn [] into {}.
+# KEYS: revision, docs, revs, audit, audit:<model>
+# ARGV: model, expected ("" = unconditional), doc JSON ("" = delete), audit body JSON, cap, channel
+PUT_ROUTE = """
+local current = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= current then
+  return {0, current}
+end
+local before = redis.call('HGET', KEYS[2], ARGV[1]) or 'null'
+local revision = redis.call('INCR', KEYS[1])
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+else
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+  redis.call('HSET', KEYS[3], ARGV[1], revision)
+end
+local now = redis.call('TIME')
+local entry = '{"revision":' .. revision .. ',"at":' .. now[1] .. '.'
+  .. string.format('%06d', tonumber(now[2])) .. ',"before":' .. before .. ','
+  .. string.sub(ARGV[4], 2)
+for _, key in ipairs({KEYS[4], KEYS[5]}) do
+  redis.call('LPUSH', key, entry)
+  redis.call('LTRIM', key, 0, tonumber(ARGV[5]) - 1)
+end
+redis.call('PUBLISH', ARGV[6], revision)
+return {1, revision}
+"""
+
+# KEYS: lease:<name>; ARGV: holder, ttl in ms. Take a free lease or extend one's own.
+ACQUIRE_LEASE = """
+local current = redis.call('GET', KEYS[1])
+if current == false or current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except RedisError as exc:
+        raise StoreUnavailable(f"redis: {exc}") from exc
+
+
+class RedisStore:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "turnout:",
+        reconcile_s: float = 1.0,
+        timeout_s: float = 1.0,
+        max_connections: int = 32,
+    ) -> None:
+        # callers beyond max_connections queue for a connection instead of failing at once; the
+        # wait is bounded, but longer than a command's timeout: a burst is not an outage
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=POOL_WAIT_S,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._redis = Redis.from_pool(pool)
+        self._prefix = prefix
+        self._reconcile_s = reconcile_s
+        self._put = self._redis.register_script(PUT_ROUTE)
+        self._lease = self._redis.register_script(ACQUIRE_LEASE)
+        self._closed = False
+
+    def _key(self, *parts: str) -> str:
+        return self._prefix + ":".join(parts)
+
+    async def routes(self) -> tuple[int, dict[str, RouteRecord]]:
+        with _translated():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.get(self._key("revision"))
+                pipe.hgetall(self._key("docs"))
+                pipe.hgetall(self._key("revs"))
+                raw_revision, docs, revs = await pipe.execute()
+        records: dict[str, RouteRecord] = {}
+        for raw_model, doc in docs.items():
+            model = raw_model.decode()
+            records[model] = RouteRecord(model, orjson.loads(doc), int(revs[raw_model]))
+        return int(raw_revision or 0), records
+
+    async def revision(self) -> int:
+        with _translated():
+            raw = await self._redis.get(self._key("revision"))
+        return int(raw or 0)
+
+    async def put_route(
+        self,
+        model: str,
+        doc: dict[str, Any] | None,
+        *,
+        expected: int | None,
+        who: str,
+        action: str,
+        reason: str,
+        artifacts: dict[str, str],
+        details: dict[str, Any] | None = None,
+    ) -> RouteRecord | None:
+        after = None if doc is None else orjson.dumps(doc)
+        body = audit_body(who, model, action, reason, after, artifacts, details)
+        keys = [
+            self._key("revision"),
+            self._key("docs"),
+            self._key("revs"),
+            self._key("audit"),
+            self._key("audit", model),
+        ]
+        args: list[bytes | str | int] = [
+            model,
+            "" if expected is None else str(expected),
+            after or b"",
+            body,
+            AUDIT_CAP,
+            self._key("changes"),
+        ]
+        with _translated():
+            applied, revision = await self._put(keys=keys, args=args)
+        if not applied:
+            assert expected is not None  # the script refuses only on an If-Match mismatch
+            raise StaleRevision(model, expected, int(revision))
+        return None if after is None else RouteRecord(model, orjson.loads(after), int(revision))
+
+    async def audit(self, model: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        if limit <= 0:
+            return []
+        key = self._key("audit") if model is None else self._key("audit", model)
+        with _translated():
+            raw = await self._redis.lrange(key, 0, limit - 1)
+        return [decode_entry(entry) for entry in raw]
+
+    async def add_stats(self, deltas: Mapping[tuple[str, int, str], ArmStats]) -> None:
+        with _translated():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for (model, revision, version), delta in deltas.items():
+                    key = self._key("stats", str(revision), model)
+                    if delta.served:
+                        pipe.hincrby(key, f"served:{version}", delta.served)
+                    if delta.rewards:
+                        pipe.hincrby(key, f"rewards:{version}", delta.rewards)
+                    if delta.reward_sum:
+                        pipe.hincrbyfloat(key, f"reward_sum:{version}", delta.reward_sum)
+                    if delta.reward_sumsq:
+                        pipe.hincrbyfloat(key, f"reward_sumsq:{version}", delta.reward_sumsq)
+                await pipe.execute()
+
+    async def stats(self, model: str, revision: int) -> dict[str, ArmStats]:
+        with _translated():
+            raw = await self._redis.hgetall(self._key("stats", str(revision), model))
+        totals: dict[str, dict[str, bytes | str]] = {}
+        for name, value in raw.items():
+            stat, _, version = _text(name).partition(":")
+            totals.setdefault(version, {})[stat] = value
+        return {
+            version: ArmStats(
+                int(t.get("served", 0)),
+                int(t.get("rewards", 0)),
+                float(t.get("reward_sum", 0.0)),
+                float(t.get("reward_sumsq", 0.0)),
+            )
+            for version, t in totals.items()
+        }
+
+    async def remember(self, assignments: Mapping[str, Assignment], ttl_s: float) -> None:
+        ttl_ms = max(1, round(ttl_s * 1000))
+        with _translated():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for request_id, assignment in assignments.items():
+                    pipe.set(
+                        self._key("assign", request_id), encode_assignment(assignment), px=ttl_ms
+                    )
+                await pipe.execute()
+
+    async def recall(self, request_id: str) -> Assignment | None:
+        with _translated():
+            raw = await self._redis.get(self._key("assign", request_id))
+        return None if raw is None else decode_assignment(raw)
+
+    async def watch(self) -> AsyncIterator[int]:
+        """Pub/sub wakes the watcher; the revision is always read back, and read anyway every
+        ``reconcile_s``, so a lost message delays a change by at most that long."""
+        backoff = BACKOFF_MIN_S
+        while not self._closed:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._key("changes"))
+                    last = await self.revision()
+                    backoff = BACKOFF_MIN_S
+                    yield last  # on every (re)connection: changes may have been missed meanwhile
+                    while not self._closed:
+                        await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=self._reconcile_s
+                        )
+                        current = await self.revision()
+                        if current != last:
+                            last = current
+                            yield current
+            except (RedisError, StoreUnavailable):
+                if not self._closed:
+                    await asyncio.sleep(backoff)
+                    backoff = min(2 * backoff, BACKOFF_MAX_S)
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        ttl_ms = max(1, round(ttl_s * 1000))
+        with _translated():
+            taken = await self._lease(keys=[self._key("lease", name)], args=[holder, ttl_ms])
+        return bool(taken)
+
+    async def publish_counts(self, member: str, blobs: Mapping[str, bytes], ttl_s: float) -> None:
+        key = self._key("counts", member)
+        with _translated():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                if blobs:
+                    pipe.hset(key, items=[part for pair in blobs.items() for part in pair])
+                    pipe.pexpire(key, max(1, round(ttl_s * 1000)))
+                pipe.sadd(self._key("members"), member)
+                await pipe.execute()
+
+    async def read_counts(self, prefix: str = "") -> dict[str, dict[str, bytes]]:
+        with _translated():
+            members = sorted(_text(m) for m in await self._redis.smembers(self._key("members")))
+            members = [m for m in members if m.startswith(prefix)]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for member in members:
+                    pipe.hgetall(self._key("counts", member))
+                found = await pipe.execute()
+            gone = [m for m, blobs in zip(members, found, strict=True) if not blobs]
+            if gone:  # expired: forget the member too
+                await self._redis.srem(self._key("members"), *gone)
+        return {
+            m: {_text(k): bytes(v) for k, v in blobs.items()}
+            for m, blobs in zip(members, found, strict=True)
+            if blobs
+        }
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except RedisError:
+            return False
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._redis.aclose()

@@ -1,0 +1,269 @@
+"""The replica's routing table: a local cache of every model's policy, kept in step with the
+state store by background tasks, plus the buffers (served counts, rewards, feedback assignments)
+that fold back into the store in batches.
+
+The request path (``route``, ``served``) reads and writes only local memory; it never waits on
+the store. One event loop thread owns the table, so buffers need no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from router.bandit import bandit_of, with_bandit
+from router.policies import Decision, Policy, PolicyError, sticky_key
+from router.spec import build_policy
+from router.store import ArmStats, Assignment, RouteRecord, StateStore, StoreUnavailable
+
+log = logging.getLogger("turnout.router")
+
+# Strategies whose requests are remembered for the feedback join.
+FEEDBACK_STRATEGIES = frozenset({"ab", "bandit", "canary"})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: str
+    revision: int
+    doc: dict[str, Any]
+    policy: Policy
+
+    @property
+    def strategy(self) -> str:
+        return str(self.doc["strategy"])
+
+
+class UnknownInference(LookupError):
+    """Feedback for an id the gateway never served, or whose assignment expired."""
+
+
+class RouteTable:
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        feedback_ttl_s: float = 3600.0,
+        flush_s: float = 0.2,
+        max_local_assignments: int = 1_000_000,
+        on_change: Callable[[Route | None, str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.revision = 0
+        self._routes: dict[str, Route] = {}
+        self._served: dict[tuple[str, int, str], list[float]] = {}
+        self._pending: dict[str, Assignment] = {}
+        self._recent: OrderedDict[str, tuple[float, Assignment]] = OrderedDict()
+        self._ttl = feedback_ttl_s
+        self._flush_s = flush_s
+        self._max_local = max_local_assignments
+        self._on_change = on_change
+        self._tasks: list[asyncio.Task[None]] = []
+        self._flushing = asyncio.Lock()
+        self._store_failed = False
+        self._stopping = False
+        self.synced = asyncio.Event()
+
+    # -- request path -------------------------------------------------------------------------
+    def get(self, model: str) -> Route | None:
+        return self._routes.get(model)
+
+    def routes(self) -> dict[str, Route]:
+        return dict(self._routes)
+
+    @staticmethod
+    def choose(route: Route, headers: Mapping[str, str], parameters: Mapping[str, Any]) -> Decision:
+        policy = route.policy
+        return policy.choose(sticky_key(policy.sticky, headers, parameters))
+
+    def served(self, route: Route, decision: Decision, request_id: str) -> None:
+        """Count the request for the route's report; remember it for feedback when useful."""
+        key = (route.model, route.revision, decision.version)
+        cell = self._served.get(key)
+        if cell is None:
+            cell = self._served[key] = [0.0, 0.0, 0.0, 0.0]
+        cell[0] += 1
+        if route.strategy in FEEDBACK_STRATEGIES:
+            a = Assignment(route.model, decision.version, route.revision, decision.propensity)
+            self._pending[request_id] = a
+            self._recent[request_id] = (time.monotonic() + self._ttl, a)
+            if len(self._recent) > self._max_local:
+                self._recent.popitem(last=False)
+
+    # -- feedback -------------------------------------------------------------------------------
+    async def feedback(self, model: str, request_id: str, reward: float) -> Assignment:
+        if not math.isfinite(reward):
+            raise PolicyError("reward", "must be a finite number")
+        local = self._recent.get(request_id)
+        if local is not None and local[0] > time.monotonic():
+            assignment = local[1]
+        else:
+            found = await self.store.recall(request_id)
+            if found is None:
+                raise UnknownInference(f"no inference {request_id!r} is known (or it expired)")
+            assignment = found
+        if assignment.model != model:
+            raise UnknownInference(f"inference {request_id!r} was not served by model {model!r}")
+        route = self._routes.get(model)
+        if route is not None and route.strategy == "bandit" and not 0.0 <= reward <= 1.0:
+            raise PolicyError("reward", f"a bandit reward must be in [0, 1], got {reward}")
+        key = (model, assignment.revision, assignment.version)
+        cell = self._served.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+        cell[1] += 1
+        cell[2] += reward
+        cell[3] += reward * reward
+        return assignment
+
+    # -- changes --------------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Read every policy from the store and rebuild the ones that changed."""
+        revision, records = await self.store.routes()
+        for model in [m for m in self._routes if m not in records]:
+            del self._routes[model]
+            self._notify(None, model)
+        for model, record in records.items():
+            current = self._routes.get(model)
+            if current is None or current.revision != record.revision:
+                self._install(record)
+        self.revision = revision
+        await self._fold_bandits()
+        self.synced.set()
+
+    def install(self, record: RouteRecord | None, model: str) -> None:
+        """Apply a change this replica just wrote, without waiting for the watcher."""
+        if record is None:
+            if self._routes.pop(model, None) is not None:
+                self._notify(None, model)
+        elif model not in self._routes or self._routes[model].revision < record.revision:
+            self._install(record)
+        if record is not None:
+            self.revision = max(self.revision, record.revision)
+
+    def _install(self, record: RouteRecord) -> None:
+        try:
+            policy = build_policy(record.doc, salt=record.model)
+        except (PolicyError, ValueError) as exc:  # a document that was valid when written
+            log.error("cannot build policy of %s rev %d: %s", record.model, record.revision, exc)
+            return
+        route = Route(record.model, record.revision, record.doc, policy)
+        self._routes[record.model] = route
+        self._notify(route, record.model)
+
+    def _notify(self, route: Route | None, model: str) -> None:
+        if self._on_change is not None:
+            self._on_change(route, model)
+
+    # -- background -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._flush_loop())]
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the background tasks, then push what is buffered. The flush loop is asked to
+        stop, not cancelled: a flush cancelled mid-write would leave its counts neither written
+        nor buffered. Waits are bounded: a shutdown once hung on a flush loop that had survived
+        its cancellation (seen in a hung gateway; the cause was not found)."""
+        self._stopping = True
+        watch, flusher = self._tasks or (None, None)
+        if watch is not None:
+            watch.cancel()
+        pending = {t for t in (watch, flusher) if t is not None}
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout_s)
+        for task in pending:
+            log.error("routing table: %s did not stop within %s s; leaving it", task, timeout_s)
+            task.cancel()
+        with contextlib.suppress(StoreUnavailable):
+            await self.flush()
+
+    async def _watch(self) -> None:
+        async for revision in self.store.watch():
+            if revision != self.revision or not self.synced.is_set():
+                try:
+                    await self.refresh()
+                except StoreUnavailable as exc:
+                    log.warning("routing state not refreshed: %s", exc)
+
+    async def _flush_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self._flush_s)
+            try:
+                await self.flush()
+                await self._fold_bandits()
+            except StoreUnavailable as exc:
+                log.warning("routing statistics not flushed (kept for the next try): %s", exc)
+
+    async def flush(self) -> None:
+        """Push buffered counts and assignments; on failure they stay buffered.
+
+        After a failure nothing more is written until the store answers a ping: a write that
+        timed out against a hung store still runs when the store resumes, so a write retried
+        every tick of an outage would be counted once per tick. (The one write in flight when
+        the store failed is in doubt either way: it is merged back and sent again.)
+        """
+        async with self._flushing:
+            if self._store_failed and not await self.store.ping():
+                raise StoreUnavailable("the state store has not answered since it failed")
+            self._store_failed = False
+            try:
+                await self._push()
+            except StoreUnavailable:
+                self._store_failed = True
+                raise
+
+    async def _push(self) -> None:
+        now = time.monotonic()
+        while self._recent:
+            oldest = next(iter(self._recent.values()))
+            if oldest[0] > now:
+                break
+            self._recent.popitem(last=False)
+        if self._served:
+            deltas = {
+                k: ArmStats(int(c[0]), int(c[1]), c[2], c[3]) for k, c in self._served.items()
+            }
+            self._served = {}
+            try:
+                await self.store.add_stats(deltas)
+            except StoreUnavailable:
+                for k, d in deltas.items():  # merge back what this flush took
+                    cell = self._served.setdefault(k, [0.0, 0.0, 0.0, 0.0])
+                    cell[0] += d.served
+                    cell[1] += d.rewards
+                    cell[2] += d.reward_sum
+                    cell[3] += d.reward_sumsq
+                raise
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            try:
+                await self.store.remember(pending, self._ttl)
+            except StoreUnavailable:
+                self._pending = {**pending, **self._pending}
+                raise
+
+    async def _fold_bandits(self) -> None:
+        """Rebuild every bandit from the fleet's reward totals for its revision."""
+        for model, route in list(self._routes.items()):
+            bandit = bandit_of(route.policy)
+            if bandit is None:
+                continue
+            totals = await self.store.stats(model, route.revision)
+            zero = ArmStats()
+            counts = {
+                arm: (float(totals.get(arm, zero).rewards), totals.get(arm, zero).reward_sum)
+                for arm in bandit.arms
+            }
+            if counts == bandit.counts() or self._routes.get(model) is not route:
+                continue
+            try:
+                updated = with_bandit(route.policy, bandit.with_counts(counts))
+            except PolicyError as exc:
+                log.error("bandit state of %s is inconsistent: %s", model, exc)
+                continue
+            self._routes[model] = Route(model, route.revision, route.doc, updated)
