@@ -1,0 +1,251 @@
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from monitors import kernels
+from monitors.drift import BinProfile, assess
+from monitors.export import Layout, MonitorCounts, ViewCounts, fingerprint
+from monitors.histograms import LatencyHistogram
+from monitors.windows import CountRing, LatencyRing, Window
+
+QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999}
+LATENCY_SERIES = ("total", "model")
+
+
+_FLOAT16 = np.dtype(np.float16)
+
+
+def as_rows(tensor: np.ndarray) -> np.ndarray:
+    """View a tensor as (rows, columns): the first axis is the batch, the rest are flattened.
+    float16, which numba cannot read, becomes float32."""
+    if tensor.dtype is _FLOAT16:
+        tensor = tensor.astype(np.float32)
+    if tensor.ndim == 2:
+        return tensor
+    if tensor.ndim == 1:
+        return tensor.reshape(-1, 1)
+    if tensor.ndim == 0:
+        return tensor.reshape(1, 1)
+    return tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Columns:
+    """Profiled columns of one tensor and the ring counting them."""
+
+    tensor: str
+    profile: BinProfile
+    ring: CountRing
+
+
+def latency_summary(histogram: LatencyHistogram) -> dict[str, Any]:
+    """JSON-ready count, sum, min, max and quantiles; null where an empty histogram has none."""
+    count = histogram.count
+    summary: dict[str, Any] = {
+        "count": count,
+        "sum": histogram.sum,
+        "min": histogram.min if count else None,
+        "max": histogram.max if count else None,
+    }
+    for key, q in QUANTILES.items():
+        summary[key] = histogram.quantile(q) if count else None
+    return summary
+
+
+class VersionMonitor:
+    """Drift and latency of one model version: ``observe`` on the hot path, ``snapshot`` off it.
+    Across processes: each ``export``s its counts, a reader merges them (``MonitorCounts.merge``)
+    and ``report``s them with any monitor of the same ``fingerprint``.
+
+        Single writer: call ``observe`` (and ``snapshot``, for an exact view) from one thread, the
+        event loop. Times are seconds on one monotonic clock, passed in as ``now``.
+    """
+
+    __slots__ = (
+        "_features",
+        "_layout",
+        "_outputs",
+        "_window",
+        "features",
+        "fingerprint",
+        "latency",
+        "outputs",
+    )
+
+    def __init__(
+        self,
+        features: Columns | None,
+        outputs: Sequence[Columns],
+        latency: LatencyRing,
+        window_s: float = 300.0,
+        ticks: np.ndarray | None = None,
+    ) -> None:
+        """``latency`` has two series, ``LATENCY_SERIES``. Every ring must have the same number
+        of slots; arrays may be injected (``ticks`` and each ring's) so that they can later live
+        in shared memory."""
+        if len(latency.retired) != len(LATENCY_SERIES):
+            raise ValueError(f"the latency ring needs the series {LATENCY_SERIES}")
+        self.features = features
+        self.outputs = tuple(outputs)
+        self.latency = latency
+        rings: list[CountRing | LatencyRing] = [latency]
+        rings += [c.ring for c in self.outputs] + ([features.ring] if features else [])
+        n_slots = {ring.counts.shape[0] for ring in rings}
+        if len(n_slots) != 1:
+            raise ValueError(f"rings disagree on the number of slots: {sorted(n_slots)}")
+        self._window = Window(rings, window_s, n_slots.pop(), ticks)
+        # The hot path's arguments, looked up once.
+        self._features = (
+            None if features is None else (features.ring.counts, features.profile.table)
+        )
+        self._outputs = tuple((c.tensor, c.ring.counts, c.profile.table) for c in self.outputs)
+        self.fingerprint = fingerprint(
+            self._window.window_s,
+            None if features is None else features.profile,
+            [(c.tensor, c.profile) for c in self.outputs],
+            LATENCY_SERIES,
+        )
+        self._layout: Layout = (
+            None if features is None else features.profile.n_columns,
+            tuple(c.profile.n_columns for c in self.outputs),
+            len(LATENCY_SERIES),
+        )
+
+    @classmethod
+    def fit(
+        cls,
+        reference_inputs: np.ndarray | None,
+        reference_outputs: Mapping[str, np.ndarray],
+        feature_names: Sequence[str] | None = None,
+        window_s: float = 300.0,
+        n_slots: int = 10,
+    ) -> VersionMonitor:
+        """Fit the drift profiles (see monitors.drift) on the reference inputs (rows, features)
+        and on the outputs the model computed from them; non-numeric outputs (strings) are not
+        monitored. No reference: drift stays empty. Fitting compiles the kernels for the
+        reference dtypes, if ``warm_up`` has not."""
+        features = None
+        if reference_inputs is not None:
+            inputs = np.asarray(reference_inputs)
+            if inputs.ndim != 2:
+                raise ValueError(f"reference inputs must be (rows, features), got {inputs.shape}")
+            names = feature_names or [f"f{j}" for j in range(inputs.shape[1])]
+            profile = BinProfile.fit(inputs, names)
+            features = Columns("", profile, CountRing.allocate(n_slots, profile.n_columns))
+        outputs = []
+        for tensor, values in reference_outputs.items():
+            rows = as_rows(np.asarray(values))
+            if rows.dtype.kind not in "biuf":
+                continue
+            names = (
+                [tensor] if rows.shape[1] == 1 else [f"{tensor}[{j}]" for j in range(rows.shape[1])]
+            )
+            profile = BinProfile.fit(rows, names)
+            outputs.append(Columns(tensor, profile, CountRing.allocate(n_slots, len(names))))
+        latency = LatencyRing.allocate(n_slots, len(LATENCY_SERIES))
+        return cls(features, outputs, latency, window_s)
+
+    def observe(
+        self,
+        features: np.ndarray | None,
+        outputs: Mapping[str, np.ndarray],
+        total_s: float,
+        model_s: float,
+        now: float,
+    ) -> None:
+        """Count one request: its features (rows, n_features) of the first input, its outputs
+        (first axis the batch; unknown names ignored) and its latencies. Raises ValueError when a
+        tensor's column count differs from its reference. C-contiguous tensors of
+        ``kernels.WARM_DTYPES`` or the reference's dtypes never wait for compilation; others
+        compile once per process (from the disk cache after the first)."""
+        slot = self._window.slot(now)
+        if features is not None and self._features is not None:
+            counts, table = self._features
+            rows = features
+            if rows.ndim != 2 or rows.dtype is _FLOAT16:
+                rows = as_rows(rows)
+            kernels.observe_columns(counts, slot, rows, table)
+        for tensor, counts, table in self._outputs:
+            values = outputs.get(tensor)
+            if values is not None:
+                rows = values
+                if rows.ndim != 2 or rows.dtype is _FLOAT16:
+                    rows = as_rows(rows)
+                kernels.observe_columns(counts, slot, rows, table)
+        kernels.record_pair_at(
+            self.latency.counts, self.latency.stats, slot, float(total_s), float(model_s)
+        )
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """JSON-ready drift and latency of the current window at ``now`` and since load."""
+        return self.report(self.export(now))
+
+    def cumulative_latency(self) -> dict[str, LatencyHistogram]:
+        """Merged copies since load, by series (``total``, ``model``): for a Prometheus
+        histogram export (``.buckets(bounds)``, ``.count``, ``.sum``)."""
+        return dict(zip(LATENCY_SERIES, self.latency.cumulative(), strict=True))
+
+    def export(self, now: float) -> MonitorCounts:
+        """Copies of the counts of the current window at ``now`` and since load, to merge with
+        other processes' (``MonitorCounts.merge``). Writes nothing; exact from the writer's
+        thread, like ``snapshot``."""
+        live = self._window.live(now)
+        return MonitorCounts(
+            self.fingerprint, self._window.window_s, self._view(live), self._view(None)
+        )
+
+    def report(self, counts: MonitorCounts) -> dict[str, Any]:
+        """``snapshot``'s JSON from exported (and possibly merged) counts: ``snapshot(now) ==
+        report(export(now))``. ValueError for counts of another fingerprint."""
+        self._check(counts)
+        current = self._report(counts.window)
+        return {
+            "window_s": counts.window_s,
+            **current,
+            "cumulative": self._report(counts.cumulative),
+        }
+
+    def latency_from(self, counts: MonitorCounts) -> dict[str, LatencyHistogram]:
+        """``cumulative_latency`` from exported (and possibly merged) counts."""
+        self._check(counts)
+        return dict(zip(LATENCY_SERIES, counts.cumulative.latency(), strict=True))
+
+    def _check(self, counts: MonitorCounts) -> None:
+        if counts.fingerprint != self.fingerprint or counts.window.layout != self._layout:
+            raise ValueError(
+                f"counts of fingerprint {counts.fingerprint} cannot be read by a monitor of "
+                f"fingerprint {self.fingerprint}: other profiles, layout or window"
+            )
+
+    def _view(self, live: np.ndarray | None) -> ViewCounts:
+        def counts(ring: CountRing) -> np.ndarray:
+            return ring.cumulative() if live is None else ring.window(live)
+
+        return ViewCounts(
+            None if self.features is None else counts(self.features.ring),
+            tuple(counts(columns.ring) for columns in self.outputs),
+            *self.latency.merged(live),
+        )
+
+    def _report(self, view: ViewCounts) -> dict[str, Any]:
+        features: list[dict[str, Any]] = []
+        if self.features is not None and view.features is not None:
+            drifts = assess(self.features.profile, view.features)
+            features = [drift.as_json() for drift in drifts]
+        outputs: list[dict[str, Any]] = []
+        for columns, counts in zip(self.outputs, view.outputs, strict=True):
+            for drift in assess(columns.profile, counts):
+                outputs.append({**drift.as_json(), "index": len(outputs), "tensor": columns.tensor})
+        return {
+            "features": features,
+            "outputs": outputs,
+            "latency": {
+                series: latency_summary(histogram)
+                for series, histogram in zip(LATENCY_SERIES, view.latency(), strict=True)
+            },
+        }
