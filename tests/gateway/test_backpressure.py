@@ -1,0 +1,98 @@
+"""Back-pressure and deadlines through a real gateway: 429 with Retry-After, 504 not run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from gateway.demo import sample_inputs
+from tests.models import write_slow_fraud
+from tests.server import Server
+
+ROW = sample_inputs("fraud", 1, seed=4)["input"].ravel().tolist()
+
+
+def body(timeout_us: int | None = None) -> bytes:
+    doc: dict[str, object] = {
+        "inputs": [{"name": "input", "shape": [1, 32], "datatype": "FP32", "data": ROW}]
+    }
+    if timeout_us is not None:
+        doc["parameters"] = {"timeout": timeout_us}
+    return orjson.dumps(doc)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("pressure") / "models"
+    shutil.copytree(demo_repo / "fraud" / "1", root / "fraud" / "1")
+    slow = root / "fraud" / "5"
+    write_slow_fraud(slow)
+    # No merging and a queue of 2: the third concurrent request must be refused.
+    (slow / "config.json").write_text(json.dumps({"enabled": False, "max_queue": 2}))
+    with Server(root) as s:
+        yield s
+
+
+def test_a_full_queue_answers_429_with_retry_after(gateway: Server) -> None:
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+            return await asyncio.gather(
+                *(
+                    client.post("/v2/models/fraud/versions/5/infer", content=body())
+                    for _ in range(8)
+                )
+            )
+
+    responses = asyncio.run(burst())
+    codes = Counter(r.status_code for r in responses)
+    assert set(codes) == {200, 429} and codes[200] >= 2, codes
+    refused = next(r for r in responses if r.status_code == 429)
+    assert int(refused.headers["retry-after"]) >= 1
+    assert "queue" in refused.json()["error"]
+    # The queue drains: the version serves again.
+    assert (
+        httpx.post(
+            gateway.url + "/v2/models/fraud/versions/5/infer", content=body(), timeout=60
+        ).status_code
+        == 200
+    )
+
+
+def test_a_request_past_its_deadline_is_answered_504_and_not_run(gateway: Server) -> None:
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+            busy = asyncio.create_task(
+                client.post("/v2/models/fraud/versions/5/infer", content=body())
+            )
+            await asyncio.sleep(0.02)  # the slow run holds the version's session
+            late = await client.post(
+                "/v2/models/fraud/versions/5/infer", content=body(timeout_us=5_000)
+            )
+            return await busy, late
+
+    before = metric(gateway, 'turnout_batch_rows_total{model="fraud",version="5"}')
+    busy, late = asyncio.run(scenario())
+    assert busy.status_code == 200
+    assert late.status_code == 504 and "deadline" in late.json()["error"]
+    assert metric(gateway, 'turnout_batch_rows_total{model="fraud",version="5"}') == before + 1
+    assert metric(gateway, 'turnout_deadline_exceeded_total{model="fraud",version="5"}') >= 1
+
+
+def test_invalid_timeout_parameter_is_400(gateway: Server) -> None:
+    r = httpx.post(gateway.url + "/v2/models/fraud/versions/1/infer", content=body(timeout_us=-1))
+    assert r.status_code == 400 and "timeout" in r.json()["error"]
+
+
+def metric(server: Server, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

@@ -1,0 +1,236 @@
+"""Several gateway processes sharing routing state through a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis
+
+from gateway.demo import sample_inputs
+from tests.server import ADMIN, Server
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+ROW = sample_inputs("fraud", 1, seed=2)["input"]
+BODY = orjson.dumps(
+    {
+        "inputs": [
+            {"name": "input", "shape": [1, 32], "datatype": "FP32", "data": ROW.ravel().tolist()}
+        ]
+    }
+)
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    name = f"turnout-test-{uuid.uuid4().hex[:12]}:"
+    yield name
+    keys = list(client.scan_iter(match=name + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def fleet(demo_repo: Path, prefix: str) -> Iterator[list[Server]]:
+    servers = [
+        Server(demo_repo, args=["--redis-url", REDIS_URL, "--redis-prefix", prefix])
+        for _ in range(3)
+    ]
+    for s in servers:
+        s.wait_ready = False
+        s.start()
+    try:
+        for s in servers:
+            s.wait_until_ready()
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_a_policy_changed_through_one_replica_is_served_by_all_within_a_second(
+    fleet: list[Server],
+) -> None:
+    a, b, c = fleet
+    r = httpx.put(
+        a.url + "/admin/routes/fraud",
+        headers=ADMIN,
+        json={"policy": {"strategy": "single", "version": "1"}, "reason": "fleet"},
+    )
+    assert r.status_code == 200
+    revision = r.json()["revision"]
+    changed_at = time.monotonic()
+    lag: dict[str, float] = {}
+    with httpx.Client() as client:
+        while len(lag) < 2 and time.monotonic() - changed_at < 5:
+            for s in (b, c):
+                if s.url not in lag:
+                    body = client.post(s.url + "/v2/models/fraud/infer", content=BODY).json()
+                    if body.get("parameters", {}).get("policy_revision") == revision:
+                        assert body["model_version"] == "1"
+                        lag[s.url] = time.monotonic() - changed_at
+    assert len(lag) == 2 and max(lag.values()) < 1.0, lag
+    # The audit trail is the fleet's: an entry written through a is read through c.
+    entries = httpx.get(c.url + "/admin/audit", headers=ADMIN).json()["entries"]
+    assert [(e["who"], e["action"], e["revision"]) for e in entries] == [
+        ("tester", "put", revision)
+    ]
+
+
+def test_counts_and_feedback_from_every_replica_add_up_exactly(fleet: list[Server]) -> None:
+    a, _, _ = fleet
+    policy = {"strategy": "bandit", "arms": ["1", "2"], "algorithm": "thompson", "min_share": 0.1}
+    assert (
+        httpx.put(
+            a.url + "/admin/routes/fraud", headers=ADMIN, json={"policy": policy, "reason": "fleet"}
+        ).status_code
+        == 200
+    )
+    time.sleep(1.0)  # every replica has the policy (previous test: < 1 s)
+
+    async def traffic() -> list[tuple[int, dict[str, Any]]]:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def one(i: int) -> tuple[int, dict[str, Any]]:
+                r = await client.post(fleet[i % 3].url + "/v2/models/fraud/infer", content=BODY)
+                assert r.status_code == 200
+                return i, r.json()
+
+            return await asyncio.gather(*(one(i) for i in range(600)))
+
+    served = asyncio.run(traffic())
+
+    async def feedback() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def one(i: int, body: dict[str, Any]) -> None:
+                # Rewards go to another replica than the one that served: the join is fleet-wide.
+                reward = 1.0 if body["model_version"] == "2" else 0.0
+                r = await client.post(
+                    fleet[(i + 1) % 3].url + "/v2/models/fraud/feedback",
+                    json={"id": body["id"], "reward": reward},
+                )
+                assert r.status_code == 200, r.text
+                assert r.json()["version"] == body["model_version"]
+
+            await asyncio.gather(*(one(i, b) for i, b in served))
+
+    time.sleep(0.5)  # assignments are written to Redis in batches every 0.2 s
+    asyncio.run(feedback())
+    time.sleep(0.5)
+    report = httpx.get(a.url + "/admin/routes/fraud/report", headers=ADMIN).json()
+    rows = {v["version"]: v for v in report["versions"]}
+    assert sum(v["served"] for v in rows.values()) == 600
+    assert sum(v["feedback"] for v in rows.values()) == 600
+    assert rows["2"]["reward_mean"] == 1.0 and rows["1"]["reward_mean"] == 0.0
+    expected = {v: sum(1 for _, b in served if b["model_version"] == v) for v in ("1", "2")}
+    assert {v: rows[v]["served"] for v in ("1", "2")} == expected
+
+
+def test_workers_share_state_through_redis(demo_repo: Path, prefix: str) -> None:
+    with Server(
+        demo_repo, args=["--workers", "2", "--redis-url", REDIS_URL, "--redis-prefix", prefix]
+    ) as s:
+        r = httpx.put(
+            s.url + "/admin/routes/fraud",
+            headers=ADMIN,
+            json={"policy": {"strategy": "single", "version": "1"}, "reason": "w"},
+        )
+        assert r.status_code == 200
+        time.sleep(1.0)
+        with httpx.Client() as client:  # new connections land on either worker
+            versions = {
+                client.post(
+                    s.url + "/v2/models/fraud/infer", content=BODY, headers={"Connection": "close"}
+                ).json()["model_version"]
+                for _ in range(40)
+            }
+        assert versions == {"1"}
+
+
+def test_workers_without_redis_are_refused(demo_repo: Path) -> None:
+    server = Server(demo_repo, args=["--workers", "2"], wait_ready=False).start()
+    assert server.process is not None
+    assert server.process.wait(30) == 2
+    server.stop()
+    assert "TURNOUT_REDIS_URL" in server.log()
+
+
+def scrape_total(server: Server, client: httpx.Client) -> float:
+    text = client.get(server.url + "/metrics", headers={"Connection": "close"}).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("turnout_requests_total{") and 'model="fraud"' in line
+    )
+
+
+def test_every_worker_reports_the_whole_process_group(demo_repo: Path, prefix: str) -> None:
+    with (
+        Server(
+            demo_repo, args=["--workers", "2", "--redis-url", REDIS_URL, "--redis-prefix", prefix]
+        ) as s,
+        httpx.Client() as client,
+    ):
+        for _ in range(60):  # new connections: both workers serve some
+            assert (
+                client.post(
+                    s.url + "/v2/models/fraud/infer",
+                    content=BODY,
+                    headers={"Connection": "close"},
+                ).status_code
+                == 200
+            )
+        time.sleep(2.5)  # each worker publishes its counters every second
+        totals = {scrape_total(s, client) for _ in range(12)}
+    assert totals == {60.0}
+
+
+def test_the_fleet_drift_view_merges_every_replica(fleet: list[Server]) -> None:
+    x = sample_inputs("fraud", 300, seed=8)["input"]
+    body = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [300, 32],
+                    "datatype": "FP32",
+                    "data": x.ravel().tolist(),
+                }
+            ]
+        }
+    )
+    for s in fleet:
+        assert (
+            httpx.post(s.url + "/v2/models/fraud/versions/1/infer", content=body).status_code == 200
+        )
+    time.sleep(2.5)
+    own = httpx.get(fleet[0].url + "/v2/models/fraud/versions/1/drift").json()
+    whole = httpx.get(
+        fleet[0].url + "/v2/models/fraud/versions/1/drift", params={"scope": "fleet"}
+    ).json()
+    assert own["features"][0]["count"] == 300 and own["processes"] == 1
+    assert whole["features"][0]["count"] == 900 and whole["processes"] == 3
+    assert whole["cumulative"]["latency"]["total"]["count"] == 3
+    assert (
+        httpx.get(
+            fleet[0].url + "/v2/models/fraud/versions/1/drift", params={"scope": "world"}
+        ).status_code
+        == 400
+    )

@@ -1,0 +1,39 @@
+"""Models built for tests: same signature as the demo's fraud scorer, different behaviour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def write_slow_fraud(folder: Path, layers: int = 500, width: int = 2048) -> Path:
+    """input FP32 [-1, 32] -> probability FP32 [-1, 1], slow: ``layers`` width² MatMuls per call
+    (about 0.3 ms each at batch 1 on one core), weights shared so the file stays small."""
+    rng = np.random.default_rng(7)
+    w_in = numpy_helper.from_array(
+        (rng.standard_normal((32, width)) / 32).astype(np.float32), "w_in"
+    )
+    w = numpy_helper.from_array(
+        (rng.standard_normal((width, width)) / width).astype(np.float32), "w"
+    )
+    nodes = [helper.make_node("MatMul", ["input", "w_in"], ["h0"])]
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("ReduceMean", [f"h{layers}"], ["m"], axes=[1], keepdims=1))
+    nodes.append(helper.make_node("Sigmoid", ["m"], ["probability"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow_fraud",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[w_in, w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    onnx.save(model, path)
+    return path

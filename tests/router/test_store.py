@@ -1,0 +1,425 @@
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+
+from router.redis_store import RedisStore
+from router.store import (
+    ArmStats,
+    Assignment,
+    MemoryStore,
+    StaleRevision,
+    StateStore,
+    StoreUnavailable,
+    open_store,
+)
+
+pytestmark = pytest.mark.anyio
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+CANARY = {"strategy": "canary", "baseline": "1", "candidate": "2", "weight": 0.05}
+ARTIFACTS = {"1": "a" * 64, "2": "b" * 64}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Replicas:
+    """Handles on one shared state, as gateway replicas hold: separate RedisStore instances on
+    one prefix, or the one MemoryStore of a single process."""
+
+    def __init__(self, make: Callable[[], StateStore]) -> None:
+        self._make = make
+        self.opened: list[StateStore] = []
+
+    def open(self) -> StateStore:
+        store = self._make()
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def replicas(request: pytest.FixtureRequest) -> AsyncIterator[Replicas]:
+    if request.param == "memory":
+        shared = MemoryStore()
+        yield Replicas(lambda: shared)
+        await shared.close()
+        return
+    prefix = f"turnout-test-{uuid.uuid4().hex}:"
+    probe = RedisStore(REDIS_URL, prefix)
+    reachable = await probe.ping()
+    await probe.close()
+    if not reachable:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis is not reachable at {REDIS_URL} (CI=true)")
+        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+    handles = Replicas(lambda: RedisStore(REDIS_URL, prefix))
+    yield handles
+    for store in handles.opened:
+        await store.close()
+    raw = Redis.from_url(REDIS_URL)
+    async for key in raw.scan_iter(match=f"{prefix}*"):
+        await raw.delete(key)
+    await raw.aclose()
+
+
+@pytest.fixture
+def store(replicas: Replicas) -> StateStore:
+    return replicas.open()
+
+
+async def put(store: StateStore, model: str, doc: dict[str, Any] | None, **kw: Any) -> Any:
+    kw.setdefault("expected", None)
+    kw.setdefault("who", "alice")
+    kw.setdefault("action", "put" if doc is not None else "delete")
+    kw.setdefault("reason", "test")
+    kw.setdefault("artifacts", ARTIFACTS)
+    return await store.put_route(model, doc, **kw)
+
+
+async def test_revisions_increase_by_one_and_are_shared_across_models(store: StateStore) -> None:
+    assert await store.revision() == 0
+    assert await store.routes() == (0, {})
+    first = await put(store, "fraud", CANARY)
+    second = await put(store, "risk", {"strategy": "fixed", "version": "3"})
+    third = await put(store, "fraud", CANARY | {"weight": 0.5})
+    assert [first.revision, second.revision, third.revision] == [1, 2, 3]
+    revision, records = await store.routes()
+    assert revision == await store.revision() == 3
+    assert records["fraud"].doc == CANARY | {"weight": 0.5}
+    assert records["fraud"].revision == 3
+    assert records["risk"].revision == 2
+
+
+async def test_documents_round_trip_exactly_and_are_copies(store: StateStore) -> None:
+    doc: dict[str, Any] = {
+        "weight": 0.1234567890123456789,
+        "tiny": 5e-324,
+        "empty_list": [],
+        "empty_map": {},
+        "nested": [{"é": "ü"}, None, True, 2**53 + 1],
+    }
+    expected = dict(doc)
+    await put(store, "m", doc)
+    doc["weight"] = 1.0  # the caller's dict is not the stored one
+    _, records = await store.routes()
+    assert records["m"].doc == expected
+    records["m"].doc["weight"] = 2.0
+    assert (await store.routes())[1]["m"].doc == expected
+    assert (await store.audit("m"))[0].after == expected
+
+
+async def test_if_match_conflict_raises_and_changes_nothing(store: StateStore) -> None:
+    with pytest.raises(StaleRevision) as missing:
+        await put(store, "fraud", CANARY, expected=4)
+    assert missing.value.current == 0
+    created = await put(store, "fraud", CANARY, expected=0)
+    await put(store, "risk", CANARY)
+    before = (await store.routes(), await store.audit(limit=1000))
+
+    with pytest.raises(StaleRevision) as stale:
+        await put(store, "fraud", {"strategy": "fixed", "version": "2"}, expected=0)
+    assert stale.value.current == created.revision == 1
+    assert (await store.routes(), await store.audit(limit=1000)) == before
+
+    updated = await put(store, "fraud", {"strategy": "fixed", "version": "2"}, expected=1)
+    assert updated.revision == 3
+
+
+async def test_delete_removes_the_route_and_is_audited(store: StateStore) -> None:
+    await put(store, "fraud", CANARY)
+    await put(store, "risk", CANARY)
+    assert await put(store, "fraud", None, expected=1, reason="retired") is None
+    revision, records = await store.routes()
+    assert revision == 3
+    assert set(records) == {"risk"}
+    entry = (await store.audit("fraud"))[0]
+    assert (entry.action, entry.before, entry.after) == ("delete", CANARY, None)
+    # no record is revision 0 again for If-Match
+    assert (await put(store, "fraud", CANARY, expected=0)).revision == 4
+
+
+async def test_audit_entries_are_complete_newest_first_filtered_and_limited(
+    store: StateStore,
+) -> None:
+    advanced = CANARY | {"weight": 0.25}
+    evidence = {"p_value": 0.001, "errors": [1, 2]}
+    t0 = time.time()
+    await put(store, "fraud", CANARY, who="alice", reason="start canary")
+    await put(store, "risk", {"strategy": "fixed", "version": "1"}, artifacts={"1": "c" * 64})
+    await put(
+        store,
+        "fraud",
+        advanced,
+        who="guard:latency",
+        action="advance",
+        reason="healthy",
+        details=evidence,
+    )
+    t1 = time.time()
+
+    entries = await store.audit()
+    assert [e.revision for e in entries] == [3, 2, 1]
+    newest = entries[0]
+    assert (newest.who, newest.model, newest.action, newest.reason) == (
+        "guard:latency",
+        "fraud",
+        "advance",
+        "healthy",
+    )
+    assert (newest.before, newest.after) == (CANARY, advanced)
+    assert newest.artifacts == ARTIFACTS
+    assert newest.details == evidence
+    assert entries[2].before is None
+    assert entries[2].details == {}
+    # the store's clock (Redis TIME, same host) truncates to microseconds: allow 1 ms either side
+    assert all(t0 - 1e-3 <= e.at <= t1 + 1e-3 for e in entries)
+    assert entries[0].at >= entries[1].at >= entries[2].at
+
+    assert [e.revision for e in await store.audit("fraud")] == [3, 1]
+    assert [e.revision for e in await store.audit("risk")] == [2]
+    assert await store.audit("unknown") == []
+    assert [e.revision for e in await store.audit(limit=2)] == [3, 2]
+    assert [e.revision for e in await store.audit("fraud", limit=1)] == [3]
+    assert await store.audit(limit=0) == []
+
+
+async def test_stats_add_up_exactly_under_concurrency(replicas: Replicas) -> None:
+    rng = np.random.default_rng(7)
+    keys = [(m, r, v) for m in ("fraud", "risk") for r in (1, 2) for v in ("1", "2", "3")]
+    per_replica = []
+    for _ in range(3):
+        deltas = []
+        for _ in range(1000):
+            key = keys[int(rng.integers(len(keys)))]
+            rewards = int(rng.integers(0, 4))
+            values = rng.normal(0.5, 1.0, rewards)
+            delta = ArmStats(
+                int(rng.integers(0, 10)),
+                rewards,
+                float(values.sum()),
+                float((values**2).sum()),
+            )
+            deltas.append({key: delta})
+        per_replica.append(deltas)
+
+    async def replica(
+        store: StateStore, deltas: list[dict[tuple[str, int, str], ArmStats]]
+    ) -> None:
+        await asyncio.gather(*(store.add_stats(d) for d in deltas))
+
+    await asyncio.gather(*(replica(replicas.open(), d) for d in per_replica))
+
+    reader = replicas.open()
+    for model, revision, version in keys:
+        mine = [
+            d[k] for ds in per_replica for d in ds for k in d if k == (model, revision, version)
+        ]
+        got = (await reader.stats(model, revision))[version]
+        assert got.served == sum(d.served for d in mine)
+        assert got.rewards == sum(d.rewards for d in mine)
+        # ~250 deltas per key, Σ|x| ≲ 1e3: summation error ≲ n·eps·Σ|x| ≈ 6e-11, so 1e-9 is safe
+        assert math.isclose(got.reward_sum, math.fsum(d.reward_sum for d in mine), abs_tol=1e-9)
+        assert math.isclose(got.reward_sumsq, math.fsum(d.reward_sumsq for d in mine), abs_tol=1e-9)
+    assert await reader.stats("fraud", 99) == {}
+
+
+async def test_stats_are_kept_per_model_and_revision(store: StateStore) -> None:
+    await store.add_stats(
+        {
+            ("fraud", 1, "1"): ArmStats(served=3),
+            ("fraud", 2, "1"): ArmStats(served=5, rewards=1, reward_sum=1.5, reward_sumsq=2.25),
+            ("risk", 1, "1"): ArmStats(served=7),
+        }
+    )
+    await store.add_stats({("fraud", 2, "1"): ArmStats(served=1, rewards=1, reward_sum=0.5)})
+    assert await store.stats("fraud", 1) == {"1": ArmStats(served=3)}
+    assert await store.stats("fraud", 2) == {"1": ArmStats(6, 2, 2.0, 2.25)}
+    assert await store.stats("risk", 1) == {"1": ArmStats(served=7)}
+    assert ArmStats(1, 2, 0.5, 0.25) + ArmStats(1, 0, 0.25, 0.0) == ArmStats(2, 2, 0.75, 0.25)
+
+
+async def test_assignments_are_recalled_until_they_expire(store: StateStore) -> None:
+    served = Assignment("fraud", "2", 7, 0.05)
+    await store.remember({"req-1": served, "req-2": Assignment("fraud", "1", 7, 0.95)}, ttl_s=0.2)
+    await store.remember({"req-3": served}, ttl_s=30.0)
+    assert await store.recall("req-1") == served
+    assert await store.recall("req-2") == Assignment("fraud", "1", 7, 0.95)
+    assert await store.recall("unknown") is None
+    await asyncio.sleep(0.35)
+    assert await store.recall("req-1") is None
+    assert await store.recall("req-2") is None
+    assert await store.recall("req-3") == served
+
+
+async def follow(store: StateStore, seen: asyncio.Queue[tuple[int, float]]) -> None:
+    async for revision in store.watch():
+        seen.put_nowait((revision, time.monotonic()))
+
+
+async def test_watch_yields_within_a_second_of_a_put_by_another_instance(
+    replicas: Replicas,
+) -> None:
+    watcher, writer = replicas.open(), replicas.open()
+    seen: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
+    task = asyncio.create_task(follow(watcher, seen))
+    try:
+        assert (await asyncio.wait_for(seen.get(), 2.0))[0] == 0  # the current revision first
+        for expected in (1, 2):
+            start = time.monotonic()
+            await put(writer, "fraud", CANARY | {"weight": 0.1 * expected})
+            revision, at = await asyncio.wait_for(seen.get(), 2.0)
+            assert revision == expected
+            assert at - start < 1.0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_watch_ends_when_the_store_closes(store: StateStore) -> None:
+    seen: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
+    task = asyncio.create_task(follow(store, seen))
+    await asyncio.wait_for(seen.get(), 2.0)
+    await store.close()
+    await asyncio.wait_for(task, 3.0)
+
+
+async def test_concurrent_if_match_writers_exactly_one_wins(replicas: Replicas) -> None:
+    created = await put(replicas.open(), "fraud", CANARY)
+    writers = [replicas.open() for _ in range(6)]
+    results = await asyncio.gather(
+        *(
+            put(w, "fraud", CANARY | {"weight": i / 10}, expected=created.revision)
+            for i, w in enumerate(writers)
+        ),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if not isinstance(r, BaseException)]
+    losers = [r for r in results if isinstance(r, BaseException)]
+    assert len(winners) == 1
+    assert all(isinstance(r, StaleRevision) and r.current == 2 for r in losers)
+    assert winners[0].revision == 2
+    assert len(await writers[0].audit("fraud")) == 2
+
+
+async def test_open_store_chooses_the_implementation() -> None:
+    for url, kind in ((None, MemoryStore), ("", MemoryStore), (REDIS_URL, RedisStore)):
+        store = open_store(url, prefix="turnout-test-unused:")
+        assert isinstance(store, kind)
+        await store.close()
+
+
+DEAD_CALLS: dict[str, Callable[[StateStore], Awaitable[object]]] = {
+    "routes": lambda s: s.routes(),
+    "revision": lambda s: s.revision(),
+    "put_route": lambda s: put(s, "fraud", CANARY),
+    "delete": lambda s: put(s, "fraud", None, expected=3),
+    "audit": lambda s: s.audit(),
+    "audit_model": lambda s: s.audit("fraud", limit=5),
+    "add_stats": lambda s: s.add_stats({("fraud", 1, "1"): ArmStats(served=1)}),
+    "stats": lambda s: s.stats("fraud", 1),
+    "remember": lambda s: s.remember({"r": Assignment("fraud", "1", 1, 1.0)}, 1.0),
+    "recall": lambda s: s.recall("r"),
+}
+
+
+@pytest.mark.parametrize("call", DEAD_CALLS.values(), ids=DEAD_CALLS.keys())
+async def test_unreachable_redis_raises_store_unavailable_quickly(
+    call: Callable[[StateStore], Awaitable[object]],
+) -> None:
+    store = RedisStore("redis://127.0.0.1:1/0", prefix=f"turnout-test-{uuid.uuid4().hex}:")
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await call(store)
+    assert await store.ping() is False
+    assert time.monotonic() - start < 2.0
+    await store.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def private_redis(port: int) -> Iterator[None]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with subprocess.Popen(args, stdout=subprocess.DEVNULL) as proc:
+        try:
+            yield
+        finally:
+            proc.terminate()
+            proc.wait(5)
+
+
+async def until_up(store: StateStore) -> None:
+    deadline = time.monotonic() + 5.0
+    while not await store.ping():
+        assert time.monotonic() < deadline, "private redis-server did not start"
+        await asyncio.sleep(0.02)
+
+
+async def test_watch_survives_a_redis_restart() -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    watcher, writer = RedisStore(url, reconcile_s=0.2), RedisStore(url)
+    seen: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
+    task: asyncio.Task[None] | None = None
+    try:
+        with private_redis(port):
+            await until_up(writer)
+            task = asyncio.create_task(follow(watcher, seen))
+            assert (await asyncio.wait_for(seen.get(), 2.0))[0] == 0
+            await put(writer, "fraud", CANARY)
+            assert (await asyncio.wait_for(seen.get(), 2.0))[0] == 1
+        with pytest.raises(StoreUnavailable):
+            await put(writer, "fraud", CANARY)
+        with private_redis(port):  # a fresh server without persistence: revision 0 again
+            await until_up(writer)
+            # once back the watcher yields the revision again (backoff capped at 0.5 s)
+            assert (await asyncio.wait_for(seen.get(), 2.0))[0] == 0
+            await put(writer, "risk", CANARY)
+            assert (await asyncio.wait_for(seen.get(), 2.0))[0] == 1
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await watcher.close()
+        await writer.close()
+
+
+async def test_published_counts_are_read_back_by_prefix_and_expire(store: StateStore) -> None:
+    await store.publish_counts("host-a:1:11", {"fraud/1": b"\x00\x01", "traffic": b"{}"}, ttl_s=0.3)
+    await store.publish_counts("host-a:1:12", {"fraud/1": b"\x02"}, ttl_s=5.0)
+    await store.publish_counts("host-b:7:70", {"fraud/1": b"\x03"}, ttl_s=5.0)
+    group = await store.read_counts("host-a:1:")
+    assert group == {
+        "host-a:1:11": {"fraud/1": b"\x00\x01", "traffic": b"{}"},
+        "host-a:1:12": {"fraud/1": b"\x02"},
+    }
+    assert set(await store.read_counts()) == {"host-a:1:11", "host-a:1:12", "host-b:7:70"}
+    await store.publish_counts(
+        "host-a:1:12", {"risk/1": b"\x04"}, ttl_s=5.0
+    )  # replaces, not merges
+    await asyncio.sleep(0.4)
+    assert await store.read_counts("host-a:") == {"host-a:1:12": {"risk/1": b"\x04"}}
