@@ -6,6 +6,7 @@ Keys, all under ``prefix``::
     docs / revs            hashes: model -> JSON policy document / the revision that wrote it
     audit, audit:<model>   lists of JSON audit entries, newest first, trimmed to AUDIT_CAP
     stats:<rev>:<model>    hash: "<served|rewards|reward_sum|reward_sumsq>:<version>" -> total
+    applied:<batch>        marks a stats batch as applied, with PX expiry (idempotent resends)
     assign:<request id>    JSON assignment, with PX expiry
     lease:<name>           the lease holder's id, with PX expiry
     members                set of processes that publish counters
@@ -15,11 +16,21 @@ Keys, all under ``prefix``::
 Redis errors never leave this module: every public method raises StoreUnavailable instead
 (``ping`` returns False, ``watch`` retries). Client-side timeouts and no automatic retries, so a
 dead Redis fails fast, and a write is never replayed after a timeout (it may have applied).
+
+A command that timed out is not lost: a hung Redis runs it when it resumes. Writes whose caller
+was told "failed" must therefore refuse to run late, or be safe to run twice:
+
+- ``put_route`` carries a deadline (the caller's clock + the command timeout) that the script
+  checks against Redis's TIME before changing anything: an admin who got a 503 changed nothing.
+  This needs the replicas' clocks within the command timeout of Redis's (NTP does far better).
+- ``add_stats`` carries a batch id; the script applies a batch only if it can SET its marker
+  (NX), so the caller resends an in-doubt batch with the same id and it counts once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -32,6 +43,7 @@ from redis.exceptions import RedisError
 
 from router.store import (
     AUDIT_CAP,
+    BATCH_MEMORY_S,
     ArmStats,
     Assignment,
     AuditEntry,
@@ -51,8 +63,13 @@ POOL_WAIT_S = 10.0
 # One script, so writers in many processes never interleave between the If-Match check and the
 # audit append. JSON is spliced as strings: cjson would round floats and turn [] into {}.
 # KEYS: revision, docs, revs, audit, audit:<model>
-# ARGV: model, expected ("" = unconditional), doc JSON ("" = delete), audit body JSON, cap, channel
+# ARGV: model, expected ("" = unconditional), doc JSON ("" = delete), audit body JSON, cap, channel,
+#       not-after (Unix time in µs). Returns {1, revision}, {0, current} on a mismatch, {2, 0} late.
 PUT_ROUTE = """
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[7]) then
+  return {2, 0}
+end
 local current = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
 if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= current then
   return {0, current}
@@ -66,7 +83,6 @@ else
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
   redis.call('HSET', KEYS[3], ARGV[1], revision)
 end
-local now = redis.call('TIME')
 local entry = '{"revision":' .. revision .. ',"at":' .. now[1] .. '.'
   .. string.format('%06d', tonumber(now[2])) .. ',"before":' .. before .. ','
   .. string.sub(ARGV[4], 2)
@@ -76,6 +92,23 @@ for _, key in ipairs({KEYS[4], KEYS[5]}) do
 end
 redis.call('PUBLISH', ARGV[6], revision)
 return {1, revision}
+"""
+
+# KEYS: applied:<batch>, then the stats hashes
+# ARGV: marker ttl in ms, then per increment: index into KEYS, field, 'i' (integer) or 'f', amount
+ADD_STATS = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  return 0
+end
+for i = 2, #ARGV, 4 do
+  local key = KEYS[tonumber(ARGV[i])]
+  if ARGV[i + 2] == 'i' then
+    redis.call('HINCRBY', key, ARGV[i + 1], ARGV[i + 3])
+  else
+    redis.call('HINCRBYFLOAT', key, ARGV[i + 1], ARGV[i + 3])
+  end
+end
+return 1
 """
 
 # KEYS: lease:<name>; ARGV: holder, ttl in ms. Take a free lease or extend one's own.
@@ -123,7 +156,9 @@ class RedisStore:
         self._redis = Redis.from_pool(pool)
         self._prefix = prefix
         self._reconcile_s = reconcile_s
+        self._timeout_s = timeout_s
         self._put = self._redis.register_script(PUT_ROUTE)
+        self._add = self._redis.register_script(ADD_STATS)
         self._lease = self._redis.register_script(ACQUIRE_LEASE)
         self._closed = False
 
@@ -176,9 +211,16 @@ class RedisStore:
             body,
             AUDIT_CAP,
             self._key("changes"),
+            # the caller hears "failed" once the timeout passes: after that, change nothing
+            round((time.time() + self._timeout_s) * 1e6),
         ]
         with _translated():
             applied, revision = await self._put(keys=keys, args=args)
+        if applied == 2:
+            raise StoreUnavailable(
+                "redis ran the change after its deadline (it was hung, or clocks differ by more "
+                f"than {self._timeout_s} s); nothing was changed"
+            )
         if not applied:
             assert expected is not None  # the script refuses only on an If-Match mismatch
             raise StaleRevision(model, expected, int(revision))
@@ -192,20 +234,22 @@ class RedisStore:
             raw = await self._redis.lrange(key, 0, limit - 1)
         return [decode_entry(entry) for entry in raw]
 
-    async def add_stats(self, deltas: Mapping[tuple[str, int, str], ArmStats]) -> None:
+    async def add_stats(self, deltas: Mapping[tuple[str, int, str], ArmStats], batch: str) -> None:
+        keys = [self._key("applied", batch)]
+        args: list[str | int] = [max(1, round(BATCH_MEMORY_S * 1000))]
+        for (model, revision, version), delta in deltas.items():
+            keys.append(self._key("stats", str(revision), model))
+            index = len(keys)  # Lua counts from 1
+            for stat, kind, amount in (
+                ("served", "i", delta.served),
+                ("rewards", "i", delta.rewards),
+                ("reward_sum", "f", delta.reward_sum),
+                ("reward_sumsq", "f", delta.reward_sumsq),
+            ):
+                if amount:  # as before: an all-zero delta creates no entry
+                    args += [index, f"{stat}:{version}", kind, repr(amount)]
         with _translated():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for (model, revision, version), delta in deltas.items():
-                    key = self._key("stats", str(revision), model)
-                    if delta.served:
-                        pipe.hincrby(key, f"served:{version}", delta.served)
-                    if delta.rewards:
-                        pipe.hincrby(key, f"rewards:{version}", delta.rewards)
-                    if delta.reward_sum:
-                        pipe.hincrbyfloat(key, f"reward_sum:{version}", delta.reward_sum)
-                    if delta.reward_sumsq:
-                        pipe.hincrbyfloat(key, f"reward_sumsq:{version}", delta.reward_sumsq)
-                await pipe.execute()
+            await self._add(keys=keys, args=args)
 
     async def stats(self, model: str, revision: int) -> dict[str, ArmStats]:
         with _translated():

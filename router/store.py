@@ -15,7 +15,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,6 +23,10 @@ from typing import Any, Protocol
 import orjson
 
 AUDIT_CAP = 100_000
+# How long a store remembers that a stats batch was applied. A batch whose write timed out is
+# resent, with the same id, once the store answers again; the first copy, if it was applied,
+# ran no later than that. Ten minutes covers any resend after the store came back.
+BATCH_MEMORY_S = 600.0
 
 
 class StoreError(Exception):
@@ -120,8 +124,10 @@ class StateStore(Protocol):
         """Newest first; all models when ``model`` is None."""
         ...
 
-    async def add_stats(self, deltas: Mapping[tuple[str, int, str], ArmStats]) -> None:
-        """Add (model, revision, version) -> increments, all in one atomic step."""
+    async def add_stats(self, deltas: Mapping[tuple[str, int, str], ArmStats], batch: str) -> None:
+        """Add (model, revision, version) -> increments, all in one atomic step, once per
+        ``batch`` id: the same batch sent again within BATCH_MEMORY_S changes nothing, so a
+        caller whose write is in doubt (timed out) resends it safely."""
         ...
 
     async def stats(self, model: str, revision: int) -> dict[str, ArmStats]: ...
@@ -236,6 +242,7 @@ class MemoryStore:
         self._audit: deque[bytes] = deque(maxlen=AUDIT_CAP)
         self._model_audit: dict[str, deque[bytes]] = {}
         self._stats: dict[tuple[str, int], dict[str, ArmStats]] = {}
+        self._batches: OrderedDict[str, float] = OrderedDict()  # applied batch -> forget after
         self._assignments: dict[str, tuple[float, Assignment]] = {}  # id -> (deadline, value)
         self._deadlines: list[tuple[float, str]] = []  # heap, so expiry costs O(log n)
         self._changed = asyncio.Event()  # replaced after each set: one event per change
@@ -290,7 +297,13 @@ class MemoryStore:
         trail = self._audit if model is None else self._model_audit.get(model, deque())
         return [decode_entry(raw) for raw in itertools.islice(reversed(trail), max(limit, 0))]
 
-    async def add_stats(self, deltas: Mapping[tuple[str, int, str], ArmStats]) -> None:
+    async def add_stats(self, deltas: Mapping[tuple[str, int, str], ArmStats], batch: str) -> None:
+        now = time.monotonic()
+        while self._batches and next(iter(self._batches.values())) <= now:
+            self._batches.popitem(last=False)
+        if batch in self._batches:
+            return
+        self._batches[batch] = now + BATCH_MEMORY_S
         zero = ArmStats()
         for (model, revision, version), delta in deltas.items():
             if delta != zero:  # as in Redis, an all-zero delta creates no entry

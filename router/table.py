@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class RouteTable:
         self.revision = 0
         self._routes: dict[str, Route] = {}
         self._served: dict[tuple[str, int, str], list[float]] = {}
+        self._unsent: tuple[str, dict[tuple[str, int, str], ArmStats]] | None = None
         self._pending: dict[str, Assignment] = {}
         self._recent: OrderedDict[str, tuple[float, Assignment]] = OrderedDict()
         self._ttl = feedback_ttl_s
@@ -203,9 +205,10 @@ class RouteTable:
         """Push buffered counts and assignments; on failure they stay buffered.
 
         After a failure nothing more is written until the store answers a ping: a write that
-        timed out against a hung store still runs when the store resumes, so a write retried
-        every tick of an outage would be counted once per tick. (The one write in flight when
-        the store failed is in doubt either way: it is merged back and sent again.)
+        timed out against a hung store still runs when the store resumes, so there is no point
+        queueing one per tick of an outage. The stats batch in flight when the store failed is
+        in doubt (it may run on resume): it is kept as it was and resent with the same batch id,
+        which the store applies at most once; counts taken meanwhile wait for the next batch.
         """
         async with self._flushing:
             if self._store_failed and not await self.store.ping():
@@ -224,21 +227,17 @@ class RouteTable:
             if oldest[0] > now:
                 break
             self._recent.popitem(last=False)
+        if self._unsent is not None:  # in doubt: the same batch again, under the same id
+            await self.store.add_stats(self._unsent[1], batch=self._unsent[0])
+            self._unsent = None
         if self._served:
             deltas = {
                 k: ArmStats(int(c[0]), int(c[1]), c[2], c[3]) for k, c in self._served.items()
             }
             self._served = {}
-            try:
-                await self.store.add_stats(deltas)
-            except StoreUnavailable:
-                for k, d in deltas.items():  # merge back what this flush took
-                    cell = self._served.setdefault(k, [0.0, 0.0, 0.0, 0.0])
-                    cell[0] += d.served
-                    cell[1] += d.rewards
-                    cell[2] += d.reward_sum
-                    cell[3] += d.reward_sumsq
-                raise
+            self._unsent = (uuid.uuid4().hex, deltas)
+            await self.store.add_stats(deltas, batch=self._unsent[0])
+            self._unsent = None
         if self._pending:
             pending, self._pending = self._pending, {}
             try:

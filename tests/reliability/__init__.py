@@ -8,26 +8,18 @@ asserts exact status histograms, so a lost or wrongly answered request always sh
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
-import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 import orjson
-import pytest
-import redis
 
 from gateway.demo import sample_inputs
-from tests.server import free_port
 
 
 def fraud_body(row: Sequence[float], **parameters: Any) -> bytes:
@@ -140,68 +132,6 @@ async def send(client: httpx.AsyncClient, shot: Shot, load: Load | None = None) 
         body.get("id"),
         body.get("error"),
     )
-
-
-# -- a private Redis ------------------------------------------------------------------------------
-class RedisServer:
-    """A redis-server of the test's own on a free port, without persistence, so a test may
-    pause it (SIGSTOP: a hung Redis, every command times out) without touching a shared one."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.workdir = workdir
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            if os.environ.get("CI") == "true":
-                raise RuntimeError("redis-server is not installed")
-            pytest.skip("redis-server is not installed")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [binary, "--port", str(self.port), "--save", "", "--appendonly", "no"]
-        cmd += ["--daemonize", "no", "--dir", str(self.workdir)]
-        with (self.workdir / "redis.log").open("wb") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while not self.ping():
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.05)
-        return self
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_timeout=2)
-
-    def ping(self) -> bool:
-        try:
-            with self.client() as c:
-                return bool(c.ping())
-        except redis.RedisError:
-            return False
-
-    def pause(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
-            self.process.terminate()
-            self.process.wait(10)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 # -- what a gateway says about itself -------------------------------------------------------------

@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.reliability import Load, Outcome, RedisServer, Shot, figures, fraud_bodies
+from tests.redis_server import RedisServer
+from tests.reliability import Load, Outcome, Shot, figures, fraud_bodies
 from tests.server import ADMIN, Server
 
 CONVERGE_S = 1.0  # docs/routing.md: a change made anywhere is served everywhere within a second

@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.reliability import Load, Outcome, RedisServer, Shot, figures, fraud_bodies
+from tests.redis_server import RedisServer
+from tests.reliability import Load, Outcome, Shot, figures, fraud_bodies
 from tests.server import ADMIN, Server
 
 BANDIT = {"strategy": "bandit", "arms": ["1", "2"], "algorithm": "thompson", "min_share": 0.2}
@@ -187,11 +188,6 @@ def test_inference_keeps_serving_on_the_last_known_policy(record: Record) -> Non
     assert {o.version for o in outage} == {"1", "2"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a write that timed out against a hung Redis runs when Redis resumes: the store must "
-    "refuse a late write (router/redis_store.py PUT_ROUTE: a not-after check against TIME)",
-)
 def test_admin_writes_during_the_outage_answer_503_and_change_nothing(record: Record) -> None:
     assert [w.status_code for w in record.writes] == [503, 503]
     assert all("unavailable" in w.json()["error"] for w in record.writes)
@@ -231,11 +227,6 @@ def test_rewards_posted_during_the_outage_are_counted_exactly_once(record: Recor
         assert rows["1"]["reward_mean"] == 0.0 and rows["2"]["reward_mean"] == 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the count flush in flight when Redis hung runs on resume and is sent again: "
-    "add_stats needs an idempotency key (router/redis_store.py: SET NX marker in one script)",
-)
 def test_requests_served_during_the_outage_are_counted_exactly_once(record: Record) -> None:
     served = Counter(
         o.version for o in record.load.outcomes if o.revision == record.bandit_revision

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 
 from tests.models import write_slow_fraud
-from tests.reliability import Load, RedisServer, Shot, figures, fraud_bodies
+from tests.redis_server import RedisServer
+from tests.reliability import Load, Shot, figures, fraud_bodies
 from tests.server import ADMIN, Server
 
 # Version 3 takes about 30 ms a run, so requests are in flight whenever the signal lands.

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.redis_server import RedisServer
 from tests.reliability import (
     Load,
     Outcome,
-    RedisServer,
     Shot,
     figures,
     fraud_bodies,

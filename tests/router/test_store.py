@@ -3,13 +3,10 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import shutil
-import socket
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +23,7 @@ from router.store import (
     StoreUnavailable,
     open_store,
 )
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -221,7 +219,7 @@ async def test_stats_add_up_exactly_under_concurrency(replicas: Replicas) -> Non
     async def replica(
         store: StateStore, deltas: list[dict[tuple[str, int, str], ArmStats]]
     ) -> None:
-        await asyncio.gather(*(store.add_stats(d) for d in deltas))
+        await asyncio.gather(*(store.add_stats(d, batch=uuid.uuid4().hex) for d in deltas))
 
     await asyncio.gather(*(replica(replicas.open(), d) for d in per_replica))
 
@@ -245,13 +243,24 @@ async def test_stats_are_kept_per_model_and_revision(store: StateStore) -> None:
             ("fraud", 1, "1"): ArmStats(served=3),
             ("fraud", 2, "1"): ArmStats(served=5, rewards=1, reward_sum=1.5, reward_sumsq=2.25),
             ("risk", 1, "1"): ArmStats(served=7),
-        }
+        },
+        batch="a",
     )
-    await store.add_stats({("fraud", 2, "1"): ArmStats(served=1, rewards=1, reward_sum=0.5)})
+    await store.add_stats({("fraud", 2, "1"): ArmStats(served=1, rewards=1, reward_sum=0.5)}, "b")
     assert await store.stats("fraud", 1) == {"1": ArmStats(served=3)}
     assert await store.stats("fraud", 2) == {"1": ArmStats(6, 2, 2.0, 2.25)}
     assert await store.stats("risk", 1) == {"1": ArmStats(served=7)}
     assert ArmStats(1, 2, 0.5, 0.25) + ArmStats(1, 0, 0.25, 0.0) == ArmStats(2, 2, 0.75, 0.25)
+
+
+async def test_a_stats_batch_sent_again_counts_once(replicas: Replicas) -> None:
+    first, second = replicas.open(), replicas.open()
+    batch = {("fraud", 1, "1"): ArmStats(2, 1, 0.5, 0.25), ("fraud", 1, "2"): ArmStats(served=1)}
+    await first.add_stats(batch, batch="in-doubt")
+    await first.add_stats(batch, batch="in-doubt")  # the resend of a write that timed out
+    await second.add_stats(batch, batch="in-doubt")  # ids are fleet-wide
+    await second.add_stats(batch, batch="next")
+    assert await first.stats("fraud", 1) == {"1": ArmStats(4, 2, 1.0, 0.5), "2": ArmStats(2)}
 
 
 async def test_assignments_are_recalled_until_they_expire(store: StateStore) -> None:
@@ -331,7 +340,7 @@ DEAD_CALLS: dict[str, Callable[[StateStore], Awaitable[object]]] = {
     "delete": lambda s: put(s, "fraud", None, expected=3),
     "audit": lambda s: s.audit(),
     "audit_model": lambda s: s.audit("fraud", limit=5),
-    "add_stats": lambda s: s.add_stats({("fraud", 1, "1"): ArmStats(served=1)}),
+    "add_stats": lambda s: s.add_stats({("fraud", 1, "1"): ArmStats(served=1)}, "b"),
     "stats": lambda s: s.stats("fraud", 1),
     "remember": lambda s: s.remember({"r": Assignment("fraud", "1", 1, 1.0)}, 1.0),
     "recall": lambda s: s.recall("r"),
@@ -351,27 +360,6 @@ async def test_unreachable_redis_raises_store_unavailable_quickly(
     await store.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextmanager
-def private_redis(port: int) -> Iterator[None]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    with subprocess.Popen(args, stdout=subprocess.DEVNULL) as proc:
-        try:
-            yield
-        finally:
-            proc.terminate()
-            proc.wait(5)
-
-
 async def until_up(store: StateStore) -> None:
     deadline = time.monotonic() + 5.0
     while not await store.ping():
@@ -379,14 +367,14 @@ async def until_up(store: StateStore) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_watch_survives_a_redis_restart() -> None:
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
+async def test_watch_survives_a_redis_restart(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    url = server.url
     watcher, writer = RedisStore(url, reconcile_s=0.2), RedisStore(url)
     seen: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
     task: asyncio.Task[None] | None = None
     try:
-        with private_redis(port):
+        with server:
             await until_up(writer)
             task = asyncio.create_task(follow(watcher, seen))
             assert (await asyncio.wait_for(seen.get(), 2.0))[0] == 0
@@ -394,7 +382,7 @@ async def test_watch_survives_a_redis_restart() -> None:
             assert (await asyncio.wait_for(seen.get(), 2.0))[0] == 1
         with pytest.raises(StoreUnavailable):
             await put(writer, "fraud", CANARY)
-        with private_redis(port):  # a fresh server without persistence: revision 0 again
+        with server:  # a fresh server without persistence: revision 0 again
             await until_up(writer)
             # once back the watcher yields the revision again (backoff capped at 0.5 s)
             assert (await asyncio.wait_for(seen.get(), 2.0))[0] == 0
@@ -423,3 +411,42 @@ async def test_published_counts_are_read_back_by_prefix_and_expire(store: StateS
     )  # replaces, not merges
     await asyncio.sleep(0.4)
     assert await store.read_counts("host-a:") == {"host-a:1:12": {"risk/1": b"\x04"}}
+
+
+async def test_a_change_that_timed_out_on_a_hung_redis_is_not_applied_when_it_resumes(
+    tmp_path: Path,
+) -> None:
+    with RedisServer(tmp_path) as server:
+        store = RedisStore(server.url, timeout_s=0.3)
+        try:
+            await put(store, "fraud", CANARY)
+            server.pause()  # hung: the command reaches its socket and waits there
+            with pytest.raises(StoreUnavailable):
+                await put(store, "fraud", None, expected=1, reason="during the outage")
+            await asyncio.sleep(0.3)  # resumed well after the caller was told it failed
+            server.resume()
+            await until_up(store)
+            assert (await store.routes())[1]["fraud"].doc == CANARY
+            assert [e.revision for e in await store.audit()] == [1]
+            # a timely write still applies: the deadline refuses late writes only
+            assert (await put(store, "fraud", CANARY, expected=1)).revision == 2
+        finally:
+            await store.close()
+
+
+async def test_a_stats_batch_resent_after_a_hung_redis_resumes_counts_once(
+    tmp_path: Path,
+) -> None:
+    with RedisServer(tmp_path) as server:
+        store = RedisStore(server.url, timeout_s=0.3)
+        batch = {("fraud", 1, "2"): ArmStats(served=5, rewards=2, reward_sum=1.0)}
+        try:
+            server.pause()
+            with pytest.raises(StoreUnavailable):
+                await store.add_stats(batch, batch="b1")  # in doubt: runs when Redis resumes
+            server.resume()
+            await until_up(store)
+            await store.add_stats(batch, batch="b1")  # the caller resends it
+            assert await store.stats("fraud", 1) == {"2": ArmStats(5, 2, 1.0, 0.0)}
+        finally:
+            await store.close()
