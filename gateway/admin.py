@@ -14,6 +14,7 @@ from gateway.endpoints import json_response, read_json_object
 from gateway.errors import BadRequest, Conflict, NotFound, NotReady, PreconditionFailed
 from gateway.registry import Registry
 from gateway.shadow import ShadowRunner
+from router.guards import MONITORED
 from router.policies import ActionConflict, PolicyError
 from router.spec import ACTIONS, apply_action, build_policy, parse_policy, referenced_versions
 from router.stats import Outcomes, msprt, srm_test
@@ -25,9 +26,16 @@ _ADMIN_BODY_LIMIT = 1 << 20
 
 class Admin:
     def __init__(
-        self, auth: TokenAuth, registry: Registry, table: RouteTable, shadows: ShadowRunner
+        self,
+        auth: TokenAuth,
+        registry: Registry,
+        table: RouteTable,
+        shadows: ShadowRunner,
+        *,
+        monitors: bool = True,
     ) -> None:
         self.auth = auth
+        self.monitors = monitors
         self.registry = registry
         self.table = table
         self.shadows = shadows
@@ -78,6 +86,12 @@ class Admin:
         if "policy" not in body:
             raise BadRequest("policy: required")
         doc = _parse(body["policy"], self.registry.ready_versions(model))
+        blind = [c for c in MONITORED if c in doc.get("guards", {})] if not self.monitors else []
+        if blind:  # a guard that could never see its figures would never act: refuse it
+            raise BadRequest(
+                f"policy.guards.{blind[0]}: needs the inline monitors, which are off on this "
+                "gateway (TURNOUT_MONITORS=false)"
+            )
         if request.query_params.get("dry_run", "false").lower() in ("true", "1", "yes"):
             policy = build_policy(doc, salt=model)
             current = self.table.get(model)

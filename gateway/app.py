@@ -53,7 +53,10 @@ def create_app(settings: Settings) -> Starlette:
         except ValueError as exc:
             raise LoadError(str(exc)) from None
         info, session = load_version(model, version, folder, settings, executor)
-        monitor = fit_monitor(info, session, folder, settings.drift_window_s)
+        if settings.monitors:
+            monitor = fit_monitor(info, session, folder, settings.drift_window_s)
+        else:  # never fed: no reference to fit
+            monitor = VersionMonitor.fit(None, {}, window_s=settings.drift_window_s)
         runtime = BatchingRuntime(
             session,
             info.inputs,
@@ -83,10 +86,15 @@ def create_app(settings: Settings) -> Starlette:
     collector = GatewayCollector(registry, table, shadows, guard_metrics)
     metrics_registry.register(collector)
     exchange = CountsExchange(
-        store, registry, traffic, shared=settings.redis_url is not None, workers=settings.workers
+        store,
+        registry,
+        traffic,
+        shared=settings.redis_url is not None,
+        workers=settings.workers,
+        monitors=settings.monitors,
     )
     ep.exchange = exchange
-    admin = Admin(auth, registry, table, shadows)
+    admin = Admin(auth, registry, table, shadows, monitors=settings.monitors)
     ep.referenced = admin.referencing
     guards = GuardEvaluator(admin, traffic, guard_metrics)
 

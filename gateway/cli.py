@@ -173,6 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--max-shadow-inflight", type=int)
     serve.add_argument("--drift-window-s", type=int, help="monitors' current window (default 300)")
     serve.add_argument(
+        "--no-monitors",
+        dest="monitors",
+        action="store_const",
+        const="false",
+        help="no inline drift and latency monitors",
+    )
+    serve.add_argument(
         "--no-batching",
         dest="batching",
         action="store_const",

@@ -77,6 +77,19 @@ async def read_json_object(request: Request, limit: int = 1 << 20) -> dict[str, 
     return value
 
 
+Observe = Callable[[Loaded, dict[str, np.ndarray], dict[str, np.ndarray], float, float], None]
+
+
+def _unobserved(
+    loaded: Loaded,
+    inputs: dict[str, np.ndarray],
+    outputs: dict[str, np.ndarray],
+    total_s: float,
+    model_s: float,
+) -> None:
+    """The monitor of a gateway whose monitors are off."""
+
+
 class Endpoints:
     def __init__(
         self,
@@ -100,6 +113,8 @@ class Endpoints:
         self.started = False
         # Versions a routing policy needs; unload refuses them (set by the app).
         self.referenced: Callable[[str], frozenset[str]] = lambda model: frozenset()
+        # Chosen once: with monitors off the hot path calls a function that does nothing.
+        self.observe: Observe = self._observe if settings.monitors else _unobserved
 
     # -- health and metadata ---------------------------------------------------------------
     async def live(self, request: Request) -> Response:
@@ -140,6 +155,8 @@ class Endpoints:
     async def drift(self, request: Request) -> Response:
         self.keys.check(request.headers)
         loaded = self.registry.get(request.path_params["model"], request.path_params["version"])
+        if not self.settings.monitors:
+            raise NotFound("drift is not measured: this gateway runs with monitors off")
         scope = request.query_params.get("scope", "group")
         if scope not in ("process", "group", "fleet"):
             raise BadRequest("scope: one of process, group, fleet")
@@ -262,7 +279,7 @@ class Endpoints:
             raise BadRequest('"parameters.timeout" must be a positive integer (microseconds)')
         return time.monotonic() + timeout_us / 1e6
 
-    def observe(
+    def _observe(
         self,
         loaded: Loaded,
         inputs: dict[str, np.ndarray],

@@ -42,8 +42,10 @@ class CountsExchange:
         shared: bool,
         workers: int,
         interval_s: float = 1.0,
+        monitors: bool = True,
     ) -> None:
-        """``shared``: the store is shared (Redis), so there is something to publish to."""
+        """``shared``: the store is shared (Redis), so there is something to publish to.
+        ``monitors``: off, views carry request counts only."""
         group_pid = os.getppid() if workers > 1 else os.getpid()
         self.group = f"{socket.gethostname()}:{group_pid}:"
         self.member = f"{self.group}{os.getpid()}"
@@ -53,11 +55,12 @@ class CountsExchange:
         self.shared = shared
         self.workers = workers
         self.interval_s = interval_s
+        self.monitors = monitors
         self._task: asyncio.Task[None] | None = None
 
     def local(self, now: float) -> View:
         view = View(Counter(self.traffic.requests), Counter(self.traffic.inflight))
-        for loaded in self.registry.loaded():
+        for loaded in self.registry.loaded() if self.monitors else ():
             view.add_monitor((loaded.info.model, loaded.info.version), loaded.monitor.export(now))
         return view
 

@@ -60,6 +60,9 @@ class Settings:
     inline_threshold_us: int = 100
     # Deadline of a request without a "timeout" parameter, in milliseconds (0: none).
     request_timeout_ms: int = 0
+    # The inline drift and latency monitors; off, no request feeds them and there is no drift
+    # endpoint, per-version latency histogram or monitor-based guard.
+    monitors: bool = True
     # The current window of drift and latency monitors (the cumulative view is since load).
     drift_window_s: int = 300
     log_level: str = "info"
@@ -194,7 +197,7 @@ def _cast(env_name: str, field_name: str, raw: str) -> object:
         return Path(raw)
     if field_name in ("host", "redis_url", "redis_prefix", "log_level", "graph_optimization"):
         return raw
-    if field_name in ("version_override", "batching"):
+    if field_name in ("version_override", "batching", "monitors"):
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
         if raw.lower() in ("0", "false", "no", "off"):

@@ -31,6 +31,8 @@ CONDITIONS = (
     "max_prediction_psi",
     "max_shadow_disagreement",
 )
+# The conditions that read the inline monitors (latency histograms, drift).
+MONITORED = ("max_p99_ratio_to_baseline", "max_p99_s", "max_psi", "max_prediction_psi")
 SETTINGS = ("window_s", "min_requests", "interval_s", "confidence", "on_breach", "advance_after_s")
 P99 = 0.99
 

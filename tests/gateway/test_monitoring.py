@@ -13,7 +13,7 @@ import pytest
 
 from gateway.demo import sample_inputs
 from monitors import psi
-from tests.server import Server
+from tests.server import ADMIN, Server
 
 
 def post_rows(
@@ -107,3 +107,36 @@ def test_metrics_export_counts_latency_drift_and_artifacts(drifted: Any, demo_re
 def test_unknown_version_drift_is_404(drifted: Any) -> None:
     server, _ = drifted
     assert httpx.get(server.url + "/v2/models/fraud/versions/8/drift").status_code == 404
+
+
+def test_monitors_off_serves_the_same_answers_and_measures_nothing(demo_repo: Path) -> None:
+    rows = sample_inputs("fraud", 40, seed=3)["input"]
+    tensor = {"name": "input", "shape": [40, 32], "datatype": "FP32", "data": rows.ravel().tolist()}
+    body = orjson.dumps({"inputs": [tensor]})
+    answers = []
+    for args in ([], ["--no-monitors"]):
+        with Server(demo_repo, args=args) as server:
+            r = httpx.post(server.url + "/v2/models/fraud/versions/1/infer", content=body)
+            assert r.status_code == 200
+            answers.append(r.json()["outputs"])
+            drift = httpx.get(server.url + "/v2/models/fraud/versions/1/drift")
+            text = httpx.get(server.url + "/metrics").text
+            guarded = {
+                "strategy": "canary",
+                "baseline": "1",
+                "candidate": "2",
+                "weight": 0.1,
+                "guards": {"max_psi": 0.25},
+            }
+            put = httpx.put(
+                server.url + "/admin/routes/fraud",
+                headers=ADMIN,
+                json={"policy": guarded, "reason": "monitors off?"},
+            )
+    # the second loop ran with monitors off
+    assert answers[0] == answers[1]
+    assert drift.status_code == 404 and "monitors off" in drift.json()["error"]
+    assert 'turnout_requests_total{code="200",model="fraud",role="pinned",version="1"} 1.0' in text
+    assert "turnout_request_duration_seconds_count{" not in text  # declared, no samples
+    assert "turnout_feature_psi{" not in text
+    assert put.status_code == 400 and "guards.max_psi" in put.json()["error"]

@@ -20,6 +20,8 @@ def test_from_env_casts_and_overrides_win() -> None:
     assert s.port == 9100
     assert dict(s.admin_tokens) == {"alice": "aaaaaaaa1", "bob": "bbbbbbbb2"}
     assert Settings.from_env(s.to_env()) == s
+    assert s.monitors is True
+    assert Settings.from_env(env | {"TURNOUT_MONITORS": "off"}).monitors is False
 
 
 @pytest.mark.parametrize(
