@@ -75,7 +75,9 @@ def create_app(settings: Settings) -> Starlette:
     )
     registry = Registry(settings.model_repository, loader)
     store = open_store(settings.redis_url, settings.redis_prefix)
-    table = RouteTable(store, feedback_ttl_s=settings.feedback_ttl_s)
+    table = RouteTable(
+        store, shared=settings.redis_url is not None, feedback_ttl_s=settings.feedback_ttl_s
+    )
     shadows = ShadowRunner(registry, settings.max_shadow_inflight)
     auth = TokenAuth(settings.admin_tokens, settings.admin_token_expiry)
     traffic = Traffic()

@@ -41,6 +41,8 @@ def goals(r: Results) -> list[Goal]:
     """The ratios the project's goals name (issue "Performance"), with its bounds."""
     light_canary = r.closed_summary("fraud", "turnout+canary", 64)
     light_bare = r.closed_summary("fraud", "bare", 64)
+    monitored = r.closed_summary("fraud", "turnout", 64)
+    unmonitored = r.closed_summary("fraud", "turnout-monitors", 64)
     heavy = r.closed_summary("heavy", "turnout", 64)
     heavy_bare = r.closed_summary("heavy", "bare", 64)
     one = r.closed_summary("fraud", "turnout", 1)
@@ -60,6 +62,11 @@ def goals(r: Results) -> list[Goal]:
             "light, 64 conn: Turnout + canary + monitors p99 ÷ bare p99",
             _ratio(light_canary.p99_us, light_bare.p99_us), 1.0, "≤",
             f"{_ms(light_canary.p99_us)} vs {_ms(light_bare.p99_us)} ms",
+        ),
+        Goal(
+            "light, 64 conn: Turnout req/s, monitors on ÷ off (issue 4)",
+            _ratio(monitored.rps, unmonitored.rps), 0.97, "≥",
+            f"{_n(monitored.rps)} vs {_n(unmonitored.rps)} req/s",
         ),
         Goal(
             "heavy, 64 conn: Turnout req/s ÷ bare req/s",

@@ -11,9 +11,10 @@ from loadtests.floor import Floor
 from loadtests.wrk import WrkPoint
 
 MODELS = ("fraud", "heavy")
-CONFIGS = ("turnout", "turnout+canary", "turnout+shadow", "bare")
+CONFIGS = ("turnout", "turnout-monitors", "turnout+canary", "turnout+shadow", "bare")
 LABELS = {
     "turnout": "Turnout, no policy",
+    "turnout-monitors": "Turnout, no policy, monitors off",
     "turnout+canary": "Turnout + canary policy",
     "turnout+shadow": "Turnout + shadow version",
     "bare": "bare starlette + onnxruntime",

@@ -139,11 +139,16 @@ def write_body(path: Path, row: np.ndarray) -> Path:
     return path
 
 
+# Flags of a configuration beyond the common ones.
+FLAGS = {"turnout-monitors": ["--no-monitors"]}
+
+
 def gateway(name: str, repo: Path, work: Path, cpus: str | None, cache: Path) -> ServerProcess:
     port = free_port()
     cmd = [
         sys.executable, "-m", "gateway", "serve", "--model-repository", str(repo),
         "--port", str(port), "--admin-token", f"bench={ADMIN_TOKEN}", "--log-level", "warning",
+        *FLAGS.get(name, []),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("TURNOUT_")}
     env["NUMBA_CACHE_DIR"] = str(cache)
@@ -240,8 +245,9 @@ def run(r: Results, o: Options) -> None:
         + ", ".join(f"{f:.0%}" for f in o.open_fractions)
         + " of Turnout's (no policy) best closed-loop req/s",
         "requests": "batch 1, JSON; fraud rows from its reference sample; heavy rows N(0, 1)",
-        "models": "fraud v2 (no policy, bare), canary 1 → 2 at 10 %, shadow: v1 answers and v2 "
-        "shadows every request; heavy the same with heavy/2 a copy of heavy/1",
+        "models": "fraud v2 (no policy, with monitors on and off, bare), canary 1 → 2 at 10 %, "
+        "shadow: v1 answers and v2 shadows every request; heavy the same with heavy/2 a copy "
+        "of heavy/1",
     }
     r.machine["load average at start"] = _loadavg()
     work = Path(tempfile.mkdtemp(prefix="turnout-bench-"))

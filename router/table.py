@@ -51,12 +51,16 @@ class RouteTable:
         self,
         store: StateStore,
         *,
+        shared: bool = True,
         feedback_ttl_s: float = 3600.0,
         flush_s: float = 0.2,
         max_local_assignments: int = 1_000_000,
         on_change: Callable[[Route | None, str], None] | None = None,
     ) -> None:
         self.store = store
+        # Assignments go to the store only when other processes may receive the feedback; a
+        # single process joins feedback from ``_recent`` alone (at most ``max_local`` of them).
+        self._shared = shared
         self.revision = 0
         self._routes: dict[str, Route] = {}
         self._served: dict[tuple[str, int, str], list[float]] = {}
@@ -94,7 +98,8 @@ class RouteTable:
         cell[0] += 1
         if route.strategy in FEEDBACK_STRATEGIES:
             a = Assignment(route.model, decision.version, route.revision, decision.propensity)
-            self._pending[request_id] = a
+            if self._shared:
+                self._pending[request_id] = a
             self._recent[request_id] = (time.monotonic() + self._ttl, a)
             if len(self._recent) > self._max_local:
                 self._recent.popitem(last=False)
