@@ -195,13 +195,14 @@ class BatchingRuntime:
                 f"{self.name} is overloaded: {len(self._queue)} requests queued",
                 self._retry_after(),
             )
-        rows, key = self._key(inputs, outputs)
+        rows = max((a.shape[0] if a.ndim else 0 for a in inputs.values()), default=0)
         if rows <= self._inline_rows and not self._queue and not self._inflight:
             self.stats.requests += 1
             self.stats.inline += 1
             self.stats.batches += 1
             self.stats.rows += rows
             return self._inner.run_sync(inputs, outputs)
+        key = self._key(inputs, outputs)
         request = _Request(inputs, tuple(outputs), rows, key, deadline, loop.create_future())
         if deadline is not None:
             request.timer = loop.call_later(deadline - time.monotonic(), self._expire, request)
@@ -241,15 +242,13 @@ class BatchingRuntime:
             self._loop = loop
         return loop
 
-    def _key(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
-    ) -> tuple[int, Hashable | None]:
+    def _key(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Hashable | None:
+        """What requests must share to be merged; None: never merged."""
         sizes = {a.shape[0] if a.ndim else 0 for a in inputs.values()}
-        rows = max(sizes, default=0)
         if not self._merge or len(sizes) != 1 or any(a.ndim == 0 for a in inputs.values()):
-            return rows, None
+            return None
         parts = tuple((n, inputs[n].dtype, inputs[n].shape[1:]) for n in sorted(inputs))
-        return rows, (tuple(outputs), parts)
+        return (tuple(outputs), parts)
 
     def _expire(self, request: _Request) -> None:
         if not request.future.done():
