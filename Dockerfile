@@ -4,13 +4,14 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     NUMBA_CACHE_DIR=/var/cache/turnout/numba \
+    TURNOUT_CACHE_DIR=/var/cache/turnout/reference \
     TURNOUT_MODEL_REPOSITORY=/models \
     TURNOUT_HOST=0.0.0.0 \
     TURNOUT_PORT=8000
 
 RUN groupadd --gid 10001 turnout \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin turnout \
-    && mkdir -p /var/cache/turnout/numba /models \
+    && mkdir -p /var/cache/turnout/numba /var/cache/turnout/reference /models \
     && chown -R turnout:turnout /var/cache/turnout
 
 WORKDIR /app

@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 
 serve: setup
 	test -d $(REPO)/fraud || $(BIN)/turnout demo-repo $(REPO)
-	$(BIN)/turnout serve --model-repository $(REPO) --port $(PORT) --admin-token demo=$(ADMIN_TOKEN)
+	$(BIN)/turnout serve --model-repository $(REPO) --port $(PORT) --admin-token demo=$(ADMIN_TOKEN) --cache-dir .cache/turnout
 
 lint: setup
 	$(BIN)/ruff check .

@@ -54,7 +54,9 @@ def create_app(settings: Settings) -> Starlette:
             raise LoadError(str(exc)) from None
         info, session = load_version(model, version, folder, settings, executor)
         if settings.monitors:
-            monitor = fit_monitor(info, session, folder, settings.drift_window_s)
+            monitor = fit_monitor(
+                info, session, folder, settings.drift_window_s, settings.cache_dir
+            )
         else:  # never fed: no reference to fit
             monitor = VersionMonitor.fit(None, {}, window_s=settings.drift_window_s)
         runtime = BatchingRuntime(

@@ -173,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--max-shadow-inflight", type=int)
     serve.add_argument("--drift-window-s", type=int, help="monitors' current window (default 300)")
     serve.add_argument(
+        "--cache-dir", help="keep reference outputs here between starts (default: none)"
+    )
+    serve.add_argument(
         "--no-monitors",
         dest="monitors",
         action="store_const",

@@ -126,6 +126,11 @@ class GatewayCollector(Collector):
             "Requests answered 504: their deadline passed before they ran",
             labels=labels,
         )
+        inline = CounterMetricFamily(
+            "turnout_inline_runs",
+            "Runs made on the event loop thread: small, with nothing else waiting (no thread hop)",
+            labels=labels,
+        )
         depth = GaugeMetricFamily(
             "turnout_queue_depth", "Requests waiting for the version's session", labels=labels
         )
@@ -139,8 +144,9 @@ class GatewayCollector(Collector):
             rows.add_metric(key, stats.rows)
             rejected.add_metric(key, stats.rejected)
             timed_out.add_metric(key, stats.timed_out)
+            inline.add_metric(key, stats.inline)
             depth.add_metric(key, runtime.queue_depth)
-        yield from (batches, rows, rejected, timed_out, depth)
+        yield from (batches, rows, rejected, timed_out, inline, depth)
 
     def _traffic(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(

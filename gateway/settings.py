@@ -63,6 +63,8 @@ class Settings:
     # The inline drift and latency monitors; off, no request feeds them and there is no drift
     # endpoint, per-version latency histogram or monitor-based guard.
     monitors: bool = True
+    # Where computed reference outputs are kept between starts (none: computed at every load).
+    cache_dir: Path | None = None
     # The current window of drift and latency monitors (the cumulative view is since load).
     drift_window_s: int = 300
     log_level: str = "info"
@@ -193,7 +195,7 @@ def _expiry(name: str, who: str, text: str) -> datetime:
 
 
 def _cast(env_name: str, field_name: str, raw: str) -> object:
-    if field_name == "model_repository":
+    if field_name in ("model_repository", "cache_dir"):
         return Path(raw)
     if field_name in ("host", "redis_url", "redis_prefix", "log_level", "graph_optimization"):
         return raw

@@ -89,7 +89,7 @@ def goals(r: Results) -> list[Goal]:
             f"{_ms(shadow_on)} vs {_ms(shadow_off)} ms",
         ),
         Goal(
-            "start to ready: cold (empty NUMBA_CACHE_DIR) ÷ warm",
+            "start to ready: cold (empty NUMBA_CACHE_DIR, TURNOUT_CACHE_DIR) ÷ warm",
             _ratio(cold_s, warm_s), 3.0, "≥",
             f"{_n(cold_s, 2)} vs {_n(warm_s, 2)} s (medians of {len(cold)} and {len(warm)})",
         ),

@@ -152,6 +152,7 @@ def gateway(name: str, repo: Path, work: Path, cpus: str | None, cache: Path) ->
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("TURNOUT_")}
     env["NUMBA_CACHE_DIR"] = str(cache)
+    env["TURNOUT_CACHE_DIR"] = str(cache / "reference")
     return ServerProcess(name, cmd, port, work, cpus=cpus, env=env)
 
 

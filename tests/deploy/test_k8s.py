@@ -261,14 +261,15 @@ def test_service_links_are_off(resources: dict[str, Resource]) -> None:
         assert template["spec"]["enableServiceLinks"] is False, key
 
 
-def test_numba_cache_and_tmp_are_writable_volumes(resources: dict[str, Resource]) -> None:
+def test_caches_and_tmp_are_writable_volumes(resources: dict[str, Resource]) -> None:
     spec, container = gateway(resources)
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["NUMBA_CACHE_DIR"] == dockerfile_env("NUMBA_CACHE_DIR")
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    for path in (env["NUMBA_CACHE_DIR"], "/tmp"):
-        assert "emptyDir" in volumes[mounts[path]], path
+    for name in ("NUMBA_CACHE_DIR", "TURNOUT_CACHE_DIR"):
+        assert env[name] == dockerfile_env(name)
+        assert "emptyDir" in volumes[mounts[str(Path(env[name]).parent)]], name
+    assert "emptyDir" in volumes[mounts["/tmp"]]
 
 
 def test_prometheus_scrapes_every_pod(resources: dict[str, Resource]) -> None:
