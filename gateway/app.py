@@ -149,15 +149,16 @@ def create_app(settings: Settings) -> Starlette:
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
+        # Starlette tries routes in order: inference first, it is nearly all the traffic.
+        Route("/v2/models/{model}/infer", ep.infer, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/infer", ep.infer, methods=["POST"]),
         Route("/v2/health/live", ep.live, methods=["GET"]),
         Route("/v2/health/ready", ep.ready, methods=["GET"]),
         Route("/v2", ep.server_metadata, methods=["GET"]),
         Route("/v2/models/{model}", ep.model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/ready", ep.model_ready, methods=["GET"]),
-        Route("/v2/models/{model}/infer", ep.infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}", ep.model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/ready", ep.model_ready, methods=["GET"]),
-        Route("/v2/models/{model}/versions/{version}/infer", ep.infer, methods=["POST"]),
         Route("/v2/models/{model}/feedback", ep.feedback, methods=["POST"]),
         Route("/v2/repository/index", ep.repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", ep.repository_load, methods=["POST"]),

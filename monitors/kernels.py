@@ -180,19 +180,23 @@ def record_latency(counts: np.ndarray, stats: np.ndarray, seconds: np.ndarray) -
 
 
 @jit
-def record_pair_at(
-    counts: np.ndarray, stats: np.ndarray, slot: int, first: float, second: float
+def record_pairs_at(
+    counts: np.ndarray, stats: np.ndarray, slot: int, first: np.ndarray, second: np.ndarray
 ) -> None:
-    """Add ``first`` to series 0 and ``second`` to series 1 of ring slot ``slot``, in place:
-    ``counts`` (n_slots, n_series, N_LATENCY_BUCKETS), ``stats`` (n_slots, n_series, 3). One call
-    for a request's two latencies. NaN and ±inf skipped. Raises ValueError for a bad slot or
-    fewer than two series."""
+    """Add each value of ``first`` to series 0 and of ``second`` to series 1 of ring slot
+    ``slot``, in place: ``counts`` (n_slots, n_series, N_LATENCY_BUCKETS), ``stats`` (n_slots,
+    n_series, 3); ``first`` and ``second`` 1-D float64, the two latencies of each request. NaN
+    and ±inf skipped. Raises ValueError for a bad slot, fewer than two series or arrays of
+    different lengths."""
     if slot < 0 or slot >= counts.shape[0] or slot >= stats.shape[0]:
         raise ValueError("slot outside the ring")
     if counts.shape[1] < 2 or stats.shape[1] < 2:
         raise ValueError("the ring has fewer than two series")
-    _record_at(counts, stats, slot, 0, first)
-    _record_at(counts, stats, slot, 1, second)
+    if first.size != second.size:
+        raise ValueError("first and second differ in length")
+    for i in range(first.size):
+        _record_at(counts, stats, slot, 0, first[i])
+        _record_at(counts, stats, slot, 1, second[i])
 
 
 @jit
@@ -303,7 +307,7 @@ def warm_up() -> None:
     record_latency(latency, stats, np.array([1e-3, 2e-3]))
     ring = np.zeros((1, 2, N_LATENCY_BUCKETS), np.int64)
     ring_stats = empty_latency_stats(1, 2)
-    record_pair_at(ring, ring_stats, 0, 1e-3, 2e-3)
+    record_pairs_at(ring, ring_stats, 0, np.array([1e-3]), np.array([2e-3]))
     merge_latency(latency, stats, ring[0, 0], ring_stats[0, 0])
     quantile(latency, stats, 0.5)
     cumulative_counts(latency, np.array([1e-3, math.inf]))

@@ -135,9 +135,9 @@ class LatencyRing:
             [LatencyHistogram() for _ in range(n_series)],
         )
 
-    def record_pair(self, slot: int, first: float, second: float) -> None:
-        """Record into series 0 and 1 at once (the hot path's two latencies)."""
-        kernels.record_pair_at(self.counts, self.stats, slot, first, second)
+    def record_pairs(self, slot: int, first: np.ndarray, second: np.ndarray) -> None:
+        """Record into series 0 and 1 at once (each request's two latencies, 1-D float64)."""
+        kernels.record_pairs_at(self.counts, self.stats, slot, first, second)
 
     def retire(self, slot: int) -> None:
         for series, retired in enumerate(self.retired):

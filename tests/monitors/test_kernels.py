@@ -225,16 +225,18 @@ def test_quantile_edges() -> None:
         kernels.quantile(counts, stats, math.nan)
 
 
-def test_record_pair_at_writes_one_slot_of_two_series() -> None:
+def test_record_pairs_at_writes_one_slot_of_two_series() -> None:
     counts = np.zeros((3, 2, N_LATENCY_BUCKETS), np.int64)
     stats = kernels.empty_latency_stats(3, 2)
-    kernels.record_pair_at(counts, stats, 1, 2e-3, 1e-3)
-    kernels.record_pair_at(counts, stats, 1, 4e-3, math.nan)
-    assert counts.sum(axis=2).tolist() == [[0, 0], [2, 1], [0, 0]]
-    assert stats[1, 0].tolist() == [6e-3, 2e-3, 4e-3]
-    assert stats[1, 1].tolist() == [1e-3, 1e-3, 1e-3]
+    kernels.record_pairs_at(counts, stats, 1, np.array([2e-3]), np.array([1e-3]))
+    kernels.record_pairs_at(counts, stats, 1, np.array([4e-3, 1e-3]), np.array([math.nan, 5e-4]))
+    assert counts.sum(axis=2).tolist() == [[0, 0], [3, 2], [0, 0]]
+    assert stats[1, 0].tolist() == [7e-3, 1e-3, 4e-3]
+    assert stats[1, 1].tolist() == [1.5e-3, 5e-4, 1e-3]
     with pytest.raises(ValueError, match="slot"):
-        kernels.record_pair_at(counts, stats, 3, 1.0, 1.0)
+        kernels.record_pairs_at(counts, stats, 3, np.ones(1), np.ones(1))
+    with pytest.raises(ValueError, match="length"):
+        kernels.record_pairs_at(counts, stats, 0, np.ones(2), np.ones(1))
 
 
 def test_cumulative_counts_bracket_the_exact_counts() -> None:
@@ -282,7 +284,7 @@ JIT_DISABLED = not hasattr(kernels.psi, "signatures")
 @pytest.mark.skipif(JIT_DISABLED, reason="nothing is compiled without the jit")
 def test_warm_up_compiles_every_kernel_for_the_hot_path_dtypes() -> None:
     kernels.warm_up()
-    for kernel in (kernels.psi, kernels.record_latency, kernels.record_pair_at, kernels.quantile):
+    for kernel in (kernels.psi, kernels.record_latency, kernels.record_pairs_at, kernels.quantile):
         assert cast(Any, kernel).signatures
     observe: Any = kernels.observe_columns
     rows = {str(signature[2]) for signature in observe.signatures}

@@ -21,7 +21,7 @@ def make(window_s: float = 10.0, n_slots: int = 10) -> tuple[Window, CountRing, 
 def record(window: Window, counts: CountRing, latency: LatencyRing, now: float) -> None:
     slot = window.slot(now)
     observe_columns(counts.counts, slot, np.array([[50.0]]), PROFILE.table)
-    latency.record_pair(slot, now + 1.0, now + 2.0)
+    latency.record_pairs(slot, np.array([now + 1.0]), np.array([now + 2.0]))
 
 
 def total(counts: np.ndarray) -> int:

@@ -1,0 +1,148 @@
+"""Cost of one inference request inside the server process, without the network: the ASGI apps
+of Turnout (monitors on, monitors off) and of the bare starlette + onnxruntime handler, called
+in turn in one process on one event loop with the same JSON body (fraud, batch 1), each round
+``n`` requests per app. Prints µs per request (median over rounds) and the paired ratios.
+
+Run: ``.venv/bin/python -m loadtests.handler_cost [--rounds 8] [-n 10000]``; pin it to one CPU
+(``taskset -c 1``) on a shared machine. ``loadtests.run`` calls ``measure`` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import uvloop
+
+from gateway.app import create_app
+from gateway.demo import write_demo_repository
+from gateway.settings import Settings
+from loadtests.bare import create_app as bare_app
+
+ASGIApp = Callable[
+    [
+        MutableMapping[str, Any],
+        Callable[[], Awaitable[MutableMapping[str, Any]]],
+        Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ],
+    Awaitable[None],
+]
+APPS = ("turnout", "turnout-monitors", "bare")  # the names loadtests.results uses
+PATH = "/v2/models/fraud/infer"
+
+
+def request_body(repo: Path) -> bytes:
+    row = np.load(repo / "fraud" / "1" / "reference.npy")[0].astype(np.float32)
+    tensor = {"name": "input", "shape": [1, row.size], "datatype": "FP32", "data": row.tolist()}
+    return orjson.dumps({"inputs": [tensor]})
+
+
+def _scope(body: bytes) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"127.0.0.1"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def _call(app: ASGIApp, body: bytes) -> None:
+    delivered = False
+    status = 0
+
+    async def receive() -> MutableMapping[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(_scope(body), receive, send)
+    if status != 200:
+        raise RuntimeError(f"{PATH} answered {status}")
+
+
+async def _per_request_us(app: ASGIApp, body: bytes, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        await _call(app, body)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+async def _measure(repo: Path, rounds: int, n: int) -> dict[str, list[float]]:
+    body = request_body(repo)
+    async with contextlib.AsyncExitStack() as stack:
+        apps: dict[str, Any] = {}
+        for name, monitors in (("turnout", True), ("turnout-monitors", False)):
+            app = create_app(Settings(repo, monitors=monitors))
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            while not app.state.endpoints.started:
+                await asyncio.sleep(0.05)
+            apps[name] = app
+        apps["bare"] = bare_app(repo, ["fraud"])
+        for app in apps.values():  # warm every path (and the CPU caches' view of it)
+            await _per_request_us(app, body, 500)
+        results: dict[str, list[float]] = {name: [] for name in apps}
+        order = list(apps)
+        for i in range(rounds):  # alternate the order: what runs first in a round pays more
+            for name in order if i % 2 == 0 else order[::-1]:
+                results[name].append(await _per_request_us(apps[name], body, n))
+        return results
+
+
+def measure(repo: Path, rounds: int = 8, n: int = 10_000) -> dict[str, list[float]]:
+    """µs per request of each app in ``APPS``, one figure per round."""
+    return uvloop.run(_measure(repo, rounds, n))
+
+
+def paired_ratio(results: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of throughput(a) / throughput(b) = time(b) / time(a)."""
+    return statistics.median(tb / ta for ta, tb in zip(results[a], results[b], strict=True))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="loadtests.handler_cost", description=__doc__)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("-n", type=int, default=10_000, help="requests per app per round")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "models"
+        write_demo_repository(repo, heavy=False)
+        results = measure(repo, a.rounds, a.n)
+    for name, values in results.items():
+        print(f"{name:18s} {statistics.median(values):7.1f} µs/request (median of {a.rounds})")
+    on_off = paired_ratio(results, "turnout", "turnout-monitors")
+    print(f"throughput, monitors on ÷ off: {on_off:.3f} (median of paired rounds)")
+    print(f"throughput, Turnout ÷ bare:    {paired_ratio(results, 'turnout', 'bare'):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
