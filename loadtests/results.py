@@ -88,6 +88,8 @@ class Results:
     open: dict[tuple[str, str, float], list[WrkPoint]] = field(default_factory=dict)
     floors: dict[str, Floor] = field(default_factory=dict)
     starts: dict[str, list[float]] = field(default_factory=dict)
+    # loadtests.handler_cost: µs per request in-process, one figure per round, by configuration
+    handler: dict[str, list[float]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
     def closed_summary(self, model: str, config: str, connections: int) -> Summary:

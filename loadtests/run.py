@@ -16,6 +16,7 @@ import pickle
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ import httpx
 import numpy as np
 import orjson
 
-from loadtests import floor, report
+from loadtests import floor, handler_cost, report
 from loadtests.harness import ServerProcess, StartError, free_port
 from loadtests.results import CONFIGS, MODELS, Results
 from loadtests.wrk import WrkPoint, failed, run_wrk
@@ -258,6 +259,11 @@ def run(r: Results, o: Options) -> None:
 
     try:
         measure_floors(r, o, repo)
+        print("in-process handler cost (ASGI, no network)")
+        with floor.on_cpus({int(o.server_cpus)} if o.server_cpus else None):
+            r.handler = handler_cost.measure(repo, rounds=4 if o.quick else 10)
+        for config, values in r.handler.items():
+            print(f"  {config}: {statistics.median(values):.1f} µs/request")
         print("cold and warm starts")
         measure_starts(r, o, repo, work)
         servers = start_servers(r, o, repo, work)
