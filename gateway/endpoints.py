@@ -220,17 +220,22 @@ class Endpoints:
         role = "pinned"
         if pinned is None and self.settings.version_override:
             pinned = request.headers.get("x-turnout-version")
-        if pinned is not None:  # pinned requests bypass the router
-            loaded = self.registry.get(model, pinned)
-        else:
-            route = self.table.get(model)
-            if route is None:
-                loaded = self.registry.latest(model)
-                role = "default"
+        try:
+            if pinned is not None:  # pinned requests bypass the router
+                loaded = self.registry.get(model, pinned)
             else:
-                decision = RouteTable.choose(route, request.headers, envelope.parameters)
-                loaded = self.registry.get(model, decision.version)
-                role = decision.arm_role
+                route = self.table.get(model)
+                if route is None:
+                    loaded = self.registry.latest(model)
+                    role = "default"
+                else:
+                    decision = RouteTable.choose(route, request.headers, envelope.parameters)
+                    loaded = self.registry.get(model, decision.version)
+                    role = decision.arm_role
+        except NotFound:
+            if not self.started:  # unknown so far: the start-up load may not have reached it
+                raise NotReady("the gateway is still loading its models; retry shortly") from None
+            raise
         info = loaded.info
         labels[1], labels[2] = info.version, role
         decoded = codec.decode_inputs(

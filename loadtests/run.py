@@ -235,7 +235,8 @@ def run(r: Results, o: Options) -> None:
     r.machine = machine()
     r.settings = {
         "points": f"{o.duration_s:.0f} s each, {o.repeats} repeats (medians quoted; spread = "
-        "(max − min) / median of req/s), configurations interleaved within each repeat",
+        "(max − min) / median of req/s), configurations interleaved within each repeat, "
+        "their order rotated by one each repeat",
         "pinning": f"servers on CPU {o.server_cpus}, wrk on CPU {o.client_cpus} (taskset)"
         if o.server_cpus
         else "none",
@@ -307,7 +308,7 @@ def measure_load(
     for rep in range(o.repeats):
         for model in MODELS:
             for conns in o.connections:
-                for config in CONFIGS:
+                for config in rotated(CONFIGS, rep):
                     p = point(servers[config], model, bodies[model], o, conns)
                     r.closed.setdefault((model, config, conns), []).append(p)
                     _say("closed", rep, model, config, f"{conns} conn", p)
@@ -315,11 +316,19 @@ def measure_load(
     for rep in range(o.repeats):
         for model in MODELS:
             for rate in rates[model]:
-                for config in CONFIGS:
+                for config in rotated(CONFIGS, rep):
                     server = servers[config]
                     p = point(server, model, bodies[model], o, o.open_connections, rate)
                     r.open.setdefault((model, config, float(rate)), []).append(p)
                     _say("open", rep, model, config, f"{rate} req/s", p)
+
+
+def rotated(configs: Sequence[str], rep: int) -> list[str]:
+    """The configurations in an order that starts one later each repeat: the first point of a
+    group measured lower than the others whatever its configuration (seen: Turnout without a
+    policy below Turnout with a canary, which does more work)."""
+    k = rep % len(configs)
+    return [*configs[k:], *configs[:k]]
 
 
 def open_rates(r: Results, model: str, fractions: Sequence[float]) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from starlette.routing import Route
 from tritonclient.utils import np_to_triton_dtype  # type: ignore[import-untyped]
 
 from gateway.app import create_app
-from gateway.demo import sample_inputs
+from gateway.demo import sample_inputs, write_demo_repository
 from gateway.settings import Settings
 from tests.server import Server
 
@@ -352,3 +354,39 @@ def test_a_client_mistake_does_not_affect_other_requests(server: Server) -> None
 
     codes = asyncio.run(run())
     assert codes == [400 if i % 2 == 0 else 200 for i in range(100)]
+
+
+def test_inference_during_the_start_up_load_answers_503_not_404(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # The heavy demo model makes the start-up load last seconds (its reference sample runs
+    # through it); uvicorn accepts connections meanwhile, for liveness.
+    root = tmp_path_factory.mktemp("slow-start") / "models"
+    write_demo_repository(root, heavy=True)
+    # risk loads last (models load in name order), after heavy's seconds
+    tensors = [
+        {
+            "name": n,
+            "shape": list(a.shape),
+            "datatype": np_to_triton_dtype(a.dtype),
+            "data": a.tolist(),
+        }
+        for n, a in sample_inputs("risk", 1, seed=5).items()
+    ]
+    body = orjson.dumps({"inputs": tensors})
+    statuses: list[int] = []
+    with Server(root, wait_ready=False) as gateway, httpx.Client(timeout=10) as client:
+        deadline = time.monotonic() + 120
+        while not statuses or statuses[-1] != 200:
+            assert time.monotonic() < deadline, statuses[-5:]
+            time.sleep(0.01)
+            try:
+                r = client.post(gateway.url + "/v2/models/risk/infer", content=body)
+            except httpx.TransportError:  # not listening yet
+                continue
+            statuses.append(r.status_code)
+            if r.status_code == 503:  # not reached yet, or reached and loading
+                assert re.search("still loading|no ready version", r.json()["error"]), r.text
+        gateway.wait_until_ready()  # the whole repository is loaded: now unknown means 404
+        assert client.post(gateway.url + "/v2/models/nope/infer", content=body).status_code == 404
+    assert set(statuses) == {503, 200}, statuses[:5]
