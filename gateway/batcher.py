@@ -212,6 +212,12 @@ class BatchingRuntime:
         self._pump()
         return await request.future
 
+    def cheap(self, inputs: Mapping[str, np.ndarray]) -> bool:
+        """Whether a run of ``inputs`` is estimated under the inline threshold: cheaper on the
+        event loop than the thread hop it would take."""
+        rows = max((a.shape[0] if a.ndim else 0 for a in inputs.values()), default=0)
+        return rows <= self._inline_rows
+
     def run_sync(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Arrays:
         """Unbatched, on the calling thread (shadow copies)."""
         if self._closed:

@@ -1,8 +1,12 @@
 """Shadow traffic: copies of a request run on other versions off the critical path.
 
-The caller never waits for a shadow: copies run as tasks on their own executor thread, so a
-slow shadow cannot take the threads primary requests run on. When ``limit`` copies are already
-in flight, new copies are dropped and counted rather than queued without bound.
+The caller never waits for a shadow: copies run as tasks, after the caller's response is on
+its way. A copy estimated under the inline threshold (microseconds) runs on the event loop
+itself; any other runs on the shadows' own executor thread, so a slow shadow cannot take the
+threads primary requests run on. (A light copy on a thread cost more than its run: with one
+core, the copy's thread and the event loop handed the GIL back and forth, and the primary's p99
+at 2,312 req/s rose from 6.3 ms to 34.5 ms.) When ``limit`` copies are already in flight, new
+copies are dropped and counted rather than queued without bound.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from gateway.batcher import BatchingRuntime
 from gateway.errors import GatewayError
 from gateway.registry import Registry
 from monitors.shadow import Divergence
@@ -58,10 +63,14 @@ class ShadowRunner:
         try:
             loaded = self.registry.get(model, version)
             with loaded:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(
-                    self._executor, loaded.runtime.run_sync, inputs, list(outputs)
-                )
+                runtime = loaded.runtime
+                if isinstance(runtime, BatchingRuntime) and runtime.cheap(inputs):
+                    result = runtime.run_sync(inputs, list(outputs))
+                else:
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(
+                        self._executor, runtime.run_sync, inputs, list(outputs)
+                    )
         except GatewayError as exc:
             d.errors += 1
             log.debug("shadow %s/%s failed: %s", model, version, exc.message)

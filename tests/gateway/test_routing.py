@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 
@@ -388,3 +389,27 @@ def test_a_slow_shadow_never_slows_the_caller(gateway: Server) -> None:
     (shadow,) = report["shadows"]
     assert (shadow["primary"], shadow["shadow"]) == ("1", "9")
     assert shadow["requests"] + shadow["dropped"] + shadow["inflight"] >= 1
+
+
+def test_a_light_shadow_compares_every_request(gateway: Server) -> None:
+    # Version 2 runs in microseconds: its copies run on the event loop, after each response.
+    put(
+        gateway,
+        {"strategy": "single", "version": "1", "shadow": {"versions": ["2"], "sample": 1.0}},
+    )
+    served = 0
+    with httpx.Client(base_url=gateway.url) as client:
+        for _ in range(50):
+            r = client.post("/v2/models/fraud/infer", content=BODY)
+            assert r.status_code == 200 and r.json()["model_version"] == "1"
+            served += 1
+        pinned = [
+            client.post(f"/v2/models/fraud/versions/{v}/infer", content=BODY).json()
+            for v in ("1", "2")
+        ]
+    report = httpx.get(gateway.url + "/admin/routes/fraud/report", headers=ADMIN).json()
+    (shadow,) = [s for s in report["shadows"] if s["shadow"] == "2"]
+    assert (shadow["requests"], shadow["errors"], shadow["dropped"]) == (served, 0, 0)
+    # Every request sent the same body, so the mean difference is that of the two versions.
+    one, two = (np.asarray(p["outputs"][0]["data"]) for p in pinned)
+    assert shadow["mean_abs_diff"] == pytest.approx(float(np.abs(one - two).mean()), rel=1e-5)
