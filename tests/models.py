@@ -37,3 +37,36 @@ def write_slow_fraud(folder: Path, layers: int = 500, width: int = 2048) -> Path
     path = folder / "model.onnx"
     onnx.save(model, path)
     return path
+
+
+def write_failing_fraud(folder: Path, feature: int, limit: float) -> Path:
+    """input FP32 [-1, 32] -> probability FP32 [-1, 1] (always 0.5), raising inside onnxruntime
+    (a Gather index out of range) for any batch holding a row whose ``feature`` exceeds
+    ``limit``."""
+    constants = [
+        numpy_helper.from_array(np.array([feature], np.int64), "start"),
+        numpy_helper.from_array(np.array([feature + 1], np.int64), "end"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis"),
+        numpy_helper.from_array(np.array(limit, np.float32), "limit"),
+        numpy_helper.from_array(np.array([0.5], np.float32), "table"),  # one entry: index 0
+    ]
+    nodes = [
+        helper.make_node("Slice", ["input", "start", "end", "axis"], ["feature"]),
+        helper.make_node("Greater", ["feature", "limit"], ["over"]),
+        helper.make_node("Cast", ["over"], ["index"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "index"], ["probability"], axis=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "failing_fraud",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
+        initializer=constants,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    onnx.save(model, path)
+    return path

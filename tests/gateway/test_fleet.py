@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,12 +11,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import redis
 
 from gateway.demo import sample_inputs
+from tests.conftest import REDIS_URL
 from tests.server import ADMIN, Server
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 ROW = sample_inputs("fraud", 1, seed=2)["input"]
 BODY = orjson.dumps(
     {
@@ -27,23 +24,6 @@ BODY = orjson.dumps(
         ]
     }
 )
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    name = f"turnout-test-{uuid.uuid4().hex[:12]}:"
-    yield name
-    keys = list(client.scan_iter(match=name + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture

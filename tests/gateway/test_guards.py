@@ -8,28 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-import onnx
 import orjson
 import pytest
-import redis
-from onnx import TensorProto, helper, numpy_helper
 
 from gateway.demo import sample_inputs
+from tests.conftest import REDIS_URL
+from tests.models import write_failing_fraud
 from tests.server import ADMIN, Server
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 FAIL_SHARE = 0.4
 # Feature 28 of the demo's fraud inputs is uniform on [0, 1): the candidate fails when it
 # exceeds 1 - FAIL_SHARE, so on about 40 % of requests, yet passes the all-zeros warm-up.
@@ -51,41 +46,11 @@ FAILING_CANARY = {
 }
 
 
-def write_failing_fraud(folder: Path) -> None:
-    """input FP32 [-1, 32] -> probability FP32 [-1, 1], raising in onnxruntime (a Gather index
-    out of range) whenever feature FAIL_FEATURE exceeds 1 - FAIL_SHARE."""
-    constants = [
-        numpy_helper.from_array(np.array([FAIL_FEATURE], np.int64), "start"),
-        numpy_helper.from_array(np.array([FAIL_FEATURE + 1], np.int64), "end"),
-        numpy_helper.from_array(np.array([1], np.int64), "axis"),
-        numpy_helper.from_array(np.array(1.0 - FAIL_SHARE, np.float32), "limit"),
-        numpy_helper.from_array(np.array([0.5], np.float32), "table"),  # one entry: index 0
-    ]
-    nodes = [
-        helper.make_node("Slice", ["input", "start", "end", "axis"], ["feature"]),
-        helper.make_node("Greater", ["feature", "limit"], ["over"]),
-        helper.make_node("Cast", ["over"], ["index"], to=TensorProto.INT64),
-        helper.make_node("Gather", ["table", "index"], ["probability"], axis=0),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "failing_fraud",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
-        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
-        initializer=constants,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, folder / "model.onnx")
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Path:
     root = tmp_path_factory.mktemp("guards") / "models"
     shutil.copytree(demo_repo / "fraud", root / "fraud")
-    write_failing_fraud(root / "fraud" / "3")
+    write_failing_fraud(root / "fraud" / "3", FAIL_FEATURE, 1.0 - FAIL_SHARE)
     return root
 
 
@@ -338,23 +303,6 @@ def test_guards_are_validated_and_their_endpoint_is_guarded(gateway: Server) -> 
 
 
 # -- a fleet --------------------------------------------------------------------------------------
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    name = f"turnout-test-{uuid.uuid4().hex[:12]}:"
-    yield name
-    keys = list(client.scan_iter(match=name + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
 def test_two_replicas_sharing_redis_roll_back_once(repo: Path, prefix: str) -> None:
     servers = [
         Server(repo, args=["--redis-url", REDIS_URL, "--redis-prefix", prefix], wait_ready=False)

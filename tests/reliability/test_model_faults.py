@@ -11,12 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from tests.models import write_slow_fraud
+from tests.models import write_failing_fraud, write_slow_fraud
 from tests.reliability import (
     Load,
     Shot,
@@ -33,41 +30,11 @@ POISONED = fraud_body([1000.0] + [0.0] * 31)
 CLEAN = fraud_bodies(64, seed=31)
 
 
-def write_poisonable_fraud(folder: Path) -> None:
-    """input FP32 [-1, 32] -> probability FP32 [-1, 1]; onnxruntime raises (a Gather index out
-    of range) for any batch holding a row whose feature 0 exceeds POISON."""
-    constants = [
-        numpy_helper.from_array(np.array([0], np.int64), "start"),
-        numpy_helper.from_array(np.array([1], np.int64), "end"),
-        numpy_helper.from_array(np.array([1], np.int64), "axis"),
-        numpy_helper.from_array(np.array(POISON, np.float32), "limit"),
-        numpy_helper.from_array(np.array([0.5], np.float32), "table"),  # one entry: index 0
-    ]
-    nodes = [
-        helper.make_node("Slice", ["input", "start", "end", "axis"], ["feature"]),
-        helper.make_node("Greater", ["feature", "limit"], ["over"]),
-        helper.make_node("Cast", ["over"], ["index"], to=TensorProto.INT64),
-        helper.make_node("Gather", ["table", "index"], ["probability"], axis=0),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "poisonable_fraud",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
-        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
-        initializer=constants,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, folder / "model.onnx")
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Path:
     root = tmp_path_factory.mktemp("faults") / "models"
     shutil.copytree(demo_repo / "fraud", root / "fraud")
-    write_poisonable_fraud(root / "fraud" / "3")
+    write_failing_fraud(root / "fraud" / "3", 0, POISON)
     # about 30 ms a run at one row (0.3 ms a layer): far beyond the 5 ms deadlines sent to it
     write_slow_fraud(root / "fraud" / "4", layers=100)
     return root
