@@ -96,3 +96,18 @@ def metric(server: Server, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def test_inline_runs_are_counted_apart_from_thread_runs(gateway: Server) -> None:
+    def inline(version: str) -> float:
+        return metric(gateway, f'turnout_inline_runs_total{{model="fraud",version="{version}"}}')
+
+    def batches(version: str) -> float:
+        return metric(gateway, f'turnout_batches_total{{model="fraud",version="{version}"}}')
+
+    light, slow = (inline("1"), batches("1")), (inline("5"), batches("5"))
+    for version in ("1", "5"):  # v1 runs in microseconds, v5 for tens of milliseconds
+        r = httpx.post(f"{gateway.url}/v2/models/fraud/versions/{version}/infer", content=body())
+        assert r.status_code == 200
+    assert (inline("1"), batches("1")) == (light[0] + 1, light[1] + 1)
+    assert (inline("5"), batches("5")) == (slow[0], slow[1] + 1)
