@@ -10,9 +10,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.auth import TokenAuth
-from gateway.endpoints import json_response, read_json_object
 from gateway.errors import BadRequest, Conflict, NotFound, NotReady, PreconditionFailed
 from gateway.registry import Registry
+from gateway.responses import json_response, read_json_object
 from gateway.shadow import ShadowRunner
 from router.guards import MONITORED
 from router.policies import ActionConflict, PolicyError

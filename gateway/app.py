@@ -9,28 +9,29 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from gateway import codec
 from gateway.admin import Admin
 from gateway.auth import TokenAuth, key_check
 from gateway.batcher import BatchConfig, BatchingRuntime
-from gateway.endpoints import Endpoints, json_response
-from gateway.errors import GatewayError, Overloaded, Unauthorized
+from gateway.endpoints import Endpoints
 from gateway.fleet import CountsExchange
 from gateway.guards import GuardEvaluator
+from gateway.inference import Inference, infer_target
 from gateway.metrics import GatewayCollector, GuardMetrics, Traffic
 from gateway.models import ModelVersion, Runtime
 from gateway.monitoring import fit_monitor
 from gateway.openapi import openapi_document
 from gateway.registry import Registry
 from gateway.repository import files_inside
+from gateway.responses import HANDLERS, json_response
 from gateway.runtime import LoadError, inline_rows, load_version
 from gateway.settings import Settings
 from gateway.shadow import ShadowRunner
@@ -41,7 +42,26 @@ from router.table import RouteTable
 log = logging.getLogger("turnout")
 
 
-def create_app(settings: Settings) -> Starlette:
+class Gateway(Starlette):
+    """Starlette, with the inference path in front of its router and middleware: a ``POST`` to
+    ``/v2/models/{model}[/versions/{version}]/infer`` goes straight to ``Inference.serve``
+    (gateway.inference says why); everything else, and any scope with a ``root_path``, takes
+    the starlette routes, which reach the same ``Inference`` for inference paths."""
+
+    def __init__(self, inference: Inference, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.inference = inference
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            target = infer_target(scope["path"])
+            if target is not None:
+                await self.inference.serve(scope, receive, send, *target)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings) -> Gateway:
     executor = ThreadPoolExecutor(settings.execution_threads, thread_name_prefix="turnout-run")
 
     def loader(
@@ -84,7 +104,8 @@ def create_app(settings: Settings) -> Starlette:
     auth = TokenAuth(settings.admin_tokens, settings.admin_token_expiry)
     traffic = Traffic()
     keys = key_check(settings.api_keys, settings.api_key_expiry)
-    ep = Endpoints(settings, registry, table, shadows, auth, traffic, keys)
+    ep = Endpoints(settings, registry, table, auth, keys)
+    inference = Inference(settings, registry, table, shadows, traffic, keys)
     metrics_registry = CollectorRegistry(auto_describe=False)
     guard_metrics = GuardMetrics()
     collector = GatewayCollector(registry, table, shadows, guard_metrics)
@@ -117,7 +138,7 @@ def create_app(settings: Settings) -> Starlette:
             # 100+ ms under load.
             gc.collect()
             gc.freeze()
-            ep.started = True
+            registry.started = True
             log.info("ready: %d model versions loaded", len(registry.loaded()))
 
         # Loading runs in the background so liveness answers while large models load.
@@ -149,9 +170,9 @@ def create_app(settings: Settings) -> Starlette:
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
-        # Starlette tries routes in order: inference first, it is nearly all the traffic.
-        Route("/v2/models/{model}/infer", ep.infer, methods=["POST"]),
-        Route("/v2/models/{model}/versions/{version}/infer", ep.infer, methods=["POST"]),
+        # Inference normally never reaches the router (see Gateway); listed for the rest.
+        Route("/v2/models/{model}/infer", inference, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/infer", inference, methods=["POST"]),
         Route("/v2/health/live", ep.live, methods=["GET"]),
         Route("/v2/health/ready", ep.ready, methods=["GET"]),
         Route("/v2", ep.server_metadata, methods=["GET"]),
@@ -175,68 +196,17 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/drift", ep.drift, methods=["GET"]),
     ]
-    app = Starlette(
+    app = Gateway(
+        inference,
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={
-            GatewayError: gateway_error,
-            HTTPException: http_error,
-            RecursionError: too_deep,
-            Exception: unexpected_error,
-        },
+        exception_handlers=dict(HANDLERS),
     )
     app.state.endpoints = ep
     return app
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        codec.encode_error(message),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
-
-
-async def gateway_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GatewayError)
-    headers: dict[str, str] = {}
-    if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    elif isinstance(exc, Unauthorized):
-        headers["WWW-Authenticate"] = "Bearer"
-    if exc.status >= 500:
-        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-    elif isinstance(exc, Unauthorized):
-        # The reason only: never the header, which may hold a real token sent to the wrong place.
-        client = request.client.host if request.client else "-"
-        log.info("refused %s %s from %s: %s", request.method, request.url.path, client, exc.message)
-    else:
-        log.debug("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-    return error_response(exc.status, exc.message, headers)
-
-
-async def http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    message = str(exc.detail)
-    if exc.status_code in (404, 405):  # starlette's bare "Not Found" says nothing useful
-        message = f"{message}: no route for {request.method} {request.url.path}"
-    return error_response(exc.status_code, message, dict(exc.headers or {}))
-
-
-async def too_deep(request: Request, exc: Exception) -> Response:
-    """A client's JSON nested hundreds of levels (orjson accepts 1024) met code that recurses
-    over it, such as a repr in a validation message: the client's mistake, not a fault."""
-    log.warning("%s %s -> 400: nested too deeply (%s)", request.method, request.url.path, exc)
-    return error_response(400, "request JSON is nested too deeply to process")
-
-
-async def unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal server error")
-
-
-def app_from_env() -> Starlette:
+def app_from_env() -> Gateway:
     """Factory for uvicorn (``--factory``): each worker process builds its app from the env."""
     settings = Settings.from_env()
     logging.basicConfig(

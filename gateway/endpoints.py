@@ -1,33 +1,22 @@
-"""Thin HTTP handlers: decode -> route -> run -> encode. No business logic lives here."""
+"""The other OIP and Turnout endpoints: health, metadata, drift, feedback and the repository
+extension. Inference has its own path (gateway.inference)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway import codec
 from gateway.auth import KeyCheck, OpenAccess, TokenAuth
-from gateway.errors import (
-    BadRequest,
-    Conflict,
-    GatewayError,
-    NotFound,
-    NotReady,
-    PayloadTooLarge,
-)
+from gateway.errors import BadRequest, Conflict, NotFound, NotReady
 from gateway.fleet import CountsExchange
-from gateway.metrics import Traffic
 from gateway.registry import Loaded, Registry
+from gateway.responses import json_response, read_json_object
 from gateway.settings import Settings
-from gateway.shadow import ShadowRunner
 from router.policies import PolicyError
 from router.store import StoreUnavailable
 from router.table import RouteTable, UnknownInference
@@ -40,81 +29,24 @@ EXTENSIONS = ["binary_tensor_data", "model_repository"]
 PLATFORM = "onnxruntime_onnx"
 
 
-def json_response(content: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest("invalid Content-Length header")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
-        return await request.body()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_json_object(request: Request, limit: int = 1 << 20) -> dict[str, Any]:
-    """A small JSON object body (admin and feedback calls); an empty body is ``{}``."""
-    body = await read_body(request, limit)
-    if not body.strip():
-        return {}
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON body: {exc}") from None
-    if not isinstance(value, dict):
-        raise BadRequest("request body must be a JSON object")
-    return value
-
-
-Observe = Callable[[Loaded, dict[str, np.ndarray], dict[str, np.ndarray], float, float], None]
-
-
-def _unobserved(
-    loaded: Loaded,
-    inputs: dict[str, np.ndarray],
-    outputs: dict[str, np.ndarray],
-    total_s: float,
-    model_s: float,
-) -> None:
-    """The monitor of a gateway whose monitors are off."""
-
-
 class Endpoints:
     def __init__(
         self,
         settings: Settings,
         registry: Registry,
         table: RouteTable,
-        shadows: ShadowRunner,
         auth: TokenAuth,
-        traffic: Traffic,
         keys: KeyCheck | None = None,
     ) -> None:
-        self.traffic = traffic
         self.exchange: CountsExchange | None = None  # set by the app
         # API keys guard inference, model metadata, drift and feedback; health stays open.
         self.keys: KeyCheck = keys or OpenAccess()
         self.settings = settings
         self.registry = registry
         self.table = table
-        self.shadows = shadows
         self.auth = auth
-        self.started = False
         # Versions a routing policy needs; unload refuses them (set by the app).
         self.referenced: Callable[[str], frozenset[str]] = lambda model: frozenset()
-        # Chosen once: with monitors off the hot path calls a function that does nothing.
-        self.observe: Observe = self._observe if settings.monitors else _unobserved
 
     # -- health and metadata ---------------------------------------------------------------
     async def live(self, request: Request) -> Response:
@@ -122,7 +54,7 @@ class Endpoints:
 
     async def ready(self, request: Request) -> Response:
         ready = (
-            self.started
+            self.registry.started
             and self.table.synced.is_set()
             and bool(self.registry.loaded() or not self.registry.models())
         )
@@ -187,119 +119,6 @@ class Endpoints:
             "outputs": [s.as_json() for s in info.outputs],
             "turnout": {"version": info.version, "sha256": info.sha256, "metadata": info.metadata},
         }
-
-    # -- inference ---------------------------------------------------------------------------
-    async def infer(self, request: Request) -> Response:
-        start = time.perf_counter()
-        model: str = request.path_params["model"]
-        inflight = self.traffic.inflight
-        inflight[model] += 1
-        labels = [model, "", "unknown"]  # version and role filled in once routed
-        code = "500"
-        try:
-            response = await self._infer(request, model, start, labels)
-            code = "200"
-            return response
-        except GatewayError as exc:
-            code = str(exc.status)
-            raise
-        finally:
-            inflight[model] -= 1
-            self.traffic.requests[(labels[0], labels[1], labels[2], code)] += 1
-
-    async def _infer(
-        self, request: Request, model: str, start: float, labels: list[str]
-    ) -> Response:
-        pinned = request.path_params.get("version")
-        self.keys.check(request.headers)  # before the body is read
-        body = await read_body(request, self.settings.max_body_bytes)
-        envelope = codec.parse_request(
-            body, codec.parse_header_length(request.headers.get("inference-header-content-length"))
-        )
-        route = decision = None
-        role = "pinned"
-        if pinned is None and self.settings.version_override:
-            pinned = request.headers.get("x-turnout-version")
-        try:
-            if pinned is not None:  # pinned requests bypass the router
-                loaded = self.registry.get(model, pinned)
-            else:
-                route = self.table.get(model)
-                if route is None:
-                    loaded = self.registry.latest(model)
-                    role = "default"
-                else:
-                    decision = RouteTable.choose(route, request.headers, envelope.parameters)
-                    loaded = self.registry.get(model, decision.version)
-                    role = decision.arm_role
-        except NotFound:
-            if not self.started:  # unknown so far: the start-up load may not have reached it
-                raise NotReady("the gateway is still loading its models; retry shortly") from None
-            raise
-        info = loaded.info
-        labels[1], labels[2] = info.version, role
-        decoded = codec.decode_inputs(
-            envelope, info, self.settings.max_tensor_elements, self.settings.max_batch_rows
-        )
-        deadline = self._deadline(decoded.parameters)
-        with loaded:
-            model_start = time.perf_counter()
-            outputs = await loaded.runtime.run(
-                decoded.inputs, codec.output_names(decoded, info), deadline=deadline
-            )
-            model_s = time.perf_counter() - model_start
-        # 128 random bits as 32 hex digits, as uuid4().hex, at a quarter of its cost (0.5 µs)
-        request_id = decoded.id if decoded.id is not None else os.urandom(16).hex()
-        parameters = None
-        if route is not None and decision is not None:
-            self.table.served(route, decision, request_id)
-            parameters = {
-                "propensity": decision.propensity,
-                "policy_revision": route.revision,
-                "route_role": decision.arm_role,
-            }
-            if decision.shadows:
-                self.shadows.submit(model, info.version, decision.shadows, decoded.inputs, outputs)
-        content, json_length = codec.encode_response(
-            info.model, info.version, request_id, outputs, decoded, info.output_specs, parameters
-        )
-        if json_length is None:
-            response = Response(content, media_type="application/json")
-        else:
-            response = Response(
-                content,
-                media_type="application/octet-stream",
-                headers={"Inference-Header-Content-Length": str(json_length)},
-            )
-        self.observe(loaded, decoded.inputs, outputs, time.perf_counter() - start, model_s)
-        return response
-
-    def _deadline(self, parameters: dict[str, Any]) -> float | None:
-        """From the request's ``timeout`` parameter (microseconds, as Triton's), else the
-        configured default; None when neither is set."""
-        timeout_us = parameters.get("timeout")
-        if timeout_us is None:
-            default_ms = self.settings.request_timeout_ms
-            return time.monotonic() + default_ms / 1e3 if default_ms else None
-        if type(timeout_us) is not int or timeout_us <= 0:
-            raise BadRequest('"parameters.timeout" must be a positive integer (microseconds)')
-        return time.monotonic() + timeout_us / 1e6
-
-    def _observe(
-        self,
-        loaded: Loaded,
-        inputs: dict[str, np.ndarray],
-        outputs: dict[str, np.ndarray],
-        total_s: float,
-        model_s: float,
-    ) -> None:
-        """Feed the version's monitor; a monitor problem never fails the request."""
-        features = inputs.get(loaded.drift_input) if loaded.drift_input else None
-        try:
-            loaded.monitor.observe(features, outputs, total_s, model_s, time.monotonic())
-        except ValueError as exc:  # a tensor whose columns differ from the reference
-            info = loaded.info
-            log.debug("monitor skipped a request of %s/%s: %s", info.model, info.version, exc)
 
     async def feedback(self, request: Request) -> Response:
         self.keys.check(request.headers)

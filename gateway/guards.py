@@ -35,9 +35,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.admin import Admin
-from gateway.endpoints import json_response
 from gateway.errors import GatewayError, NotFound, NotReady
 from gateway.metrics import GuardMetrics, Traffic
+from gateway.responses import json_response
 from monitors import LatencyHistogram
 from router.guards import (
     CONDITIONS,

@@ -83,6 +83,9 @@ class Registry:
         self._status: dict[tuple[str, str], Status] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Callable[[str], None]] = []
+        # Set by the app once its start-up (this registry's first load included) has finished:
+        # until then an unknown model may be one not loaded yet.
+        self.started = False
 
     # -- reads (hot path) -------------------------------------------------------------------
     def get(self, model: str, version: str) -> Loaded:

@@ -103,7 +103,7 @@ async def _measure(repo: Path, rounds: int, n: int) -> dict[str, list[float]]:
         for name, monitors in (("turnout", True), ("turnout-monitors", False)):
             app = create_app(Settings(repo, monitors=monitors))
             await stack.enter_async_context(app.router.lifespan_context(app))
-            while not app.state.endpoints.started:
+            while not app.state.endpoints.registry.started:
                 await asyncio.sleep(0.05)
             apps[name] = app
         apps["bare"] = bare_app(repo, ["fraud"])

@@ -1,0 +1,128 @@
+"""HTTP plumbing every handler shares: request bodies in, JSON and ``{"error"}`` bodies out, and
+the one mapping of exceptions to error responses (``HANDLERS``, used by starlette and by the
+inference path alike)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from gateway import codec
+from gateway.errors import BadRequest, GatewayError, Overloaded, PayloadTooLarge, Unauthorized
+
+log = logging.getLogger("turnout")
+
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+
+def json_response(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
+    """The whole body from ASGI ``receive``, refused with 413 as soon as it is known to exceed
+    ``limit``. Raises starlette's ClientDisconnect when the client leaves before the end."""
+    declared = headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("invalid Content-Length header")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def read_json_object(request: Request, limit: int = 1 << 20) -> dict[str, Any]:
+    """A small JSON object body (admin and feedback calls); an empty body is ``{}``."""
+    body = await read_body(request.receive, request.headers, limit)
+    if not body.strip():
+        return {}
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON body: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest("request body must be a JSON object")
+    return value
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        codec.encode_error(message),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+async def gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    headers: dict[str, str] = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    elif isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    if exc.status >= 500:
+        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+    elif isinstance(exc, Unauthorized):
+        # The reason only: never the header, which may hold a real token sent to the wrong place.
+        client = request.client.host if request.client else "-"
+        log.info("refused %s %s from %s: %s", request.method, request.url.path, client, exc.message)
+    else:
+        log.debug("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+    return error_response(exc.status, exc.message, headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = str(exc.detail)
+    if exc.status_code in (404, 405):  # starlette's bare "Not Found" says nothing useful
+        message = f"{message}: no route for {request.method} {request.url.path}"
+    return error_response(exc.status_code, message, dict(exc.headers or {}))
+
+
+async def too_deep(request: Request, exc: Exception) -> Response:
+    """A client's JSON nested hundreds of levels (orjson accepts 1024) met code that recurses
+    over it, such as a repr in a validation message: the client's mistake, not a fault."""
+    log.warning("%s %s -> 400: nested too deeply (%s)", request.method, request.url.path, exc)
+    return error_response(400, "request JSON is nested too deeply to process")
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal server error")
+
+
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+# Most specific first: ``handler_for`` takes the first match, as starlette does by the MRO.
+HANDLERS: dict[type[Exception], Handler] = {
+    GatewayError: gateway_error,
+    HTTPException: http_error,
+    RecursionError: too_deep,
+    Exception: unexpected_error,
+}
+
+
+def handler_for(exc: Exception) -> Handler:
+    for kind in type(exc).__mro__:
+        handler = HANDLERS.get(kind)
+        if handler is not None:
+            return handler
+    return unexpected_error
