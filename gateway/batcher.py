@@ -183,25 +183,26 @@ class BatchingRuntime:
     ) -> Arrays:
         """``deadline`` is an absolute ``time.monotonic()`` value: past it the request fails
         with Timeout, and is not run if its batch has not started."""
-        loop = self._bind()
         if self._closed:
             raise NotReady(f"{self.name} is unloading")
         if deadline is not None and deadline <= time.monotonic():
             self.stats.timed_out += 1
             raise Timeout(f"deadline passed before {self.name} could run the request")
+        rows = _rows(inputs)
+        if rows <= self._inline_rows and not self._queue and not self._inflight:
+            stats = self.stats
+            stats.requests += 1
+            stats.inline += 1
+            stats.batches += 1
+            stats.rows += rows
+            return self._inner.run_sync(inputs, outputs)
+        loop = self._bind()
         if len(self._queue) >= self.config.max_queue:
             self.stats.rejected += 1
             raise Overloaded(
                 f"{self.name} is overloaded: {len(self._queue)} requests queued",
                 self._retry_after(),
             )
-        rows = max((a.shape[0] if a.ndim else 0 for a in inputs.values()), default=0)
-        if rows <= self._inline_rows and not self._queue and not self._inflight:
-            self.stats.requests += 1
-            self.stats.inline += 1
-            self.stats.batches += 1
-            self.stats.rows += rows
-            return self._inner.run_sync(inputs, outputs)
         key = self._key(inputs, outputs)
         request = _Request(inputs, tuple(outputs), rows, key, deadline, loop.create_future())
         if deadline is not None:
@@ -215,8 +216,7 @@ class BatchingRuntime:
     def cheap(self, inputs: Mapping[str, np.ndarray]) -> bool:
         """Whether a run of ``inputs`` is estimated under the inline threshold: cheaper on the
         event loop than the thread hop it would take."""
-        rows = max((a.shape[0] if a.ndim else 0 for a in inputs.values()), default=0)
-        return rows <= self._inline_rows
+        return _rows(inputs) <= self._inline_rows
 
     def run_sync(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Arrays:
         """Unbatched, on the calling thread (shadow copies)."""
@@ -443,6 +443,15 @@ class BatchingRuntime:
             return self._inner.run_sync(request.inputs, request.outputs)
         except Exception as exc:
             return self._translate(exc)
+
+
+def _rows(inputs: Mapping[str, np.ndarray]) -> int:
+    """The request's rows: the longest first axis (0 for scalars)."""
+    rows = 0
+    for array in inputs.values():
+        if array.ndim and array.shape[0] > rows:
+            rows = array.shape[0]
+    return rows
 
 
 def _ewma(old: float, new: float) -> float:

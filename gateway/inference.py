@@ -36,6 +36,7 @@ log = logging.getLogger("turnout.inference")
 
 Scope = MutableMapping[str, Any]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Observation = tuple[Loaded, dict[str, np.ndarray], dict[str, np.ndarray], float, float]
 Observe = Callable[[Loaded, dict[str, np.ndarray], dict[str, np.ndarray], float, float], None]
 
 _PREFIX, _SUFFIX = "/v2/models/", "/infer"
@@ -106,7 +107,9 @@ class Inference:
             headers = Headers(scope=scope)
             self.keys.check(headers)  # before the body is read
             body = await read_body(receive, headers, self.settings.max_body_bytes)
-            content, json_length = await self._infer(headers, body, model, pinned, start, labels)
+            content, json_length, observed = await self._infer(
+                headers, body, model, pinned, start, labels
+            )
             code = "200"
         except ClientDisconnect:
             code = CLIENT_CLOSED
@@ -130,6 +133,9 @@ class Inference:
             ]
         await send({"type": "http.response.start", "status": 200, "headers": response_headers})
         await send({"type": "http.response.body", "body": content})
+        # After the answer is on its way: the request that fills the monitor's buffer does not
+        # wait for the flush.
+        self.observe(*observed)
 
     async def _infer(
         self,
@@ -139,7 +145,8 @@ class Inference:
         pinned: str | None,
         start: float,
         labels: list[str],
-    ) -> tuple[bytes, int | None]:
+    ) -> tuple[bytes, int | None, Observation]:
+        """The response body, its JSON header length (None: all JSON) and what to observe."""
         envelope = codec.parse_request(
             body, codec.parse_header_length(headers.get("inference-header-content-length"))
         )
@@ -187,11 +194,11 @@ class Inference:
             }
             if decision.shadows:
                 self.shadows.submit(model, info.version, decision.shadows, decoded.inputs, outputs)
-        encoded = codec.encode_response(
+        content, json_length = codec.encode_response(
             info.model, info.version, request_id, outputs, decoded, info.output_specs, parameters
         )
-        self.observe(loaded, decoded.inputs, outputs, time.perf_counter() - start, model_s)
-        return encoded
+        total_s = time.perf_counter() - start
+        return content, json_length, (loaded, decoded.inputs, outputs, total_s, model_s)
 
     def _deadline(self, parameters: dict[str, Any]) -> float | None:
         """From the request's ``timeout`` parameter (microseconds, as Triton's), else the
@@ -212,10 +219,6 @@ class Inference:
         total_s: float,
         model_s: float,
     ) -> None:
-        """Feed the version's monitor; a monitor problem never fails the request."""
+        """Feed the version's monitor (which only buffers: it never fails the request)."""
         features = inputs.get(loaded.drift_input) if loaded.drift_input else None
-        try:
-            loaded.monitor.observe(features, outputs, total_s, model_s, time.monotonic())
-        except ValueError as exc:  # a tensor whose columns differ from the reference
-            info = loaded.info
-            log.debug("monitor skipped a request of %s/%s: %s", info.model, info.version, exc)
+        loaded.monitor.observe(features, outputs, total_s, model_s, time.monotonic())

@@ -77,23 +77,19 @@ class ModelVersion:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    input_specs: Mapping[str, TensorSpec] = field(init=False, repr=False, compare=False)
     output_specs: Mapping[str, TensorSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Read on every request: built once.
+        object.__setattr__(self, "input_specs", {spec.name: spec for spec in self.inputs})
         object.__setattr__(self, "output_specs", {spec.name: spec for spec in self.outputs})
 
     def input(self, name: str) -> TensorSpec | None:
-        for spec in self.inputs:
-            if spec.name == name:
-                return spec
-        return None
+        return self.input_specs.get(name)
 
     def output(self, name: str) -> TensorSpec | None:
-        for spec in self.outputs:
-            if spec.name == name:
-                return spec
-        return None
+        return self.output_specs.get(name)
 
 
 class Runtime(Protocol):

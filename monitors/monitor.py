@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -13,9 +14,11 @@ from monitors.export import Layout, MonitorCounts, ViewCounts, fingerprint
 from monitors.histograms import LatencyHistogram
 from monitors.windows import CountRing, LatencyRing, Window
 
+log = logging.getLogger("turnout.monitors")
+
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999}
 LATENCY_SERIES = ("total", "model")
-# ``observe`` only checks and buffers a request; the buffer is counted in one pass of the kernels
+# ``observe`` only buffers a request; the buffer is counted in one pass of the kernels
 # when it holds FLUSH_REQUESTS requests or FLUSH_ROWS rows, when its oldest request is
 # FLUSH_AGE_S old, and before any read. Counting one request at a time cost 9 µs inside a
 # server (cold caches at every call) against 2 µs in a tight loop; in batches it costs ~1 µs.
@@ -50,19 +53,35 @@ class Columns:
     ring: CountRing
 
 
-def _check_columns(rows: np.ndarray, table: np.ndarray, what: str) -> None:
+def _rows_of(tensor: np.ndarray, table: np.ndarray, output: str | None) -> np.ndarray:
+    """``tensor`` (the features, or the named output) as (rows, columns) for the kernels;
+    ValueError when its column count is not the reference's (``table``'s rows)."""
+    rows = tensor if tensor.ndim == 2 and tensor.dtype is not _FLOAT16 else as_rows(tensor)
     if rows.shape[1] != table.shape[0]:
+        what = "features" if output is None else f"output {output!r}"
         raise ValueError(
             f"{what}: {rows.shape[1]} columns, the reference has {table.shape[0]} columns"
         )
+    return rows
 
 
-# A buffered request: (now, feature rows, rows of each monitored output, total_s, model_s).
-_Pending = tuple[float, np.ndarray | None, list[np.ndarray | None], float, float]
+# A buffered request, as ``observe`` took it: (now, features, outputs, total_s, model_s).
+_Pending = tuple[float, np.ndarray | None, Mapping[str, np.ndarray], float, float]
 
 
-def _stacked(parts: list[np.ndarray]) -> np.ndarray:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+def _stack(parts: list[np.ndarray], table: np.ndarray) -> np.ndarray | None:
+    """``parts`` stacked as (rows, columns) for the kernels when every part has the reference's
+    column count (``table``'s rows) and needs no reshaping: checked once on the stack, since
+    a concatenation agrees on every axis but the first. None otherwise."""
+    try:
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    except ValueError:  # ranks or trailing shapes differ
+        return None
+    if rows.ndim == 1 and table.shape[0] == 1:
+        rows = rows.reshape(-1, 1)
+    if rows.ndim != 2 or rows.shape[1] != table.shape[0]:
+        return None
+    return rows.astype(np.float32) if rows.dtype is _FLOAT16 else rows
 
 
 def latency_summary(histogram: LatencyHistogram) -> dict[str, Any]:
@@ -100,6 +119,7 @@ class VersionMonitor:
         "fingerprint",
         "latency",
         "outputs",
+        "skipped",
     )
 
     def __init__(
@@ -132,6 +152,7 @@ class VersionMonitor:
         # What observe buffered since the last flush, in arrival order.
         self._pending: list[_Pending] = []
         self._pending_rows = 0
+        self.skipped = 0  # requests not counted: a tensor's columns differ from the reference
         self.fingerprint = fingerprint(
             self._window.window_s,
             None if features is None else features.profile,
@@ -187,30 +208,16 @@ class VersionMonitor:
         now: float,
     ) -> None:
         """Take one request: its features (rows, n_features) of the first input, its outputs
-        (first axis the batch; unknown names ignored) and its latencies; it is counted at the
-        next flush (see FLUSH_REQUESTS). Raises ValueError, taking nothing, when a tensor's
-        column count differs from its reference. C-contiguous tensors of
-        ``kernels.WARM_DTYPES`` or the reference's dtypes never wait for compilation; others
-        compile once per process (from the disk cache after the first). The arrays are kept
-        until the flush: callers must not change them afterwards."""
-        feature_rows = None
-        if features is not None and self._features is not None:
-            feature_rows = features
-            if feature_rows.ndim != 2 or feature_rows.dtype is _FLOAT16:
-                feature_rows = as_rows(feature_rows)
-            _check_columns(feature_rows, self._features[1], "features")
-        output_rows: list[np.ndarray | None] = []
-        for tensor, _, table in self._outputs:
-            rows = outputs.get(tensor)
-            if rows is not None:
-                if rows.ndim != 2 or rows.dtype is _FLOAT16:
-                    rows = as_rows(rows)
-                _check_columns(rows, table, f"output {tensor!r}")
-            output_rows.append(rows)
+        (first axis the batch; unknown names ignored) and its latencies. Only buffered here:
+        the next flush (see FLUSH_REQUESTS) checks and counts it, and skips, counting in
+        ``skipped``, a request whose tensors' column counts differ from the reference. Any
+        numeric dtype is taken; ``kernels.WARM_DTYPES`` and the reference's never wait for
+        compilation, others compile once per process (from the disk cache after the first).
+        The arrays are kept until the flush: callers must not change them afterwards."""
         pending = self._pending
-        pending.append((now, feature_rows, output_rows, total_s, model_s))
-        if feature_rows is not None:
-            self._pending_rows += feature_rows.shape[0]
+        pending.append((now, features, outputs, total_s, model_s))
+        if features is not None:
+            self._pending_rows += features.shape[0] if features.ndim else 1
         if (
             len(pending) >= FLUSH_REQUESTS
             or self._pending_rows >= FLUSH_ROWS
@@ -237,20 +244,55 @@ class VersionMonitor:
             start = end
 
     def _count(self, group: list[_Pending], slot: int) -> None:
+        """Count ``group`` into ``slot``: each monitored tensor stacked over the requests and
+        checked at once; when a stack does not fit its reference, each request is checked
+        alone and those that do not fit are skipped."""
+        stacks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         if self._features is not None:
             parts = [p[1] for p in group if p[1] is not None]
             if parts:
                 counts, table = self._features
-                kernels.observe_columns(counts, slot, _stacked(parts), table)
-        for j, (_, counts, table) in enumerate(self._outputs):
-            parts = [rows for p in group if (rows := p[2][j]) is not None]
+                rows = _stack(parts, table)
+                if rows is None:
+                    return self._count(self._fitting(group), slot)
+                stacks.append((counts, table, rows))
+        for tensor, counts, table in self._outputs:
+            parts = [rows for p in group if (rows := p[2].get(tensor)) is not None]
             if parts:
-                kernels.observe_columns(counts, slot, _stacked(parts), table)
-        self.latency.record_pairs(
-            slot,
-            np.array([p[3] for p in group], np.float64),
-            np.array([p[4] for p in group], np.float64),
-        )
+                rows = _stack(parts, table)
+                if rows is None:
+                    return self._count(self._fitting(group), slot)
+                stacks.append((counts, table, rows))
+        for counts, table, rows in stacks:
+            kernels.observe_columns(counts, slot, rows, table)
+        if group:
+            self.latency.record_pairs(
+                slot,
+                np.array([p[3] for p in group], np.float64),
+                np.array([p[4] for p in group], np.float64),
+            )
+        return None
+
+    def _fitting(self, group: list[_Pending]) -> list[_Pending]:
+        """The requests of ``group`` whose tensors fit their references, as (rows, columns);
+        the others are counted in ``skipped``."""
+        fitting: list[_Pending] = []
+        for now, features, outputs, total_s, model_s in group:
+            try:
+                if features is not None and self._features is not None:
+                    features = _rows_of(features, self._features[1], None)
+                monitored = {}
+                for tensor, _, table in self._outputs:
+                    rows = outputs.get(tensor)
+                    if rows is not None:
+                        monitored[tensor] = _rows_of(rows, table, tensor)
+            except ValueError as exc:
+                if not self.skipped:
+                    log.warning("monitor skips requests it cannot count, first: %s", exc)
+                self.skipped += 1
+                continue
+            fitting.append((now, features, monitored, total_s, model_s))
+        return fitting
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """JSON-ready drift and latency of the current window at ``now`` and since load."""

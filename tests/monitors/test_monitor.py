@@ -159,9 +159,20 @@ def test_string_outputs_are_not_monitored() -> None:
     assert [o["name"] for o in monitor.snapshot(now=0.0)["outputs"]] == ["score"]
 
 
-def test_a_tensor_of_the_wrong_width_is_refused() -> None:
-    monitor, _ = fitted()
-    with pytest.raises(ValueError, match="columns"):
-        monitor.observe(np.ones((1, 5), np.float32), {}, 1e-3, 1e-3, now=0.0)
+def test_a_request_of_the_wrong_width_is_skipped_and_counted_alone() -> None:
+    monitor, x = fitted()
+    clean, _ = fitted()
+    for m in (monitor, clean):
+        m.observe(x[:3], model(x[:3]), 1e-3, 1e-3, now=0.0)
+        if m is monitor:
+            monitor.observe(np.ones((1, 5)), {}, 1e-3, 1e-3, now=0.0)  # 5 features, not 4
+            monitor.observe(None, {"label": np.ones((2, 3))}, 1e-3, 1e-3, now=0.0)  # 3 columns
+        m.observe(x[3:5], model(x[3:5]), 1e-3, 1e-3, now=0.0)
+    assert monitor.snapshot(now=0.0) == clean.snapshot(now=0.0)  # reads flush the buffer
+    assert (monitor.skipped, clean.skipped) == (2, 0)
+    assert monitor.snapshot(now=0.0)["latency"]["total"]["count"] == 2
+
+
+def test_a_reference_that_is_not_a_table_is_refused() -> None:
     with pytest.raises(ValueError, match="rows, features"):
         VersionMonitor.fit(np.ones(3), {})
