@@ -71,13 +71,14 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
     one client could make a worker buffer gigabytes of headers. The cap is uvicorn's
     ``h11_max_incomplete_event_size`` (which h11 honours and httptools ignores).
 
-    A head is measured as it is parsed (URL and each header); a head still incomplete after a
-    read is measured in raw bytes, so one header that never ends is refused too, within one read.
+    A head still incomplete after a read is measured in raw bytes, so one header that never
+    ends is refused within one read; a complete head is measured once, from the request line
+    and headers uvicorn parsed. (Measuring in the per-header callbacks instead cost 9 % of a
+    light model's throughput: two Python calls per header.)
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._parsed = 0  # bytes of the current head seen by the callbacks
         self._raw = 0  # bytes received while the current head is incomplete
         self._in_head = True
         self._refusing = False
@@ -91,21 +92,20 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
         if over and limit is not None and not self.transport.is_closing():
             self._refuse(limit)
 
-    def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._in_head = False
+        limit = self.config.h11_max_incomplete_event_size
+        if limit is not None:
+            headers = self.headers
+            size = len(self.url) + 4 * len(headers) + sum(len(n) + len(v) for n, v in headers)
+            if size > limit:
+                self._refusing = True
+                raise _HeadTooLarge  # httptools stops; uvicorn calls send_400_response
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._in_head, self._parsed, self._raw = True, 0, 0
+        self._in_head, self._raw = True, 0
 
     def send_400_response(self, msg: str) -> None:
         limit = self.config.h11_max_incomplete_event_size
@@ -113,13 +113,6 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
             self._refuse(limit)
         else:
             super().send_400_response(msg)
-
-    def _count(self, size: int) -> None:
-        self._parsed += size
-        limit = self.config.h11_max_incomplete_event_size
-        if limit is not None and self._parsed > limit:
-            self._refusing = True
-            raise _HeadTooLarge
 
     def _refuse(self, limit: int) -> None:
         if self.cycle is not None and not self.cycle.response_complete:
