@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.admin import Admin
 from gateway.auth import TokenAuth, key_check
+from gateway.backlog import STATE_KEY, Backlog
 from gateway.batcher import BatchConfig, BatchingRuntime
 from gateway.endpoints import Endpoints
 from gateway.fleet import CountsExchange
@@ -48,16 +49,19 @@ class Gateway(Starlette):
     (gateway.inference says why); everything else, and any scope with a ``root_path``, takes
     the starlette routes, which reach the same ``Inference`` for inference paths."""
 
-    def __init__(self, inference: Inference, **kwargs: Any) -> None:
+    def __init__(self, inference: Inference, backlog: Backlog, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.inference = inference
+        self.backlog = backlog
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            target = infer_target(scope["path"])
-            if target is not None:
-                await self.inference.serve(scope, receive, send, *target)
-                return
+        if scope["type"] == "http":
+            self.backlog.begun += 1
+            if scope["method"] == "POST" and not scope.get("root_path"):
+                target = infer_target(scope["path"])
+                if target is not None:
+                    await self.inference.serve(scope, receive, send, *target)
+                    return
         await super().__call__(scope, receive, send)
 
 
@@ -86,9 +90,11 @@ def create_app(settings: Settings) -> Gateway:
             config,
             name=f"{model} v{version}",
             inline_rows=inline_rows(session.cost, settings.inline_threshold_us / 1e6),
+            busy=backlog.busy,
         )
         return info, runtime, monitor
 
+    backlog = Backlog()
     batch_defaults = BatchConfig(
         enabled=settings.batching,
         max_batch_size=settings.max_batch_size,
@@ -124,7 +130,7 @@ def create_app(settings: Settings) -> Gateway:
     guards = GuardEvaluator(admin, traffic, guard_metrics)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async def start() -> None:
             # Compile (or load from the cache) every kernel before any request can need one.
             await asyncio.get_running_loop().run_in_executor(None, warm_up)
@@ -148,7 +154,7 @@ def create_app(settings: Settings) -> Gateway:
             # restarted after a crash would take its share of requests before it could serve.
             await task
         try:
-            yield
+            yield {STATE_KEY: backlog}  # for the HTTP protocol (gateway.backlog)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -198,6 +204,7 @@ def create_app(settings: Settings) -> Gateway:
     ]
     app = Gateway(
         inference,
+        backlog,
         routes=routes,
         lifespan=lifespan,
         exception_handlers=dict(HANDLERS),

@@ -102,7 +102,7 @@ class BatchStats:
     failed: int = 0  # requests failed by a model error (their own: see ``isolated``)
     isolated: int = 0  # merged runs that failed and were rerun one request at a time
     cancelled: int = 0  # abandoned by the caller
-    inline: int = 0  # ran on the event loop: small, and nothing else waiting
+    inline: int = 0  # inner runs on the event loop: light requests, alone or merged
 
 
 @dataclass(slots=True, eq=False)  # identity hash: requests are members of an ordered set
@@ -146,10 +146,12 @@ class BatchingRuntime:
         name: str = "model",
         on_batch: Callable[[int, float], None] | None = None,
         inline_rows: int = 0,
+        busy: Callable[[], bool] = lambda: False,
     ) -> None:
-        """``inline_rows``: a request of at most this many rows that finds the queue empty and
-        the session idle runs right away on the event loop thread, skipping the thread hop
-        (for models that take microseconds, the hop costs more than the run)."""
+        """``inline_rows``: a request of at most this many rows that finds the queue empty, the
+        session idle and the server not ``busy`` (gateway.backlog) runs right away on the event
+        loop thread, skipping the thread hop (for models that take microseconds, the hop costs
+        more than the run; when requests wait behind it, merging them costs less)."""
         self.config = BatchConfig() if config is None else config
         self.name = name
         self.stats = BatchStats()
@@ -161,10 +163,12 @@ class BatchingRuntime:
         self._inflight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.TimerHandle | None = None
+        self._soon: asyncio.Handle | None = None
         self._closed = False
         self._batch_s = 0.0
         self._per_batch = 1.0
         self._inline_rows = inline_rows
+        self._busy = busy
 
     @property
     def queue_depth(self) -> int:
@@ -189,7 +193,12 @@ class BatchingRuntime:
             self.stats.timed_out += 1
             raise Timeout(f"deadline passed before {self.name} could run the request")
         rows = _rows(inputs)
-        if rows <= self._inline_rows and not self._queue and not self._inflight:
+        if (
+            rows <= self._inline_rows
+            and not self._queue
+            and not self._inflight
+            and not self._busy()
+        ):
             stats = self.stats
             stats.requests += 1
             stats.inline += 1
@@ -210,7 +219,13 @@ class BatchingRuntime:
         request.future.add_done_callback(partial(self._settled, request))
         self._queue[request] = None
         self.stats.requests += 1
-        self._pump()
+        if rows <= self._inline_rows and self._busy():
+            # Requests wait for the loop behind this one: pump once they have been queued too,
+            # and run what merges here on the loop (see _launch).
+            if self._soon is None:
+                self._soon = loop.call_soon(self._pump)
+        else:
+            self._pump()
         return await request.future
 
     def cheap(self, inputs: Mapping[str, np.ndarray]) -> bool:
@@ -232,6 +247,8 @@ class BatchingRuntime:
         self._closed = True
         if self._wakeup is not None:
             self._wakeup.cancel()
+        if self._soon is not None:
+            self._soon.cancel()
         for request in list(self._queue):
             del self._queue[request]
             if not request.future.done():
@@ -269,6 +286,9 @@ class BatchingRuntime:
             self.stats.cancelled += 1
 
     def _pump(self) -> None:
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         if self._wakeup is not None:
             self._wakeup.cancel()
             self._wakeup = None
@@ -319,6 +339,17 @@ class BatchingRuntime:
 
     def _launch(self, batch: list[_Request]) -> None:
         assert self._loop is not None
+        if sum(r.rows for r in batch) <= self._inline_rows:
+            # Light requests merged while the loop was busy: one run here costs less than the
+            # thread hop, as a lone light request's does.
+            try:
+                outcome = self._execute(batch)
+            except Exception as exc:
+                self._fail(batch, self._translate(exc))
+            else:
+                self.stats.inline += outcome.runs
+                self._deliver(batch, outcome)
+            return
         try:
             future = self._loop.run_in_executor(self._executor, self._execute, batch)
         except RuntimeError:  # the executor was shut down
@@ -382,7 +413,7 @@ class BatchingRuntime:
         drain_s = batches_ahead * self._batch_s / self.config.max_concurrent_batches
         return float(max(1, math.ceil(drain_s)))
 
-    # -- executor thread ----------------------------------------------------------------------
+    # -- executor thread (or the event loop, for light requests merged) ------------------------
     def _execute(self, batch: list[_Request]) -> _Outcome:
         now = time.monotonic()
         live = [

@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.backlog import STATE_KEY
 from gateway.codec import encode_error
 from gateway.settings import Settings, SettingsError, parse_credentials
 
@@ -106,6 +107,14 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head, self._raw = True, 0
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # Count the request for the app's Backlog (gateway.backlog). Should a uvicorn release
+        # rename this method, nothing counts and the gateway runs requests as if never busy.
+        backlog = self.app_state.get(STATE_KEY)
+        if backlog is not None:
+            backlog.started += 1
+        super()._start_asgi_task(cycle, app)
 
     def send_400_response(self, msg: str) -> None:
         limit = self.config.h11_max_incomplete_event_size

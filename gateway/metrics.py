@@ -128,7 +128,7 @@ class GatewayCollector(Collector):
         )
         inline = CounterMetricFamily(
             "turnout_inline_runs",
-            "Runs made on the event loop thread: small, with nothing else waiting (no thread hop)",
+            "Runs made on the event loop thread (light requests, alone or merged: no thread hop)",
             labels=labels,
         )
         depth = GaugeMetricFamily(

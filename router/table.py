@@ -66,7 +66,8 @@ class RouteTable:
         self._served: dict[tuple[str, int, str], list[float]] = {}
         self._unsent: tuple[str, dict[tuple[str, int, str], ArmStats]] | None = None
         self._pending: dict[str, Assignment] = {}
-        self._recent: OrderedDict[str, tuple[float, Assignment]] = OrderedDict()
+        # request id -> (expiry, model, version, revision, propensity), oldest first
+        self._recent: OrderedDict[str, tuple[float, str, str, int, float]] = OrderedDict()
         self._ttl = feedback_ttl_s
         self._flush_s = flush_s
         self._max_local = max_local_assignments
@@ -97,10 +98,18 @@ class RouteTable:
             cell = self._served[key] = [0.0, 0.0, 0.0, 0.0]
         cell[0] += 1
         if route.strategy in FEEDBACK_STRATEGIES:
-            a = Assignment(route.model, decision.version, route.revision, decision.propensity)
             if self._shared:
-                self._pending[request_id] = a
-            self._recent[request_id] = (time.monotonic() + self._ttl, a)
+                self._pending[request_id] = Assignment(
+                    route.model, decision.version, route.revision, decision.propensity
+                )
+            # A plain tuple: an Assignment (frozen) per request cost 1 µs; built on feedback.
+            self._recent[request_id] = (
+                time.monotonic() + self._ttl,
+                route.model,
+                decision.version,
+                route.revision,
+                decision.propensity,
+            )
             if len(self._recent) > self._max_local:
                 self._recent.popitem(last=False)
 
@@ -110,7 +119,7 @@ class RouteTable:
             raise PolicyError("reward", "must be a finite number")
         local = self._recent.get(request_id)
         if local is not None and local[0] > time.monotonic():
-            assignment = local[1]
+            assignment = Assignment(*local[1:])
         else:
             found = await self.store.recall(request_id)
             if found is None:

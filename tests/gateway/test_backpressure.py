@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,3 +112,59 @@ def test_inline_runs_are_counted_apart_from_thread_runs(gateway: Server) -> None
         assert r.status_code == 200
     assert (inline("1"), batches("1")) == (light[0] + 1, light[1] + 1)
     assert (inline("5"), batches("5")) == (slow[0], slow[1] + 1)
+
+
+def test_light_requests_that_arrive_together_share_runs(gateway: Server) -> None:
+    # The HTTP protocol counts the requests waiting for the event loop (gateway.backlog):
+    # under concurrent load, light requests merge into shared runs instead of one run each.
+    def counters() -> tuple[float, float, float]:
+        labels = '{model="fraud",version="1"}'
+        return (
+            metric(gateway, f"turnout_batches_total{labels}"),
+            metric(gateway, f"turnout_batch_rows_total{labels}"),
+            metric(gateway, f"turnout_inline_runs_total{labels}"),
+        )
+
+    request = (
+        b"POST /v2/models/fraud/versions/1/infer HTTP/1.1\r\nHost: t\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    ) % (len(body()), body())
+
+    def bursts(rounds: int, width: int) -> list[int]:
+        """``width`` connections each send a request before any answer is read: the gateway
+        sees them arrive together (an HTTP client library in Python sends too slowly)."""
+        statuses = []
+        sockets = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(width)]
+        try:
+            for _ in range(rounds):
+                for sock in sockets:
+                    sock.sendall(request)
+                for sock in sockets:
+                    statuses.append(read_response(sock))
+        finally:
+            for sock in sockets:
+                sock.close()
+        return statuses
+
+    before = counters()
+    assert set(bursts(rounds=20, width=30)) == {200}
+    batches, rows, inline = (a - b for a, b in zip(counters(), before, strict=True))
+    assert rows == 600  # every request ran once (20 rounds of 30)
+    assert batches < rows  # some runs were shared
+    assert inline == batches  # all on the event loop: no thread hop for a light model
+
+
+def read_response(sock: socket.socket) -> int:
+    """The status of one HTTP/1.1 response read whole from ``sock`` (its body is skipped)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(head.split(b" ", 2)[1])

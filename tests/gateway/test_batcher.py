@@ -178,6 +178,38 @@ def test_sequential_requests_run_alone_without_delay(
     assert float(np.median(latencies)) < 0.25
 
 
+def test_light_requests_merge_on_the_event_loop_while_the_server_is_busy(
+    repo: Path, executor: ThreadPoolExecutor
+) -> None:
+    info, model = load(repo, executor, "fraud")
+    outputs = ["probability"]
+    requests = [sample_inputs("fraud", 1 + i % 3, seed=i) for i in range(30)]
+    loop_threads: set[int] = set()
+
+    def record(rows: int, seconds: float) -> None:
+        loop_threads.add(threading.get_ident())
+
+    def runtime(busy: bool) -> BatchingRuntime:
+        return BatchingRuntime(
+            model, info.inputs, executor, name="fraud", inline_rows=64,
+            busy=lambda: busy, on_batch=record,
+        )  # fmt: skip
+
+    async def main(rt: BatchingRuntime) -> tuple[list[Arrays], int]:
+        results = await asyncio.gather(*(rt.run(r, outputs) for r in requests))
+        return results, threading.get_ident()
+
+    busy, idle = runtime(True), runtime(False)
+    results, loop_thread = asyncio.run(main(busy))
+    for request, got in zip(requests, results, strict=True):
+        assert_identical(got, model.inner.run_sync(request, outputs))
+    # queued in one turn of the loop, run as one merged run on the loop thread itself
+    assert (busy.stats.batches, busy.stats.inline, busy.stats.rows) == (1, 1, 60)
+    assert loop_threads == {loop_thread}
+    asyncio.run(main(idle))  # idle: each request runs alone, inline, as soon as it comes
+    assert (idle.stats.batches, idle.stats.inline) == (30, 30)
+
+
 def test_queue_delay_waits_for_more_rows(repo: Path, executor: ThreadPoolExecutor) -> None:
     info, model = load(repo, executor, "fraud")
     rt = batcher(info, model, executor, max_queue_delay_us=300_000, max_batch_size=4)
