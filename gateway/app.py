@@ -106,7 +106,7 @@ def create_app(settings: Settings) -> Gateway:
     table = RouteTable(
         store, shared=settings.redis_url is not None, feedback_ttl_s=settings.feedback_ttl_s
     )
-    shadows = ShadowRunner(registry, settings.max_shadow_inflight)
+    shadows = ShadowRunner(registry, settings.max_shadow_inflight, busy=backlog.busy)
     auth = TokenAuth(settings.admin_tokens, settings.admin_token_expiry)
     traffic = Traffic()
     keys = key_check(settings.api_keys, settings.api_key_expiry)

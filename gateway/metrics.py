@@ -224,7 +224,7 @@ class GatewayCollector(Collector):
         families: dict[str, Any] = {
             "requests": CounterMetricFamily("turnout_shadow_requests", "Shadow copies compared", labels=labels),
             "errors": CounterMetricFamily("turnout_shadow_errors", "Shadow copies that failed", labels=labels),
-            "dropped": CounterMetricFamily("turnout_shadow_dropped", "Shadow copies dropped: too many in flight", labels=labels),
+            "dropped": CounterMetricFamily("turnout_shadow_dropped", "Shadow copies dropped: too many waiting or running", labels=labels),
             "mean_abs_diff": GaugeMetricFamily("turnout_shadow_mean_abs_diff", "Mean absolute difference of shadow and primary outputs", labels=labels),
             "disagreement_rate": GaugeMetricFamily("turnout_shadow_disagreement_ratio", "Share of rows where shadow and primary decide differently", labels=labels),
         }  # fmt: skip
@@ -235,6 +235,12 @@ class GatewayCollector(Collector):
                 if value is not None:
                     family.add_metric([model, primary, shadow], value)
         yield from families.values()
+        deferrals = CounterMetricFamily(
+            "turnout_shadow_deferrals",
+            "Shadow runs put off because primary requests were waiting for the event loop",
+        )
+        deferrals.add_metric([], self.shadows.deferrals)
+        yield deferrals
 
     def _guards(self, g: GuardMetrics) -> Iterator[Metric]:
         leader = GaugeMetricFamily(

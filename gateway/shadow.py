@@ -20,10 +20,15 @@ forth, and the primary's p99 at 2,312 req/s rose from 6.3 ms to 34.5 ms.) A pair
 run on the thread; copies arriving meanwhile wait and merge into its next run.
 
 A merged run that fails is rerun copy by copy, so only copies that fail by themselves count as
-errors; a shadow whose outputs do not follow input rows is not merged again. When ``limit``
-copies are waiting or running, new copies are dropped and counted rather than queued without
-bound. All methods and callbacks run on the event-loop thread; the executor thread only runs
-``_execute_all``.
+errors; a shadow whose outputs do not follow input rows is not merged again.
+
+Primary requests come first: a drain that finds requests waiting for the event loop (``busy``,
+gateway.backlog) is put off by ``RETRY_S``, until the oldest waiting copy has waited
+``max_wait_s``, so that copies run in the loop's idle moments instead of in front of a
+request. When ``limit`` copies are waiting or running, new copies are dropped and counted
+rather than queued without bound: under sustained load the shadow sees a sample of the traffic
+(at least ``limit`` copies per ``max_wait_s``) and the primary keeps its latency. All methods
+and callbacks run on the event-loop thread; the executor thread only runs ``_execute_all``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -50,6 +55,7 @@ Arrays = Mapping[str, np.ndarray]
 Key = tuple[str, str, str]  # model, primary version, shadow version
 Copy = tuple[Arrays, Arrays]  # a request's inputs, the primary's outputs
 SOON = 64  # copies waiting for one pair that make its drain due now (the default batch size)
+RETRY_S = 0.001  # a drain put off because primary requests wait tries again this much later
 
 
 @dataclass(slots=True)
@@ -81,14 +87,25 @@ class _Outcome:
 
 class ShadowRunner:
     def __init__(
-        self, registry: Registry, limit: int, threads: int = 1, delay_s: float = 0.005
+        self,
+        registry: Registry,
+        limit: int,
+        threads: int = 1,
+        delay_s: float = 0.005,
+        busy: Callable[[], bool] = lambda: False,
+        max_wait_s: float = 0.1,
     ) -> None:
         """``delay_s``: how long copies wait for others to merge with (0: until the loop's next
         turn); ``SOON`` copies waiting for one pair, or half of ``limit`` waiting or running,
-        cut the wait short."""
+        cut the wait short. ``busy``: whether primary requests wait for the event loop; while
+        they do, copies wait too, up to ``max_wait_s``."""
         self.registry = registry
         self.limit = limit
         self.delay_s = delay_s
+        self.max_wait_s = max_wait_s
+        self.deferrals = 0  # drains put off because primary requests were waiting
+        self._busy = busy
+        self._waiting_since = 0.0  # loop time the oldest waiting copy arrived
         self.divergence: dict[Key, Divergence] = {}
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="turnout-shadow")
         self._pending: dict[Key, list[Copy]] = {}
@@ -117,6 +134,8 @@ class ShadowRunner:
                 continue
             d.inflight += 1
             self._accepted += 1
+            if not self._pending:
+                self._waiting_since = asyncio.get_running_loop().time()
             waiting = self._pending.get(key)
             if waiting is None:
                 waiting = self._pending[key] = []
@@ -127,7 +146,8 @@ class ShadowRunner:
         """Runs the copies still waiting first (those estimated cheap are compared now)."""
         if self._drain is not None:
             self._drain.cancel()
-            self._run_pending()
+            self._drain = None
+            self._run_all()
         return [
             {"primary": p, "shadow": v, **d.as_json()}
             for (m, p, v), d in sorted(self.divergence.items())
@@ -165,6 +185,15 @@ class ShadowRunner:
 
     def _run_pending(self) -> None:
         self._drain = None
+        loop = asyncio.get_running_loop()
+        if self._busy() and loop.time() - self._waiting_since < self.max_wait_s:
+            self.deferrals += 1
+            self._drain = loop.call_later(RETRY_S, self._run_pending)
+            self._drain_soon = True  # new copies need not bring it forward
+            return
+        self._run_all()
+
+    def _run_all(self) -> None:
         for key in [k for k in self._pending if k not in self._running]:
             self._start(key, self._pending.pop(key))
 

@@ -39,10 +39,12 @@ ADMIN_TOKEN = "bench-admin-token-0123456789"
 FEATURES = {"fraud": 32, "heavy": 256}
 POLICIES: dict[str, dict[str, Any]] = {
     "turnout+canary": {"strategy": "canary", "baseline": "1", "candidate": "2", "weight": 0.1},
+    # The primary is the version "no policy" serves (the latest), so enabling the shadow is the
+    # only difference between the two.
     "turnout+shadow": {
         "strategy": "single",
-        "version": "1",
-        "shadow": {"versions": ["2"], "sample": 1.0},
+        "version": "2",
+        "shadow": {"versions": ["1"], "sample": 1.0},
     },
 }
 
@@ -249,7 +251,7 @@ def run(r: Results, o: Options) -> None:
         + " of Turnout's (no policy) best closed-loop req/s",
         "requests": "batch 1, JSON; fraud rows from its reference sample; heavy rows N(0, 1)",
         "models": "fraud v2 (no policy, with monitors on and off, bare), canary 1 → 2 at 10 %, "
-        "shadow: v1 answers and v2 shadows every request; heavy the same with heavy/2 a copy "
+        "shadow: v2 answers and v1 shadows every request; heavy the same with heavy/2 a copy "
         "of heavy/1",
     }
     r.machine["load average at start"] = _loadavg()

@@ -71,6 +71,7 @@ EXPORTED_FAMILIES = (
     "turnout_shadow_requests_total",
     "turnout_shadow_errors_total",
     "turnout_shadow_dropped_total",
+    "turnout_shadow_deferrals_total",
     "turnout_shadow_mean_abs_diff",
     "turnout_shadow_disagreement_ratio",
 )

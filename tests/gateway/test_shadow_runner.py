@@ -140,6 +140,8 @@ def scenario(
     limit: int = 1000,
     slow: bool = False,
     delay_s: float = 0.005,  # the runner's default
+    busy: Callable[[], bool] = lambda: False,
+    max_wait_s: float = 0.1,  # the runner's default
 ) -> T:
     """Load the repository (the slow version only if asked: it takes a second), run ``body``
     on a fresh runner, close both."""
@@ -148,7 +150,7 @@ def scenario(
         reg = registry(repo, executor, inline=inline)
         await reg.load("risk")
         await reg.load("fraud", ["1", "2", ROWS, POOLED, FAILING, *([SLOW] if slow else [])])
-        runner = ShadowRunner(reg, limit, delay_s=delay_s)
+        runner = ShadowRunner(reg, limit, delay_s=delay_s, busy=busy, max_wait_s=max_wait_s)
         try:
             return await body(runner)
         finally:
@@ -326,6 +328,63 @@ def test_a_full_batch_waiting_cuts_the_delay_short(
 
     d = scenario(repo, executor, body, delay_s=60.0)
     assert (d.requests, d.inflight, d.mean_abs_diff) == (SOON, 0, SOON)
+
+
+# -- primary requests first ---------------------------------------------------------------------
+
+
+def test_copies_wait_while_primary_requests_wait_for_the_loop(
+    repo: Path, executor: ThreadPoolExecutor
+) -> None:
+    waiting = [True]  # primary requests wait for the event loop
+
+    async def body(runner: ShadowRunner) -> tuple[Divergence, int]:
+        for inputs in fraud_rows(5, seed=17):
+            runner.submit("fraud", "1", [ROWS], inputs, ZERO)
+        d = runner.divergence[("fraud", "1", ROWS)]
+        await asyncio.sleep(0.05)  # ten times the merge delay
+        assert (d.requests, d.inflight) == (0, 5)
+        deferrals = runner.deferrals
+        waiting[0] = False
+        await settled(runner)
+        return d, deferrals
+
+    d, deferrals = scenario(repo, executor, body, busy=lambda: waiting[0], max_wait_s=60.0)
+    assert deferrals >= 2  # retried while the primary requests waited, then ran
+    assert (d.requests, d.errors, d.dropped, d.mean_abs_diff) == (5, 0, 0, 5.0)
+
+
+def test_copies_run_anyway_once_the_oldest_waited_max_wait(
+    repo: Path, executor: ThreadPoolExecutor
+) -> None:
+    max_wait_s = 0.05
+
+    async def body(runner: ShadowRunner) -> tuple[Divergence, float]:
+        start = time.monotonic()
+        for inputs in fraud_rows(3, seed=18):
+            runner.submit("fraud", "1", [ROWS], inputs, ZERO)
+            await asyncio.sleep(0.01)
+        await settled(runner)
+        return runner.divergence[("fraud", "1", ROWS)], time.monotonic() - start
+
+    d, elapsed = scenario(
+        repo, executor, body, busy=lambda: True, delay_s=0.0, max_wait_s=max_wait_s
+    )
+    assert elapsed >= max_wait_s
+    assert (d.requests, d.mean_abs_diff) == (3, 3.0)  # the three ran together
+
+
+def test_a_report_compares_waiting_copies_even_while_requests_wait(
+    repo: Path, executor: ThreadPoolExecutor
+) -> None:
+    async def body(runner: ShadowRunner) -> list[dict[str, object]]:
+        for inputs in fraud_rows(2, seed=19):
+            runner.submit("fraud", "1", [ROWS], inputs, ZERO)
+        await asyncio.sleep(0.01)
+        return runner.report("fraud")
+
+    report = scenario(repo, executor, body, busy=lambda: True, max_wait_s=60.0)
+    assert [(r["requests"], r["inflight"]) for r in report] == [(2, 0)]
 
 
 def test_copies_arriving_during_a_thread_run_merge_into_the_next(
