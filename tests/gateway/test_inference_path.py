@@ -12,11 +12,12 @@ import httpx
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
+from starlette.datastructures import Headers
 from starlette.routing import Match, Route
 
 from gateway.app import create_app
 from gateway.demo import sample_inputs
-from gateway.inference import infer_target
+from gateway.inference import RequestHeaders, infer_target
 from gateway.settings import Settings
 from tests.reliability import metric_sum
 from tests.server import Server
@@ -44,6 +45,27 @@ def test_the_front_recognises_exactly_the_paths_starlette_routes_to_inference(
 ) -> None:
     path = "/" + "/".join(segments)
     assert infer_target(path) == starlette_target(path)
+
+
+NAMES = st.sampled_from(
+    [
+        "Content-Length",
+        "content-length",
+        "X-Turnout-Version",
+        "inference-header-content-length",
+        "Host",
+    ]
+)
+
+
+@given(st.lists(st.tuples(NAMES, st.text(max_size=3)), max_size=6), NAMES)
+def test_request_headers_get_answers_as_starlette_headers(
+    pairs: list[tuple[str, str]], key: str
+) -> None:
+    raw = [(n.lower().encode(), v.encode("utf-8")) for n, v in pairs]
+    for asked in (key, key.upper()):
+        got = RequestHeaders(scope={"headers": raw}).get(asked, "absent")
+        assert got == Headers(scope={"headers": raw}).get(asked, "absent")
 
 
 def fraud_body() -> bytes:
