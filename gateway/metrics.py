@@ -218,6 +218,13 @@ class GatewayCollector(Collector):
                 share.add_metric([model, version, route.strategy], weight)
         yield share
         yield revision
+        resets = CounterMetricFamily(
+            "turnout_store_resets",
+            "Times this process found the shared state store behind it (it lost its state) and "
+            "put its copy of the policies back",
+        )
+        resets.add_metric([], self.table.store_resets)
+        yield resets
 
     def _shadows(self) -> Iterator[Metric]:
         labels = ["model", "version", "shadow"]

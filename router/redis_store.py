@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -111,6 +111,46 @@ end
 return 1
 """
 
+# KEYS: revision, docs, revs, audit, then audit:<model> per record, then stats:<rev>:<model> per
+#       record
+# ARGV: revision, channel, cap, record count n, then per record: model, revision, doc JSON, audit
+#       body JSON, increment count k, then k times: field, 'i' (integer) or 'f', amount.
+# Returns 1 if it restored, 0 if the store's revision was not below ARGV[1].
+RESTORE = """
+local target = tonumber(ARGV[1])
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= target then
+  return 0
+end
+redis.call('SET', KEYS[1], target)
+local now = redis.call('TIME')
+local at = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+local n = tonumber(ARGV[4])
+local a = 5
+for i = 1, n do
+  local k = tonumber(ARGV[a + 4])
+  if redis.call('HEXISTS', KEYS[2], ARGV[a]) == 0 then
+    redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 2])
+    redis.call('HSET', KEYS[3], ARGV[a], ARGV[a + 1])
+    local entry = '{"revision":' .. ARGV[a + 1] .. ',"at":' .. at .. ',"before":null,'
+      .. string.sub(ARGV[a + 3], 2)
+    for _, key in ipairs({KEYS[4], KEYS[4 + i]}) do
+      redis.call('LPUSH', key, entry)
+      redis.call('LTRIM', key, 0, tonumber(ARGV[3]) - 1)
+    end
+    for f = a + 5, a + 2 + 3 * k, 3 do
+      if ARGV[f + 1] == 'i' then
+        redis.call('HINCRBY', KEYS[4 + n + i], ARGV[f], ARGV[f + 2])
+      else
+        redis.call('HINCRBYFLOAT', KEYS[4 + n + i], ARGV[f], ARGV[f + 2])
+      end
+    end
+  end
+  a = a + 5 + 3 * k
+end
+redis.call('PUBLISH', ARGV[2], target)
+return 1
+"""
+
 # KEYS: lease:<name>; ARGV: holder, ttl in ms. Take a free lease or extend one's own.
 ACQUIRE_LEASE = """
 local current = redis.call('GET', KEYS[1])
@@ -120,6 +160,21 @@ if current == false or current == ARGV[1] then
 end
 return 0
 """
+
+
+def _increments(version: str, totals: ArmStats) -> list[tuple[str, str, str]]:
+    """(field, 'i' or 'f', amount) of each nonzero total, as the scripts read them (an all-zero
+    delta creates no entry)."""
+    parts: list[tuple[str, str, str]] = []
+    for stat, kind, amount in (
+        ("served", "i", totals.served),
+        ("rewards", "i", totals.rewards),
+        ("reward_sum", "f", totals.reward_sum),
+        ("reward_sumsq", "f", totals.reward_sumsq),
+    ):
+        if amount:
+            parts.append((f"{stat}:{version}", kind, repr(amount)))
+    return parts
 
 
 def _text(value: bytes | str) -> str:
@@ -160,6 +215,7 @@ class RedisStore:
         self._put = self._redis.register_script(PUT_ROUTE)
         self._add = self._redis.register_script(ADD_STATS)
         self._lease = self._redis.register_script(ACQUIRE_LEASE)
+        self._restore = self._redis.register_script(RESTORE)
         self._closed = False
 
     def _key(self, *parts: str) -> str:
@@ -240,16 +296,36 @@ class RedisStore:
         for (model, revision, version), delta in deltas.items():
             keys.append(self._key("stats", str(revision), model))
             index = len(keys)  # Lua counts from 1
-            for stat, kind, amount in (
-                ("served", "i", delta.served),
-                ("rewards", "i", delta.rewards),
-                ("reward_sum", "f", delta.reward_sum),
-                ("reward_sumsq", "f", delta.reward_sumsq),
-            ):
-                if amount:  # as before: an all-zero delta creates no entry
-                    args += [index, f"{stat}:{version}", kind, repr(amount)]
+            for field, kind, amount in _increments(version, delta):
+                args += [index, field, kind, amount]
         with _translated():
             await self._add(keys=keys, args=args)
+
+    async def restore(
+        self,
+        revision: int,
+        records: Sequence[RouteRecord],
+        stats: Mapping[str, Mapping[str, ArmStats]],
+        *,
+        who: str,
+        reason: str,
+    ) -> bool:
+        keys = [self._key(k) for k in ("revision", "docs", "revs", "audit")]
+        keys += [self._key("audit", r.model) for r in records]
+        keys += [self._key("stats", str(r.revision), r.model) for r in records]
+        args: list[bytes | str | int] = [revision, self._key("changes"), AUDIT_CAP, len(records)]
+        for r in records:
+            doc = orjson.dumps(r.doc)
+            body = audit_body(who, r.model, "restore", reason, doc, {}, None)
+            fields = [
+                inc
+                for v, totals in stats.get(r.model, {}).items()
+                for inc in _increments(v, totals)
+            ]
+            args += [r.model, r.revision, doc, body, len(fields)]
+            args += [part for inc in fields for part in inc]
+        with _translated():
+            return bool(await self._restore(keys=keys, args=args))
 
     async def stats(self, model: str, revision: int) -> dict[str, ArmStats]:
         with _translated():

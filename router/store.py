@@ -16,7 +16,7 @@ import heapq
 import itertools
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -122,6 +122,25 @@ class StateStore(Protocol):
 
     async def audit(self, model: str | None = None, limit: int = 100) -> list[AuditEntry]:
         """Newest first; all models when ``model`` is None."""
+        ...
+
+    async def restore(
+        self,
+        revision: int,
+        records: Sequence[RouteRecord],
+        stats: Mapping[str, Mapping[str, ArmStats]],
+        *,
+        who: str,
+        reason: str,
+    ) -> bool:
+        """Put back what a store that lost its state (a Redis restarted without persistence)
+        held, as one replica last saw it; all in one atomic step, and only while the store's
+        revision is below ``revision`` (the highest the caller saw), so of several replicas that
+        notice, the first restores and the others change nothing. Raises the revision counter to
+        ``revision``; puts back each record whose model has none now (under its own revision,
+        so replicas that hold it rebuild nothing), with an audit entry ``restore`` and the
+        totals ``stats[model][version]`` of its revision; notifies watchers. Returns whether it
+        restored."""
         ...
 
     async def add_stats(self, deltas: Mapping[tuple[str, int, str], ArmStats], batch: str) -> None:
@@ -297,6 +316,32 @@ class MemoryStore:
         trail = self._audit if model is None else self._model_audit.get(model, deque())
         return [decode_entry(raw) for raw in itertools.islice(reversed(trail), max(limit, 0))]
 
+    async def restore(
+        self,
+        revision: int,
+        records: Sequence[RouteRecord],
+        stats: Mapping[str, Mapping[str, ArmStats]],
+        *,
+        who: str,
+        reason: str,
+    ) -> bool:
+        if self._revision >= revision:
+            return False
+        docs = [(r, orjson.dumps(r.doc)) for r in records if r.model not in self._docs]
+        now = time.time()
+        self._revision = revision
+        for record, doc in docs:
+            self._docs[record.model] = (record.revision, doc)
+            body = audit_body(who, record.model, "restore", reason, doc, {}, None)
+            entry = audit_entry(record.revision, now, None, body)
+            self._audit.append(entry)
+            self._model_audit.setdefault(record.model, deque(maxlen=AUDIT_CAP)).append(entry)
+            totals = stats.get(record.model, {}).items()
+            self._add({(record.model, record.revision, v): t for v, t in totals})
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return True
+
     async def add_stats(self, deltas: Mapping[tuple[str, int, str], ArmStats], batch: str) -> None:
         now = time.monotonic()
         while self._batches and next(iter(self._batches.values())) <= now:
@@ -304,6 +349,9 @@ class MemoryStore:
         if batch in self._batches:
             return
         self._batches[batch] = now + BATCH_MEMORY_S
+        self._add(deltas)
+
+    def _add(self, deltas: Mapping[tuple[str, int, str], ArmStats]) -> None:
         zero = ArmStats()
         for (model, revision, version), delta in deltas.items():
             if delta != zero:  # as in Redis, an all-zero delta creates no entry

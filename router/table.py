@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -77,6 +79,8 @@ class RouteTable:
         self._store_failed = False
         self._stopping = False
         self.synced = asyncio.Event()
+        # times this replica found the store behind it (restarted empty) and put its copy back
+        self.store_resets = 0
 
     # -- request path -------------------------------------------------------------------------
     def get(self, model: str) -> Route | None:
@@ -139,8 +143,19 @@ class RouteTable:
 
     # -- changes --------------------------------------------------------------------------------
     async def refresh(self) -> None:
-        """Read every policy from the store and rebuild the ones that changed."""
+        """Read every policy from the store and rebuild the ones that changed.
+
+        A store whose revision is below one this replica has seen lost its state (a Redis
+        restarted without persistence). Taking its word would drop every policy: each model
+        would fall back to its highest version, a canary's candidate to all of the traffic. So
+        the replica first puts its own copy back (``StateStore.restore``), and keeps serving on
+        it until the store holds it again."""
         revision, records = await self.store.routes()
+        if revision < self.revision:
+            await self._restore(revision)
+            revision, records = await self.store.routes()
+            if revision < self.revision:  # not restored: keep serving on the local copy
+                return
         for model in [m for m in self._routes if m not in records]:
             del self._routes[model]
             self._notify(None, model)
@@ -151,6 +166,32 @@ class RouteTable:
         self.revision = revision
         await self._fold_bandits()
         self.synced.set()
+
+    async def _restore(self, found: int) -> None:
+        self.store_resets += 1
+        log.error(
+            "the state store is at revision %d, below the %d this replica has seen: it lost its "
+            "state; putting back this replica's %d policies",
+            found,
+            self.revision,
+            len(self._routes),
+        )
+        records = [RouteRecord(r.model, r.doc, r.revision) for r in self._routes.values()]
+        stats: dict[str, dict[str, ArmStats]] = {}
+        for model, route in self._routes.items():
+            bandit = bandit_of(route.policy)
+            if bandit is not None:  # its totals as last folded from the fleet
+                stats[model] = {
+                    arm: ArmStats(rewards=round(rewards), reward_sum=reward_sum)
+                    for arm, (rewards, reward_sum) in bandit.counts().items()
+                }
+        reason = (
+            f"the state store was found at revision {found} after revision {self.revision}: "
+            "put back from a replica's copy"
+        )
+        who = f"restore:{socket.gethostname()}:{os.getpid()}"
+        if await self.store.restore(self.revision, records, stats, who=who, reason=reason):
+            log.warning("state store restored to revision %d by this replica", self.revision)
 
     def install(self, record: RouteRecord | None, model: str) -> None:
         """Apply a change this replica just wrote, without waiting for the watcher."""
@@ -272,7 +313,11 @@ class RouteTable:
                 arm: (float(totals.get(arm, zero).rewards), totals.get(arm, zero).reward_sum)
                 for arm in bandit.arms
             }
-            if counts == bandit.counts() or self._routes.get(model) is not route:
+            held = bandit.counts()
+            if counts == held or self._routes.get(model) is not route:
+                continue
+            if any(counts[arm][0] < pulls for arm, (pulls, _) in held.items()):
+                # Fleet totals only grow: fewer means the store lost them (refresh restores).
                 continue
             try:
                 updated = with_bandit(route.policy, bandit.with_counts(counts))

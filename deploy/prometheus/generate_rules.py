@@ -247,6 +247,17 @@ def liveness_alerts(targets: Targets) -> list[Yaml]:
             "minutes: check its clients and whatever routes traffic to Turnout.",
             f"{targets.runbook}#turnout-no-traffic",
         ),
+        _alert(
+            "TurnoutStateStoreReset",
+            "increase(turnout_store_resets_total[10m]) > 0",
+            "0m",
+            "ticket",
+            "Turnout's state store lost its state",
+            "Gateway {{ $labels.instance }} found the shared state store (Redis) behind the "
+            "policies it had seen and put its copy back: routing goes on as before, but the audit "
+            "trail before the reset, feedback assignments and most statistics are gone.",
+            f"{targets.runbook}#turnout-state-store-reset",
+        ),
     ]
 
 

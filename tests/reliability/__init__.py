@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ import httpx
 import orjson
 
 from gateway.demo import sample_inputs
+from tests.redis_server import RedisServer
+from tests.server import ADMIN, Server
 
 
 def fraud_body(row: Sequence[float], **parameters: Any) -> bytes:
@@ -187,3 +191,37 @@ def gone(pid: int) -> bool:
 def figures(test: str, **values: object) -> None:
     """One line of figures for docs/reliability.md (seen with ``pytest -s``)."""
     print(f"\nfigures {test}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+
+
+@contextmanager
+def gateways_on_own_redis(
+    work: Path, demo_repo: Path
+) -> Iterator[tuple[tuple[Server, Server], RedisServer]]:
+    """Two ready gateways sharing a redis-server of the test's own (which the test may pause or
+    restart), serving ``fraud`` and ``beta``, a copy of it."""
+    root = work / "models"
+    shutil.copytree(demo_repo / "fraud", root / "fraud")
+    shutil.copytree(demo_repo / "fraud", root / "beta")
+    with RedisServer(work / "redis") as redis:
+        a, b = (Server(root, args=["--redis-url", redis.url], wait_ready=False) for _ in range(2))
+        try:
+            for s in (a, b):
+                s.start()
+            for s in (a, b):
+                s.wait_until_ready()
+            yield (a, b), redis
+        finally:
+            for s in (a, b):
+                s.stop()
+
+
+async def put_policy(
+    client: httpx.AsyncClient, url: str, model: str, policy: dict[str, Any]
+) -> int:
+    """PUT ``policy`` for ``model`` through the admin API; the new revision."""
+    r = await client.put(
+        f"{url}/admin/routes/{model}", headers=ADMIN, json={"policy": policy, "reason": "test"}
+    )
+    assert r.status_code == 200, r.text
+    revision: int = r.json()["revision"]
+    return revision

@@ -9,7 +9,6 @@ client, since a command sent during the outage runs when Redis resumes.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,7 +20,15 @@ import httpx
 import pytest
 
 from tests.redis_server import RedisServer
-from tests.reliability import Load, Outcome, Shot, figures, fraud_bodies
+from tests.reliability import (
+    Load,
+    Outcome,
+    Shot,
+    figures,
+    fraud_bodies,
+    gateways_on_own_redis,
+    put_policy,
+)
 from tests.server import ADMIN, Server
 
 BANDIT = {"strategy": "bandit", "arms": ["1", "2"], "algorithm": "thompson", "min_share": 0.2}
@@ -53,19 +60,10 @@ def reward_of(served: Outcome) -> float:
     return 1.0 if served.version == "2" else 0.0
 
 
-async def put(client: httpx.AsyncClient, url: str, model: str, policy: dict[str, Any]) -> int:
-    r = await client.put(
-        f"{url}/admin/routes/{model}", headers=ADMIN, json={"policy": policy, "reason": "outage"}
-    )
-    assert r.status_code == 200, r.text
-    revision: int = r.json()["revision"]
-    return revision
-
-
 async def scenario(a: Server, b: Server, redis: RedisServer) -> Record:
     urls = [a.url, b.url]
     async with httpx.AsyncClient(timeout=30) as client:
-        revision = await put(client, a.url, "fraud", BANDIT)
+        revision = await put_policy(client, a.url, "fraud", BANDIT)
         await asyncio.sleep(1.2)  # b learns of it within a second
         shots = [
             Shot(urls[i % 2] + "/v2/models/fraud/infer", body) for i, body in enumerate(BODIES)
@@ -112,7 +110,7 @@ async def scenario(a: Server, b: Server, redis: RedisServer) -> Record:
         resumed_at = time.monotonic()
 
         # a policy change right after recovery, on another model: both replicas serve it soon
-        change = await put(client, a.url, "beta", {"strategy": "single", "version": "2"})
+        change = await put_policy(client, a.url, "beta", {"strategy": "single", "version": "2"})
         converged: dict[str, float] = {}
         beta = BODIES[0]
         while len(converged) < 2 and time.monotonic() - resumed_at < 10:
@@ -144,34 +142,19 @@ async def scenario(a: Server, b: Server, redis: RedisServer) -> Record:
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Iterator[Record]:
-    work = tmp_path_factory.mktemp("outage")
-    root = work / "models"
-    shutil.copytree(demo_repo / "fraud", root / "fraud")
-    shutil.copytree(demo_repo / "fraud", root / "beta")
-    with RedisServer(work / "redis") as redis:
-        servers = [
-            Server(root, args=["--redis-url", redis.url], wait_ready=False) for _ in range(2)
-        ]
-        try:
-            for s in servers:
-                s.start()
-            for s in servers:
-                s.wait_until_ready()
-            outage = asyncio.run(scenario(servers[0], servers[1], redis))
-            load = outage.load
-            figures(
-                "redis outage",
-                sent=load.sent,
-                during=sum(1 for o in load.outcomes if during(outage, o)),
-                statuses=dict(load.histogram()),
-                writes=[w.status_code for w in outage.writes],
-                rewards=len(outage.rewards) + len(outage.retried),
-                converged_s=max(outage.converged_after.values(), default=None),
-            )
-            yield outage
-        finally:
-            for s in servers:
-                s.stop()
+    with gateways_on_own_redis(tmp_path_factory.mktemp("outage"), demo_repo) as ((a, b), redis):
+        outage = asyncio.run(scenario(a, b, redis))
+        load = outage.load
+        figures(
+            "redis outage",
+            sent=load.sent,
+            during=sum(1 for o in load.outcomes if during(outage, o)),
+            statuses=dict(load.histogram()),
+            writes=[w.status_code for w in outage.writes],
+            rewards=len(outage.rewards) + len(outage.retried),
+            converged_s=max(outage.converged_after.values(), default=None),
+        )
+        yield outage
 
 
 def during(record: Record, o: Outcome) -> bool:

@@ -18,6 +18,7 @@ from router.store import (
     ArmStats,
     Assignment,
     MemoryStore,
+    RouteRecord,
     StaleRevision,
     StateStore,
     StoreUnavailable,
@@ -195,6 +196,47 @@ async def test_audit_entries_are_complete_newest_first_filtered_and_limited(
     assert [e.revision for e in await store.audit(limit=2)] == [3, 2]
     assert [e.revision for e in await store.audit("fraud", limit=1)] == [3]
     assert await store.audit(limit=0) == []
+
+
+async def test_a_store_behind_a_replica_takes_back_only_what_it_lost(replicas: Replicas) -> None:
+    """A store restarted empty, where an engineer has already written ``risk`` again: two
+    replicas restore at once; the first puts back ``fraud`` (its own revision, its bandit
+    totals, an audit entry) and leaves ``risk`` as written; the second changes nothing."""
+    first, second = replicas.open(), replicas.open()
+    risk_now = {"strategy": "single", "version": "2"}
+    await put(first, "risk", risk_now)  # revision 1, after the reset
+    bandit = {"strategy": "bandit", "arms": ["1", "2"]}
+    kept = [
+        RouteRecord("fraud", bandit, 5),
+        RouteRecord("risk", {"strategy": "single", "version": "1"}, 6),
+    ]
+    totals = {
+        "fraud": {"1": ArmStats(rewards=3, reward_sum=1.5), "2": ArmStats(rewards=2)},
+        "risk": {"1": ArmStats(served=9)},
+    }
+    done = await asyncio.gather(
+        *(
+            s.restore(7, kept, totals, who=f"restore:{i}", reason="lost")
+            for i, s in enumerate((first, second))
+        )
+    )
+    assert sorted(done) == [False, True]
+    assert await second.restore(8, [], {}, who="late", reason="lost") is True  # still behind 8
+    assert await first.restore(8, kept, totals, who="again", reason="lost") is False
+    revision, records = await first.routes()
+    assert revision == 8
+    assert records == {
+        "fraud": RouteRecord("fraud", bandit, 5),
+        "risk": RouteRecord("risk", risk_now, 1),
+    }
+    assert await first.stats("fraud", 5) == totals["fraud"]  # added once
+    assert await first.stats("risk", 6) == {}  # risk was not restored
+    (entry,) = await first.audit("fraud")
+    assert (entry.revision, entry.action, entry.reason) == (5, "restore", "lost")
+    assert entry.who.startswith("restore:") and (entry.before, entry.after) == (None, bandit)
+    assert [e.action for e in await first.audit()] == ["restore", "put"]
+    assert (await put(second, "fraud", None)) is None
+    assert await first.revision() == 9  # revisions go on from the restored one
 
 
 async def test_stats_add_up_exactly_under_concurrency(replicas: Replicas) -> None:
