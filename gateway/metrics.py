@@ -182,11 +182,18 @@ class GatewayCollector(Collector):
             )
         }
         drift = _DriftFamilies()
+        skipped = CounterMetricFamily(
+            "turnout_monitor_skipped",
+            "Requests this process's monitor could not count: a tensor's columns differ from the "
+            "reference sample's",
+            labels=["model", "version"],
+        )
         for loaded in sorted(
             self.registry.loaded(), key=lambda lv: (lv.info.model, int(lv.info.version))
         ):
             labels = [loaded.info.model, loaded.info.version]
             info.add_metric(labels, {"sha256": loaded.info.sha256})
+            skipped.add_metric(labels, loaded.monitor.skipped)
             counts = self.view.monitors.get((loaded.info.model, loaded.info.version))
             if counts is None:
                 continue
@@ -200,6 +207,7 @@ class GatewayCollector(Collector):
                 family.add_metric(labels, buckets, histogram.sum)
             drift.add(labels, loaded.monitor.report(counts))
         yield info
+        yield skipped
         yield from latency.values()
         yield from drift.families()
 

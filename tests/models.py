@@ -31,12 +31,7 @@ def write_slow_fraud(folder: Path, layers: int = 500, width: int = 2048) -> Path
         [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
         initializer=[w_in, w],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "model.onnx"
-    onnx.save(model, path)
-    return path
+    return _save(graph, folder)
 
 
 def write_failing_fraud(folder: Path, feature: int, limit: float) -> Path:
@@ -66,6 +61,28 @@ def write_failing_fraud(folder: Path, feature: int, limit: float) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def write_any_width_scorer(folder: Path) -> Path:
+    """input FP32 [-1, -1] -> score FP32 [-1, 1], the mean of each row: a model whose feature
+    axis is dynamic, so requests may send a width its reference sample does not have."""
+    node = helper.make_node("ReduceMean", ["input"], ["score"], axes=[1], keepdims=1)
+    graph = helper.make_graph(
+        [node],
+        "any_width",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "features"])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])],
+    )
+    return _save(graph, folder)
+
+
+def _save(graph: onnx.GraphProto, folder: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
     onnx.save(model, path)

@@ -209,6 +209,17 @@ def drift_alerts(targets: Targets) -> list[Yaml]:
             f"{_percent(targets.shadow_disagreement)}) for 10 minutes.",
             f"{targets.runbook}#turnout-shadow-disagreement",
         ),
+        _alert(
+            "TurnoutMonitorSkipping",
+            "sum by (model, version) (increase(turnout_monitor_skipped_total[10m])) > 0",
+            "10m",
+            "warning",
+            "{{ $labels.model }} v{{ $labels.version }}: drift monitor skips requests",
+            "The monitor of {{ $labels.model }} version {{ $labels.version }} has skipped "
+            "requests whose tensors do not have its reference sample's columns for 10 minutes: "
+            "drift and latency for them are not measured.",
+            f"{targets.runbook}#turnout-monitor-skipping",
+        ),
     ]
 
 

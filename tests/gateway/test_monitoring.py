@@ -13,6 +13,8 @@ import pytest
 
 from gateway.demo import sample_inputs
 from monitors import psi
+from tests.models import write_any_width_scorer
+from tests.reliability import metric_sum
 from tests.server import ADMIN, Server
 
 
@@ -140,3 +142,22 @@ def test_monitors_off_serves_the_same_answers_and_measures_nothing(demo_repo: Pa
     assert "turnout_request_duration_seconds_count{" not in text  # declared, no samples
     assert "turnout_feature_psi{" not in text
     assert put.status_code == 400 and "guards.max_psi" in put.json()["error"]
+
+
+def test_requests_the_monitor_cannot_count_are_exported(tmp_path: Path) -> None:
+    """A model with a dynamic feature axis and an 8-column reference: 16-column requests are
+    served but skipped by the monitor, and /metrics says how many."""
+    folder = tmp_path / "anywidth" / "1"
+    write_any_width_scorer(folder)
+    reference = np.random.default_rng(3).standard_normal((500, 8)).astype(np.float32)
+    np.save(folder / "reference.npy", reference)
+    with Server(tmp_path) as server:
+        path = "/v2/models/anywidth/versions/1/infer"
+        post_rows(server, reference[:5], path)  # counted
+        post_rows(server, np.ones((1, 16), np.float32), path)  # three requests, skipped
+        post_rows(server, np.ones((2, 16), np.float32), path)
+        post_rows(server, np.ones((1, 16), np.float32), path)
+        assert metric_sum(server.url, "turnout_monitor_skipped_total", model="anywidth") == 3
+        # the latency histogram counts only the requests the monitor could take
+        count = "turnout_request_duration_seconds_count"
+        assert metric_sum(server.url, count, model="anywidth") == 1
