@@ -88,9 +88,6 @@ class ModelVersion:
     def input(self, name: str) -> TensorSpec | None:
         return self.input_specs.get(name)
 
-    def output(self, name: str) -> TensorSpec | None:
-        return self.output_specs.get(name)
-
 
 class Runtime(Protocol):
     """Executes one model version. A dynamic batcher is another implementation of this."""
