@@ -50,7 +50,8 @@ CLIENT_CLOSED = "499"
 class RequestHeaders(Headers):
     """starlette's ``Headers`` with a direct ``get``. The inherited one is ``Mapping.get``, which
     calls ``__getitem__`` and, for an absent header (the usual case for most that are asked),
-    raises and catches a KeyError. The two a request asks cost 1.5 µs instead of 2.1."""
+    raises and catches a KeyError. The two a request asks cost 1.5 µs instead of
+    2.8 (loadtests/stage_cost.py)."""
 
     def get(self, key: str, default: Any = None) -> Any:
         wanted = key.lower().encode("latin-1")

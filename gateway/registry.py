@@ -81,7 +81,7 @@ class Registry:
         self._executor = executor
         self._table: MappingProxyType[str, MappingProxyType[str, Loaded]] = MappingProxyType({})
         # Each model's highest ready version, kept by _publish: the default route asks on every
-        # request, and finding the maximum there cost 1 µs.
+        # request, and finding the maximum there cost 0.9 µs (loadtests/stage_cost.py).
         self._latest: MappingProxyType[str, Loaded] = MappingProxyType({})
         self._status: dict[tuple[str, str], Status] = {}
         self._locks: dict[str, asyncio.Lock] = {}

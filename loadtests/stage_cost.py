@@ -1,0 +1,106 @@
+"""Cost of each stage of one light inference request, in-process: parse, decode, run, encode (and
+the bare handler's whole parse for comparison), the two header reads a request makes, and the
+default route's ``Registry.latest``, each beside what it replaced. Best of ``repeats`` timeit
+runs, in µs; pin it to one CPU (``taskset -c 1``) on a shared machine.
+
+Run: ``.venv/bin/python -m loadtests.stage_cost [-n 20000] [--repeats 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import timeit
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import orjson
+from starlette.datastructures import Headers
+
+from gateway import codec
+from gateway.app import create_app
+from gateway.demo import write_demo_repository
+from gateway.inference import RequestHeaders
+from gateway.registry import Registry
+from gateway.repository import version_key
+from gateway.runtime import load_version
+from gateway.settings import Settings
+from loadtests.handler_cost import _scope, request_body
+
+
+def best_us(stage: Callable[[], object], n: int, repeats: int) -> float:
+    return min(timeit.repeat(stage, number=n, repeat=repeats)) / n * 1e6
+
+
+def stages(repo: Path, registry: Registry) -> dict[str, Callable[[], object]]:
+    body = request_body(repo)
+    settings = Settings(repo)
+    info, runtime = load_version(
+        "fraud", "2", repo / "fraud" / "2", settings, ThreadPoolExecutor(1)
+    )
+    envelope = codec.parse_request(body, None)
+    request = codec.decode_inputs(envelope, info)
+    names = codec.output_names(request, info)
+    outputs = runtime.run_sync(request.inputs, names)
+    specs = {spec.name: spec for spec in info.outputs}
+    scope = _scope(body)
+    versions = {v: None for v in registry.ready_versions("fraud")}
+
+    def bare_parse() -> object:
+        doc = orjson.loads(body)
+        return {
+            t["name"]: np.asarray(t["data"], dtype=np.float32).reshape(t["shape"])
+            for t in doc["inputs"]
+        }
+
+    def header_reads(kind: type[Headers]) -> Callable[[], object]:
+        def read() -> object:
+            headers = kind(scope=scope)
+            return headers.get("content-length"), headers.get("inference-header-content-length")
+
+        return read
+
+    return {
+        "parse_request": lambda: codec.parse_request(body, None),
+        "decode_inputs": lambda: codec.decode_inputs(envelope, info),
+        "run (SessionRuntime.run_sync)": lambda: runtime.run_sync(request.inputs, names),
+        "encode_response": lambda: codec.encode_response(
+            "fraud", "2", "id", outputs, request, specs
+        ),
+        "bare handler: loads + asarray": bare_parse,
+        "two header reads, starlette Headers": header_reads(Headers),
+        "two header reads, RequestHeaders": header_reads(RequestHeaders),
+        "latest version, max over versions": lambda: max(versions, key=version_key),
+        "latest version, Registry.latest": lambda: registry.latest("fraud"),
+    }
+
+
+async def _with_registry(repo: Path, n: int, repeats: int) -> dict[str, float]:
+    app = create_app(Settings(repo))
+    async with app.router.lifespan_context(app):
+        while not app.state.endpoints.registry.started:
+            await asyncio.sleep(0.05)
+        registry: Registry = app.state.endpoints.registry
+        return {name: best_us(f, n, repeats) for name, f in stages(repo, registry).items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="loadtests.stage_cost", description=__doc__)
+    p.add_argument("-n", type=int, default=20_000, help="calls per timeit run")
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "models"
+        write_demo_repository(repo, heavy=False)
+        results = asyncio.run(_with_registry(repo, a.n, a.repeats))
+    for name, us in results.items():
+        print(f"{name:38s} {us:7.2f} µs (best of {a.repeats})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
