@@ -18,27 +18,29 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from gateway.admin import Admin
-from gateway.auth import TokenAuth, key_check
-from gateway.backlog import STATE_KEY, Backlog
-from gateway.batcher import BatchConfig, BatchingRuntime
-from gateway.endpoints import Endpoints
-from gateway.fleet import CountsExchange
-from gateway.guards import GuardEvaluator
-from gateway.inference import Inference, infer_target
-from gateway.metrics import GatewayCollector, GuardMetrics, Traffic
-from gateway.models import ModelVersion, Runtime
-from gateway.monitoring import fit_monitor
-from gateway.openapi import openapi_document
-from gateway.registry import Registry
-from gateway.repository import files_inside
-from gateway.responses import HANDLERS, json_response
-from gateway.runtime import LoadError, inline_rows, load_version
+from gateway.background.fleet import CountsExchange
+from gateway.background.guards import GuardEvaluator
+from gateway.background.shadow import ShadowRunner
+from gateway.errors import LoadError
+from gateway.http.admin import Admin
+from gateway.http.auth import TokenAuth, key_check
+from gateway.http.endpoints import Endpoints
+from gateway.http.inference import Inference, infer_target
+from gateway.http.metrics import GatewayCollector
+from gateway.http.openapi import openapi_document
+from gateway.http.responses import HANDLERS, json_response
+from gateway.serving.backlog import STATE_KEY, Backlog
+from gateway.serving.batcher import BatchConfig, BatchingRuntime
+from gateway.serving.monitoring import fit_monitor
+from gateway.serving.registry import Registry
+from gateway.serving.repository import files_inside
+from gateway.serving.runtime import inline_rows, load_version
+from gateway.serving.traffic import GuardMetrics, Traffic
+from gateway.serving.types import ModelVersion, Runtime
 from gateway.settings import Settings
-from gateway.shadow import ShadowRunner
 from monitors import VersionMonitor, warm_up
-from router.store import open_store
-from router.table import RouteTable
+from router.state.store import MemoryStore, StateStore
+from router.state.table import RouteTable
 
 log = logging.getLogger("turnout")
 
@@ -46,7 +48,7 @@ log = logging.getLogger("turnout")
 class Gateway(Starlette):
     """Starlette, with the inference path in front of its router and middleware: a ``POST`` to
     ``/v2/models/{model}[/versions/{version}]/infer`` goes straight to ``Inference.serve``
-    (gateway.inference says why); everything else, and any scope with a ``root_path``, takes
+    (gateway.http.inference says why); everything else, and any scope with a ``root_path``, takes
     the starlette routes, which reach the same ``Inference`` for inference paths."""
 
     def __init__(self, inference: Inference, backlog: Backlog, **kwargs: Any) -> None:
@@ -63,6 +65,15 @@ class Gateway(Starlette):
                     await self.inference.serve(scope, receive, send, *target)
                     return
         await super().__call__(scope, receive, send)
+
+
+def open_store(redis_url: str | None, prefix: str = "turnout:") -> StateStore:
+    """The routing state store: Redis when configured, else the process's own memory."""
+    if not redis_url:
+        return MemoryStore()
+    from router.state.redis_store import RedisStore  # only deployments with Redis import redis
+
+    return RedisStore(redis_url, prefix)
 
 
 def create_app(settings: Settings) -> Gateway:
@@ -104,30 +115,40 @@ def create_app(settings: Settings) -> Gateway:
     registry = Registry(settings.model_repository, loader)
     store = open_store(settings.redis_url, settings.redis_prefix)
     table = RouteTable(
-        store, shared=settings.redis_url is not None, feedback_ttl_s=settings.feedback_ttl_s
+        store,
+        shared=settings.redis_url is not None,
+        feedback_ttl_s=settings.feedback_ttl_s,
+        flush_s=settings.flush_s,
     )
     shadows = ShadowRunner(registry, settings.max_shadow_inflight, busy=backlog.busy)
     auth = TokenAuth(settings.admin_tokens, settings.admin_token_expiry)
     traffic = Traffic()
     keys = key_check(settings.api_keys, settings.api_key_expiry)
-    ep = Endpoints(settings, registry, table, auth, keys)
-    inference = Inference(settings, registry, table, shadows, traffic, keys)
-    metrics_registry = CollectorRegistry(auto_describe=False)
-    guard_metrics = GuardMetrics()
-    collector = GatewayCollector(registry, table, shadows, guard_metrics)
-    metrics_registry.register(collector)
     exchange = CountsExchange(
         store,
         registry,
         traffic,
         shared=settings.redis_url is not None,
         workers=settings.workers,
+        interval_s=settings.publish_s,
         monitors=settings.monitors,
     )
-    ep.exchange = exchange
-    admin = Admin(auth, registry, table, shadows, monitors=settings.monitors)
-    ep.referenced = admin.referencing
-    guards = GuardEvaluator(admin, traffic, guard_metrics)
+    guard_metrics = GuardMetrics()
+    guards = GuardEvaluator(
+        table,
+        registry,
+        shadows,
+        traffic,
+        guard_metrics,
+        tick_s=settings.guard_tick_s,
+        lease_ttl_s=settings.lease_ttl_s,
+    )
+    ep = Endpoints(settings, registry, table, auth, keys, exchange)
+    inference = Inference(settings, registry, table, shadows, traffic, keys)
+    admin = Admin(auth, registry, table, shadows, guards, monitors=settings.monitors)
+    metrics_registry = CollectorRegistry(auto_describe=False)
+    collector = GatewayCollector(registry, table, shadows, guard_metrics)
+    metrics_registry.register(collector)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -154,7 +175,7 @@ def create_app(settings: Settings) -> Gateway:
             # restarted after a crash would take its share of requests before it could serve.
             await task
         try:
-            yield {STATE_KEY: backlog}  # for the HTTP protocol (gateway.backlog)
+            yield {STATE_KEY: backlog}  # for the HTTP protocol (gateway.serving.backlog)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -196,7 +217,7 @@ def create_app(settings: Settings) -> Gateway:
         Route("/admin/routes/{model}", admin.delete_route, methods=["DELETE"]),
         Route("/admin/routes/{model}/actions/{action}", admin.action, methods=["POST"]),
         Route("/admin/routes/{model}/report", admin.report, methods=["GET"]),
-        Route("/admin/routes/{model}/guards", guards.endpoint, methods=["GET"]),
+        Route("/admin/routes/{model}/guards", admin.guards_view, methods=["GET"]),
         Route("/admin/audit", admin.audit, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -17,8 +17,8 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.backlog import STATE_KEY
-from gateway.codec import encode_error
+from gateway.http.codec import encode_error
+from gateway.serving.backlog import STATE_KEY
 from gateway.settings import Settings, SettingsError, parse_credentials
 
 _LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -109,8 +109,8 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
         self._in_head, self._raw = True, 0
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        # Count the request for the app's Backlog (gateway.backlog). Should a uvicorn release
-        # rename this method, nothing counts and the gateway runs requests as if never busy.
+        # Count the request for the app's Backlog (gateway.serving.backlog). Should a uvicorn
+        # release rename this method, nothing counts and the gateway runs requests as if never busy.
         backlog = self.app_state.get(STATE_KEY)
         if backlog is not None:
             backlog.started += 1

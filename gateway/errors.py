@@ -1,5 +1,25 @@
-"""The one exception tree. Each error carries its HTTP status; one handler in app.py maps it to
-the protocol's error body ``{"error": message}``. Nothing here imports starlette."""
+"""The gateway's exception tree. Each error carries its HTTP status; one table
+(``gateway.http.responses.HANDLERS``) maps it, and the router's errors, to the protocol's error
+body ``{"error": message}``. Nothing here imports starlette.
+
+    GatewayError (500)
+    ├── BadRequest (400)          malformed input, shapes, datatypes, limits
+    ├── Unauthorized (401)        missing or wrong credentials
+    ├── Forbidden (403)
+    ├── NotFound (404)            model, version, route, action
+    ├── Conflict (409)
+    ├── PreconditionFailed (412)
+    ├── PayloadTooLarge (413)
+    ├── Overloaded (429)          queue full; carries Retry-After
+    ├── ModelError (500)          the model failed on a well-formed request
+    ├── LoadError (500)           a version could not load; the registry shows it as the reason
+    ├── NotReady (503)            model not loaded yet, store unavailable
+    └── Timeout (504)
+
+The router cannot import this module (it stands below the gateway); its errors are mapped in the
+same table: PolicyError -> 400, ActionConflict -> 409, UnknownInference -> 404,
+StaleRevision -> 412, StoreUnavailable -> 503.
+"""
 
 from __future__ import annotations
 
@@ -52,6 +72,10 @@ class ModelError(GatewayError):
     """The model itself failed on a well-formed request (an onnxruntime error)."""
 
     status = 500
+
+
+class LoadError(GatewayError):
+    """A version could not be loaded; the message is the reason shown in the repository index."""
 
 
 class NotReady(GatewayError):

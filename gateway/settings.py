@@ -68,6 +68,13 @@ class Settings:
     # The current window of drift and latency monitors (the cumulative view is since load).
     drift_window_s: int = 300
     log_level: str = "info"
+    # Periods of the background loops, in seconds: buffered routing counts pushed to the store;
+    # guard evaluation; the guard lease (a dead leader is replaced within it); counters published
+    # to the fleet. The defaults suit production; tests shorten them instead of sleeping.
+    flush_s: float = 0.2
+    guard_tick_s: float = 0.5
+    lease_ttl_s: float = 3.0
+    publish_s: float = 1.0
 
     @classmethod
     def from_env(
@@ -139,6 +146,14 @@ class Settings:
             )
         if self.max_header_bytes < 1024:
             raise SettingsError(f"{ENV_PREFIX}MAX_HEADER_BYTES must be at least 1024")
+        for name in ("flush_s", "guard_tick_s", "lease_ttl_s", "publish_s"):
+            if not 0.0 < getattr(self, name) <= 3600.0:
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be in (0, 3600] seconds")
+        if self.lease_ttl_s <= self.guard_tick_s:
+            raise SettingsError(
+                f"{ENV_PREFIX}LEASE_TTL_S must exceed {ENV_PREFIX}GUARD_TICK_S, or the guard "
+                "lease lapses between two ticks of its holder"
+            )
         if self.graph_optimization not in get_args(GraphOptimization):
             choices = ", ".join(get_args(GraphOptimization))
             raise SettingsError(f"{ENV_PREFIX}GRAPH_OPTIMIZATION must be one of {choices}")
@@ -205,6 +220,11 @@ def _cast(env_name: str, field_name: str, raw: str) -> object:
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         raise SettingsError(f"{env_name} must be true or false, got {raw!r}")
+    if field_name in ("flush_s", "guard_tick_s", "lease_ttl_s", "publish_s"):
+        try:
+            return float(raw)
+        except ValueError:
+            raise SettingsError(f"{env_name} must be a number, got {raw!r}") from None
     try:
         return int(raw)
     except ValueError:

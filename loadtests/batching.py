@@ -18,10 +18,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gateway.batcher import BatchConfig, BatchingRuntime
 from gateway.demo import sample_inputs, write_demo_repository
-from gateway.models import ModelVersion, Runtime
-from gateway.runtime import load_version
+from gateway.serving.batcher import BatchConfig, BatchingRuntime
+from gateway.serving.runtime import load_version
+from gateway.serving.types import ModelVersion, Runtime
 from gateway.settings import Settings
 
 SECONDS = 2.0

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from router import build_policy, sticky_key
+from router import parse_policy, sticky_key
 
 NUMBER = 100_000
 REPEATS = 5
@@ -44,7 +44,7 @@ def microseconds(fn: Callable[[], object]) -> float:
 def main() -> None:
     print(f"{'strategy':<22} {'µs/choose':>10}")
     for name, doc, key in CASES:
-        policy = build_policy({**doc, "seed": 0}, salt="model")
+        policy = parse_policy({**doc, "seed": 0}).policy(salt="model")
         print(f"{name:<22} {microseconds(partial(policy.choose, key)):>10.3f}")
     headers = {"content-type": "application/json", "x-user-id": "user-1234"}
     cost = microseconds(partial(sticky_key, "header:x-user-id", headers, {}))

@@ -32,14 +32,14 @@ from typing import Protocol
 import numpy as np
 import uvloop
 
-from gateway.batcher import BatchConfig, BatchingRuntime
+from gateway.background.shadow import ShadowRunner
 from gateway.demo import sample_inputs, write_demo_repository
 from gateway.errors import GatewayError
-from gateway.models import ModelVersion, Runtime
-from gateway.registry import Registry
-from gateway.runtime import inline_rows, load_version
+from gateway.serving.batcher import BatchConfig, BatchingRuntime
+from gateway.serving.registry import Registry
+from gateway.serving.runtime import inline_rows, load_version
+from gateway.serving.types import ModelVersion, Runtime
 from gateway.settings import Settings
-from gateway.shadow import ShadowRunner
 from monitors import VersionMonitor
 from monitors.shadow import Divergence
 

@@ -21,13 +21,13 @@ import numpy as np
 import orjson
 from starlette.datastructures import Headers
 
-from gateway import codec
 from gateway.app import create_app
 from gateway.demo import write_demo_repository
-from gateway.inference import RequestHeaders
-from gateway.registry import Registry
-from gateway.repository import version_key
-from gateway.runtime import load_version
+from gateway.http import codec
+from gateway.http.inference import RequestHeaders
+from gateway.serving.registry import Registry
+from gateway.serving.repository import version_key
+from gateway.serving.runtime import load_version
 from gateway.settings import Settings
 from loadtests.handler_cost import _scope, request_body
 

@@ -1,10 +1,11 @@
-"""Routing between model versions: pure policies, no I/O. Never imports gateway, starlette or
-redis. ``router.stats`` (scipy) is imported on its own by the report endpoint."""
+"""Routing between model versions. ``router.policy`` is pure (no I/O, no clock); ``router.state``
+holds the stores and the route table, the only I/O. Neither imports ``gateway`` or starlette.
+This package re-exports the policy layer."""
 
 from __future__ import annotations
 
-from router.bandit import Bandit, bandit_of, with_bandit
-from router.policies import (
+from router.policy.bandit import Bandit, bandit_of, with_bandit
+from router.policy.policies import (
     ActionConflict,
     Arm,
     Decision,
@@ -14,33 +15,39 @@ from router.policies import (
     Split,
     sticky_key,
 )
-from router.spec import (
+from router.policy.spec import (
     ACTIONS,
+    ABDoc,
     Action,
+    BanditDoc,
+    BlueGreenDoc,
+    CanaryDoc,
     PolicyDoc,
-    apply_action,
-    build_policy,
+    ShadowSpec,
+    SingleDoc,
     parse_policy,
-    referenced_versions,
 )
 
 __all__ = [
     "ACTIONS",
+    "ABDoc",
     "Action",
     "ActionConflict",
     "Arm",
     "Bandit",
+    "BanditDoc",
+    "BlueGreenDoc",
+    "CanaryDoc",
     "Decision",
     "Policy",
     "PolicyDoc",
     "PolicyError",
     "Shadow",
+    "ShadowSpec",
+    "SingleDoc",
     "Split",
-    "apply_action",
     "bandit_of",
-    "build_policy",
     "parse_policy",
-    "referenced_versions",
     "sticky_key",
     "with_bandit",
 ]

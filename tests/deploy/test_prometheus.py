@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from gateway.demo import sample_inputs
-from gateway.metrics import LATENCY_BUCKETS
+from gateway.http.metrics import LATENCY_BUCKETS
 from tests.server import ADMIN, Server, free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -115,7 +115,7 @@ def test_inline_runs_are_counted_apart_from_thread_runs(gateway: Server) -> None
 
 
 def test_light_requests_that_arrive_together_share_runs(gateway: Server) -> None:
-    # The HTTP protocol counts the requests waiting for the event loop (gateway.backlog):
+    # The HTTP protocol counts the requests waiting for the event loop (gateway.serving.backlog):
     # under concurrent load, light requests merge into shared runs instead of one run each.
     def counters() -> tuple[float, float, float]:
         labels = '{model="fraud",version="1"}'

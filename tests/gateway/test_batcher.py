@@ -14,11 +14,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from gateway.batcher import BatchConfig, BatchingRuntime
 from gateway.demo import sample_inputs, write_demo_repository
 from gateway.errors import ModelError, NotReady, Overloaded, Timeout
-from gateway.models import ModelVersion
-from gateway.runtime import SessionRuntime, load_version
+from gateway.serving.batcher import BatchConfig, BatchingRuntime
+from gateway.serving.runtime import SessionRuntime, load_version
+from gateway.serving.types import ModelVersion
 from gateway.settings import Settings
 
 Arrays = dict[str, np.ndarray]

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper
 
-from gateway.codec import (
+from gateway.errors import BadRequest, GatewayError
+from gateway.http.codec import (
     InferRequest,
     RequestedOutput,
     decode_request,
@@ -29,8 +30,7 @@ from gateway.codec import (
     output_names,
     parse_header_length,
 )
-from gateway.errors import BadRequest, GatewayError
-from gateway.models import NUMPY_DTYPES, ModelVersion, TensorSpec
+from gateway.serving.types import NUMPY_DTYPES, ModelVersion, TensorSpec
 
 DATATYPES = list(NUMPY_DTYPES)
 FAST = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])

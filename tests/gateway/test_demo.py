@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from gateway.demo import sample_inputs, write_demo_repository
-from gateway.models import NUMPY_DTYPES, ONNX_TO_DATATYPE
+from gateway.serving.types import NUMPY_DTYPES, ONNX_TO_DATATYPE
 
 Arrays = dict[str, np.ndarray[Any, Any]]
 Spec = tuple[str, str, tuple[int, ...]]

@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from gateway.demo import sample_inputs
-from gateway.openapi import openapi_document
+from gateway.http.openapi import openapi_document
 from tests.server import ADMIN, Server
 
 API_KEY = "fuzz-api-key-0123456789"

@@ -1,5 +1,5 @@
-"""The inference path in front of starlette (gateway.inference): it must answer exactly what the
-starlette routes would, and account for every request."""
+"""The inference path in front of starlette (gateway.http.inference): it must answer exactly what
+the starlette routes would, and account for every request."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from starlette.routing import Match, Route
 
 from gateway.app import create_app
 from gateway.demo import sample_inputs
-from gateway.inference import RequestHeaders, infer_target
+from gateway.http.inference import RequestHeaders, infer_target
 from gateway.settings import Settings
 from tests.reliability import metric_sum
 from tests.server import Server

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.models import ModelVersion
-from gateway.monitoring import fit_monitor
-from gateway.runtime import SessionRuntime, load_version
+from gateway.serving.monitoring import fit_monitor
+from gateway.serving.runtime import SessionRuntime, load_version
+from gateway.serving.types import ModelVersion
 from gateway.settings import Settings
 from monitors import VersionMonitor
 

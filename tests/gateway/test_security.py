@@ -20,11 +20,11 @@ import pytest
 import tritonclient.http as triton  # type: ignore[import-untyped]
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
-from gateway.auth import TokenAuth, key_check
 from gateway.cli import SafeFormatter
 from gateway.demo import sample_inputs
 from gateway.errors import Unauthorized
-from gateway.openapi import openapi_document
+from gateway.http.auth import TokenAuth, key_check
+from gateway.http.openapi import openapi_document
 from gateway.settings import Settings, SettingsError, parse_credentials
 from tests.server import ADMIN, ADMIN_TOKEN, Server
 

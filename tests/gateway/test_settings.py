@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import TokenAuth
 from gateway.errors import Unauthorized
+from gateway.http.auth import TokenAuth
 from gateway.settings import Settings, SettingsError
 
 

@@ -20,13 +20,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from gateway.batcher import BatchConfig, BatchingRuntime
+from gateway.background.shadow import SOON, ShadowRunner
 from gateway.demo import sample_inputs
-from gateway.models import ModelVersion, Runtime
-from gateway.registry import Registry
-from gateway.runtime import load_version
+from gateway.serving.batcher import BatchConfig, BatchingRuntime
+from gateway.serving.registry import Registry
+from gateway.serving.runtime import load_version
+from gateway.serving.types import ModelVersion, Runtime
 from gateway.settings import Settings
-from gateway.shadow import SOON, ShadowRunner
 from monitors import VersionMonitor
 from monitors.shadow import Divergence
 from tests.models import write_failing_fraud, write_slow_fraud

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from router import Bandit, PolicyError, Shadow, bandit_of, build_policy, with_bandit
-from router.bandit import ALGORITHMS, Algorithm
+from router import Bandit, PolicyError, Shadow, bandit_of, parse_policy, with_bandit
+from router.policy.bandit import ALGORITHMS, Algorithm
 
 # Shares are proportions of n independent choices: sd = sqrt(p(1-p)/n); we allow 4.5 sd
 # (a 7e-6 two-sided miss per check). Thompson's probabilities are themselves estimated from
@@ -123,7 +123,7 @@ def test_constructor_rejects_impossible_floor() -> None:
 
 def test_find_and_replace_the_bandit_inside_a_shadow() -> None:
     doc = {"strategy": "bandit", "arms": ["1", "2"], "shadow": {"versions": ["3"]}, "seed": 1}
-    policy = build_policy(doc)
+    policy = parse_policy(doc).policy()
     assert isinstance(policy, Shadow)
     bandit = bandit_of(policy)
     assert bandit is not None and bandit.arms == ("1", "2")
@@ -131,4 +131,4 @@ def test_find_and_replace_the_bandit_inside_a_shadow() -> None:
     assert isinstance(updated, Shadow) and updated.shadows == ("3",)
     assert updated.choose(None).shadows == ("3",)
     assert updated.shares()["2"] > 0.99
-    assert bandit_of(build_policy({"strategy": "single", "version": "1"})) is None
+    assert bandit_of(parse_policy({"strategy": "single", "version": "1"}).policy()) is None

@@ -1,4 +1,4 @@
-"""router.guards: the guards object, the bounds (against scipy), verdicts and plans."""
+"""router.policy.guards: the guards object, the bounds (against scipy), verdicts and plans."""
 
 from __future__ import annotations
 
@@ -10,25 +10,23 @@ import pytest
 from scipy import stats
 
 from monitors import LatencyHistogram
-from router.guards import (
+from router.policy.guard_spec import GuardSpec, parse_guards
+from router.policy.guards import (
     Check,
     ColumnPsi,
     Evaluation,
     Figures,
-    GuardSpec,
     ShadowWindow,
     VersionWindow,
     at_rank,
     evaluate,
     p99_bounds,
-    parse_guards,
     plan,
     quantile_ranks,
     ratio_lower_bound,
-    subjects,
 )
-from router.policies import PolicyError
-from router.spec import apply_action, parse_policy
+from router.policy.policies import PolicyError
+from router.policy.spec import PolicyDoc, SingleDoc, parse_policy
 
 LOADED = ["1", "2", "3", "4"]
 CANARY = {"strategy": "canary", "baseline": "1", "candidate": "2", "steps": [0.1, 0.5, 1.0]}
@@ -82,8 +80,8 @@ def test_the_contract_fields_parse_and_normalise_idempotently() -> None:
 
 def test_policies_validate_their_guards_and_actions_keep_them() -> None:
     doc = parse_policy({**CANARY, "guards": {"max_error_ratio": 0.02}}, LOADED)
-    assert doc["guards"] == {**DEFAULTS, "max_error_ratio": 0.02}
-    assert apply_action(doc, "rollback")["guards"] == doc["guards"]
+    assert doc.as_json()["guards"] == {**DEFAULTS, "max_error_ratio": 0.02}
+    assert doc.apply("rollback").guards == doc.guards
     with pytest.raises(PolicyError) as info:
         parse_policy({**CANARY, "guards": {"max_error_ratio": 2}}, LOADED)
     assert info.value.field == "guards.max_error_ratio"
@@ -290,7 +288,7 @@ SUBJECTS = [
     ("doc", "expected"), [c[1:] for c in SUBJECTS], ids=[c[0] for c in SUBJECTS]
 )
 def test_subjects_per_strategy(doc: dict[str, Any], expected: list[Any]) -> None:
-    found = subjects(parse_policy(doc, LOADED))
+    found = parse_policy(doc, LOADED).subjects()
     assert [(s.version, s.baseline) for s in found] == expected
 
 
@@ -334,7 +332,7 @@ def test_the_action_a_breach_leads_to(
     doc: dict[str, Any], evaluation: Evaluation, action: str | None, after: dict[str, Any] | None
 ) -> None:
     parsed = parse_policy({**doc, **GUARDS}, LOADED)
-    change = plan(parsed, GuardSpec.parse(parsed["guards"]), evaluation)
+    change = plan(parsed, guards_of(parsed), evaluation)
     if action is None:
         assert change is None
         return
@@ -343,19 +341,18 @@ def test_the_action_a_breach_leads_to(
     assert change.guard == evaluation.checks[0].guard
     assert after is not None
     assert change.doc == parse_policy({**after, **GUARDS}, LOADED)
-    assert parse_policy(change.doc, LOADED) == change.doc  # a valid, normalised document
+    assert parse_policy(change.doc.as_json(), LOADED) == change.doc  # a valid document
     assert "version" in change.reason
 
 
 def test_alert_only_guards_change_nothing() -> None:
     parsed = parse_policy({**CANARY, "guards": {"on_breach": "alert"}}, LOADED)
-    assert plan(parsed, GuardSpec.parse(parsed["guards"]), breach("2")) is None
+    assert plan(parsed, guards_of(parsed), breach("2")) is None
 
 
 def test_blue_green_switches_back_once_not_back_and_forth() -> None:
     parsed = parse_policy({**BG, **GUARDS}, LOADED)
-    spec_ = GuardSpec.parse(parsed["guards"])
-    assert plan(parsed, spec_, breach("2"), last_change_by_guard=True) is None
+    assert plan(parsed, guards_of(parsed), breach("2"), last_change_by_guard=True) is None
 
 
 @pytest.mark.parametrize(
@@ -374,22 +371,23 @@ def test_a_canary_healthy_for_advance_after_s_advances_then_promotes(
 ) -> None:
     guards = {"guards": {"advance_after_s": 10}}
     doc = parse_policy({**CANARY, "weight": weight, "paused": paused, **guards}, LOADED)
-    change = plan(doc, GuardSpec.parse(doc["guards"]), PASS, healthy_for_s=healthy_for_s)
+    change = plan(doc, guards_of(doc), PASS, healthy_for_s=healthy_for_s)
     if action is None:
         assert change is None
         return
     assert change is not None and change.action == action
     assert change.guard == "advance_after_s"
     if action == "promote":
-        assert change.doc == {"strategy": "single", "version": "2", **doc_guards(doc)}
+        assert change.doc == SingleDoc(version="2", guards=doc.guards)
     else:
-        assert change.doc["weight"] == after
+        assert change.doc.as_json()["weight"] == after
 
 
-def doc_guards(doc: dict[str, Any]) -> dict[str, Any]:
-    return {"guards": doc["guards"]}
+def guards_of(doc: PolicyDoc) -> GuardSpec:
+    assert doc.guards is not None
+    return doc.guards
 
 
 def test_without_advance_after_s_a_healthy_canary_stays_put() -> None:
     doc = parse_policy({**CANARY, **GUARDS}, LOADED)
-    assert plan(doc, GuardSpec.parse(doc["guards"]), PASS, healthy_for_s=1e9) is None
+    assert plan(doc, guards_of(doc), PASS, healthy_for_s=1e9) is None

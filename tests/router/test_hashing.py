@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from router.hashing import arm_prefix, rendezvous, unit_hash
+from router.policy.hashing import arm_prefix, rendezvous, unit_hash
 
 # Tolerances: an observed share of n independent keys has sd sqrt(p(1-p)/n); 4.5 sd bounds a
 # two-sided miss at 7e-6 per check, so only a real bias fails (the inputs are fixed anyway).

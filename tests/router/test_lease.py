@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from redis.asyncio import Redis
 
-from router.redis_store import RedisStore
-from router.store import MemoryStore, StateStore, StoreUnavailable
+from router.state.redis_store import RedisStore
+from router.state.store import MemoryStore, StateStore, StoreUnavailable
 
 pytestmark = pytest.mark.anyio
 

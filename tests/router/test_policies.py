@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from router import Arm, Decision, Policy, Shadow, Split, build_policy, sticky_key
+from router import Arm, Decision, Policy, Shadow, Split, parse_policy, sticky_key
 
 # Every share below is a proportion over n independent draws (or keys, whose hashes behave as
 # independent uniforms), so its sd is sqrt(p(1-p)/n); allowing 4.5 sd makes a false failure a
@@ -51,7 +51,7 @@ DOCS: list[tuple[str, dict[str, Any], dict[str, float]]] = [
 def test_split_shares_match_weights(
     doc: dict[str, Any], expected: dict[str, float], keyed: bool
 ) -> None:
-    policy = build_policy({**doc, "seed": 7}, salt="model")
+    policy = parse_policy({**doc, "seed": 7}).policy(salt="model")
     observed = shares(policy, list(KEYS) if keyed else [None] * N)
     assert set(observed) == set(expected)
     for version, p in expected.items():
@@ -61,13 +61,13 @@ def test_split_shares_match_weights(
 
 def test_decision_carries_propensity_and_role() -> None:
     doc = {"strategy": "canary", "baseline": "1", "candidate": "2", "weight": 0.25}
-    policy = build_policy(doc)
+    policy = parse_policy(doc).policy()
     decisions = {policy.choose(k) for k in KEYS[:500]}
     assert decisions == {
         Decision("1", propensity=0.75, arm_role="baseline"),
         Decision("2", propensity=0.25, arm_role="candidate"),
     }
-    bg = build_policy({"strategy": "blue_green", "active": "1", "standby": "2"})
+    bg = parse_policy({"strategy": "blue_green", "active": "1", "standby": "2"}).policy()
     assert bg.choose(None) == Decision("1", propensity=1.0, arm_role="active")
     assert bg.versions() == frozenset({"1"})  # the standby gets no traffic
     assert bg.shares() == {"1": 1.0, "2": 0.0}
@@ -76,17 +76,17 @@ def test_decision_carries_propensity_and_role() -> None:
 def test_same_key_same_version_on_every_replica() -> None:
     doc = {"strategy": "ab", "arms": {"1": 0.3, "2": 0.3, "3": 0.4}, "sticky": "header:x-user-id"}
     # Fresh objects with different random generators stand for replicas and restarts.
-    replicas = [build_policy({**doc, "seed": s}, salt="model") for s in range(3)]
+    replicas = [parse_policy({**doc, "seed": s}).policy(salt="model") for s in range(3)]
     for key in KEYS[:5000]:
         assert len({r.choose(key).version for r in replicas}) == 1
 
 
 def test_models_are_salted_independently() -> None:
     doc = {"strategy": "ab", "arms": {"1": 0.5, "2": 0.5}}
-    a, b = build_policy(doc, salt="model-a"), build_policy(doc, salt="model-b")
+    a, b = parse_policy(doc).policy(salt="model-a"), parse_policy(doc).policy(salt="model-b")
     agree = sum(a.choose(k).version == b.choose(k).version for k in KEYS) / N
     assert within(agree, 0.5, N)  # independent 50/50 assignments agree half the time
-    c = build_policy({**doc, "salt": "experiment-2"}, salt="model-a")
+    c = parse_policy({**doc, "salt": "experiment-2"}).policy(salt="model-a")
     agree = sum(a.choose(k).version == c.choose(k).version for k in KEYS) / N
     assert within(agree, 0.5, N)
 
@@ -96,7 +96,7 @@ def test_canary_ramp_keeps_candidate_users_on_the_candidate() -> None:
     on_candidate: set[str] = set()
     for w in steps:
         doc = {"strategy": "canary", "baseline": "1", "candidate": "2", "weight": w}
-        policy = build_policy({**doc, "sticky": "header:x-user-id"}, salt="model")
+        policy = parse_policy({**doc, "sticky": "header:x-user-id"}).policy(salt="model")
         now = {k for k in KEYS if policy.choose(k).version == "2"}
         assert on_candidate <= now, f"{len(on_candidate - now)} users flipped back at {w}"
         assert within(len(now) / N, w, N)
@@ -131,8 +131,8 @@ def test_weight_change_moves_only_the_keys_that_must_move(
     old: dict[str, float], new: dict[str, float]
 ) -> None:
     tv = 0.5 * sum(abs(old.get(v, 0.0) - new.get(v, 0.0)) for v in old.keys() | new.keys())
-    before = build_policy({"strategy": "ab", "arms": old}, salt="m")
-    after = build_policy({"strategy": "ab", "arms": new}, salt="m")
+    before = parse_policy({"strategy": "ab", "arms": old}).policy(salt="m")
+    after = parse_policy({"strategy": "ab", "arms": new}).policy(salt="m")
     moved = moved_fraction(before, after)
     assert within(moved, tv, N), (moved, tv)
     naive = sum(modulo_assign(k, old) != modulo_assign(k, new) for k in KEYS) / N
@@ -144,7 +144,8 @@ def test_general_change_moves_like_an_exponential_race() -> None:
     # expected amount is that of independent Exp(1) races, which a numpy simulation gives.
     old, new = {"1": 0.2, "2": 0.3, "3": 0.5}, {"1": 0.3, "2": 0.3, "3": 0.4}
     moved = moved_fraction(
-        build_policy({"strategy": "ab", "arms": old}), build_policy({"strategy": "ab", "arms": new})
+        parse_policy({"strategy": "ab", "arms": old}).policy(),
+        parse_policy({"strategy": "ab", "arms": new}).policy(),
     )
     e = np.random.default_rng(3).exponential(size=(200_000, 3))
     w_old, w_new = np.array(list(old.values())), np.array(list(new.values()))
@@ -170,8 +171,8 @@ def test_shadow_copies_the_sampled_fraction(sample: float) -> None:
 
 def test_shadow_keeps_the_primary_stickiness() -> None:
     doc = {"strategy": "ab", "arms": {"1": 0.5, "2": 0.5}, "sticky": "parameter:user"}
-    plain = build_policy(doc, salt="m")
-    shadowed = build_policy({**doc, "shadow": {"versions": ["3"]}}, salt="m")
+    plain = parse_policy(doc).policy(salt="m")
+    shadowed = parse_policy({**doc, "shadow": {"versions": ["3"]}}).policy(salt="m")
     assert shadowed.sticky == "parameter:user"
     assert all(plain.choose(k).version == shadowed.choose(k).version for k in KEYS[:2000])
 

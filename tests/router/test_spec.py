@@ -13,13 +13,12 @@ from router import (
     Action,
     ActionConflict,
     Bandit,
+    CanaryDoc,
     PolicyError,
     Shadow,
+    SingleDoc,
     Split,
-    apply_action,
-    build_policy,
     parse_policy,
-    referenced_versions,
 )
 
 LOADED = frozenset({"1", "2", "3", "4"})
@@ -95,8 +94,9 @@ SINGLE = {"strategy": "single", "version": "1"}
 )
 def test_parse_normalizes(doc: dict[str, Any], normalized: dict[str, Any]) -> None:
     parsed = parse_policy(doc, LOADED)
-    assert parsed == normalized
-    assert parse_policy(parsed, LOADED) == parsed  # idempotent: stores hold normalised docs
+    assert parsed.as_json() == normalized
+    # stores hold the normalised JSON: parsing it again gives the same document
+    assert parse_policy(parsed.as_json(), LOADED) == parsed
 
 
 INVALID: list[tuple[str, Any, str]] = [
@@ -168,7 +168,7 @@ def test_unknown_field_error_lists_the_allowed_ones() -> None:
 
 
 PAUSED = {**CANARY, "paused": True}
-CANARY_N = parse_policy(CANARY, LOADED)
+CANARY_N = parse_policy(CANARY, LOADED).as_json()
 KEPT = {
     "shadow": {"versions": ["4"], "sample": 0.5},
     "guards": {
@@ -214,53 +214,51 @@ ACTION_CASES: list[tuple[str, dict[str, Any], Action, dict[str, Any] | str]] = [
 def test_actions(doc: dict[str, Any], action: Action, expected: dict[str, Any] | str) -> None:
     if isinstance(expected, str):
         with pytest.raises(ActionConflict) as info:
-            apply_action(doc, action)
+            parse_policy(doc).apply(action)
         assert info.value.field == expected
     else:
-        result = apply_action(doc, action)
-        assert result == expected
-        assert parse_policy(result, LOADED) == result
+        result = parse_policy(doc).apply(action)
+        assert result.as_json() == expected
+        assert parse_policy(result.as_json(), LOADED) == result
 
 
 def test_repeated_advance_walks_the_steps_then_promotes() -> None:
-    doc: dict[str, Any] = parse_policy(CANARY, LOADED)
+    doc = parse_policy(CANARY, LOADED)
     weights = []
-    while doc["strategy"] == "canary":
-        weights.append(doc["weight"])
-        doc = apply_action(doc, "advance")
+    while isinstance(doc, CanaryDoc):
+        weights.append(doc.weight)
+        doc = doc.apply("advance")
     assert weights == [0.05, 0.25, 0.5, 1.0]
-    assert doc == {"strategy": "single", "version": "2"}
+    assert doc == SingleDoc(version="2")
 
 
 def test_unknown_action_and_invalid_doc_are_bad_requests_not_conflicts() -> None:
     with pytest.raises(PolicyError) as info:
-        apply_action(CANARY, "explode")  # type: ignore[arg-type]
+        parse_policy(CANARY).apply("explode")  # type: ignore[arg-type]
     assert not isinstance(info.value, ActionConflict) and info.value.field == "action"
-    with pytest.raises(PolicyError) as info:
-        apply_action({**CANARY, "weight": 2}, "advance")
-    assert not isinstance(info.value, ActionConflict) and info.value.field == "weight"
 
 
 def test_referenced_versions_include_standby_and_shadows() -> None:
-    assert referenced_versions({**BLUE_GREEN, "shadow": {"versions": ["3"]}}) == {"1", "2", "3"}
-    assert referenced_versions({**AB, "arms": {"1": 1.0, "4": 0.0}}) == {"1", "4"}
+    bg = parse_policy({**BLUE_GREEN, "shadow": {"versions": ["3"]}})
+    assert bg.versions() == {"1", "2", "3"}
+    assert parse_policy({**AB, "arms": {"1": 1.0, "4": 0.0}}).versions() == {"1", "4"}
 
 
-def test_build_policy_shapes() -> None:
-    assert isinstance(build_policy(SINGLE), Split)
-    canary = build_policy({**CANARY, "sticky": "parameter:user"})
+def test_policy_shapes() -> None:
+    assert isinstance(parse_policy(SINGLE).policy(), Split)
+    canary = parse_policy({**CANARY, "sticky": "parameter:user"}).policy()
     assert isinstance(canary, Split) and canary.sticky == "parameter:user"
     assert canary.shares() == {"1": 0.95, "2": 0.05}
-    bandit = build_policy({**BANDIT, "algorithm": "epsilon_greedy", "epsilon": 0.3})
+    bandit = parse_policy({**BANDIT, "algorithm": "epsilon_greedy", "epsilon": 0.3}).policy()
     assert isinstance(bandit, Bandit) and bandit.epsilon == 0.3 and bandit.min_share == 0.05
-    shadowed = build_policy({**AB, "shadow": {"versions": ["3"], "sample": 0.5}})
+    shadowed = parse_policy({**AB, "shadow": {"versions": ["3"], "sample": 0.5}}).policy()
     assert isinstance(shadowed, Shadow) and shadowed.sample == 0.5
     assert shadowed.versions() == {"1", "2", "3"}
 
 
 def test_seed_makes_random_assignment_reproducible() -> None:
     doc = {**BANDIT, "seed": 11, "shadow": {"versions": ["4"], "sample": 0.5}}
-    policies = [build_policy(doc), build_policy(doc)]
+    policies = [parse_policy(doc).policy(), parse_policy(doc).policy()]
     runs = [[p.choose(None) for _ in range(200)] for p in policies]
     assert runs[0] == runs[1]
     assert len({d.version for d in runs[0]}) == 3 and len({d.shadows for d in runs[0]}) == 2
@@ -298,9 +296,11 @@ def test_any_document_is_either_a_policy_error_or_a_working_policy(
         parsed = parse_policy(doc, LOADED)
     except PolicyError:
         return
-    policy = build_policy(parsed)
+    policy = parsed.policy()
     assert policy.choose("key").version in policy.versions()
     assert math.isclose(sum(policy.shares().values()), 1.0)
+    assert parse_policy(parsed.as_json(), LOADED) == parsed
     for action in ACTIONS:
         with contextlib.suppress(ActionConflict):
-            assert parse_policy(apply_action(parsed, action), LOADED)
+            after = parsed.apply(action)
+            assert parse_policy(after.as_json(), LOADED) == after

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from router.stats import Outcomes, SequentialResult, msprt, srm_test
+from router.policy.stats import Outcomes, SequentialResult, msprt, srm_test
 
 ALPHA = 0.05
 

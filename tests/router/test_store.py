@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from redis.asyncio import Redis
 
-from router.redis_store import RedisStore
-from router.store import (
+from router.state.redis_store import RedisStore
+from router.state.store import (
     ArmStats,
     Assignment,
     MemoryStore,
@@ -22,7 +22,6 @@ from router.store import (
     StaleRevision,
     StateStore,
     StoreUnavailable,
-    open_store,
 )
 from tests.redis_server import RedisServer
 
@@ -366,13 +365,6 @@ async def test_concurrent_if_match_writers_exactly_one_wins(replicas: Replicas) 
     assert all(isinstance(r, StaleRevision) and r.current == 2 for r in losers)
     assert winners[0].revision == 2
     assert len(await writers[0].audit("fraud")) == 2
-
-
-async def test_open_store_chooses_the_implementation() -> None:
-    for url, kind in ((None, MemoryStore), ("", MemoryStore), (REDIS_URL, RedisStore)):
-        store = open_store(url, prefix="turnout-test-unused:")
-        assert isinstance(store, kind)
-        await store.close()
 
 
 DEAD_CALLS: dict[str, Callable[[StateStore], Awaitable[object]]] = {

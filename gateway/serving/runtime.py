@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from gateway.errors import ModelError, Timeout
-from gateway.models import NUMPY_DTYPES, ONNX_TO_DATATYPE, ModelVersion, TensorSpec
+from gateway.errors import LoadError, ModelError, Timeout
+from gateway.serving.types import NUMPY_DTYPES, ONNX_TO_DATATYPE, ModelVersion, TensorSpec
 from gateway.settings import Settings
 
 _OPT_LEVELS = {
@@ -24,10 +24,6 @@ _OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-
-
-class LoadError(Exception):
-    """A version could not be loaded; the message is the reason shown in the repository index."""
 
 
 class SessionRuntime:

@@ -4,8 +4,8 @@ State is per-arm ``pulls`` (rewards observed) and ``reward_sum`` (rewards in [0,
 that never reports a reward does not count against its arm. A ``Bandit`` is immutable: the
 probability of choosing each arm is computed once when it is built (from its counts), and
 ``choose`` only draws from those cached probabilities, so the logged propensity is exactly the
-probability the choice was made with. Rewards are accounted outside (``router.table``: joined to
-the serving arm, summed over every replica in the state store); a background task swaps in
+probability the choice was made with. Rewards are accounted outside (``router.state.table``: joined
+to the serving arm, summed over every replica in the state store); a background task swaps in
 ``bandit.with_counts(totals)``.
 """
 
@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from router.policies import Decision, Policy, PolicyError, Shadow
+from router.policy.policies import Decision, Policy, PolicyError, Shadow
 
 Algorithm = Literal["thompson", "epsilon_greedy", "ucb1"]
 ALGORITHMS: tuple[Algorithm, ...] = ("thompson", "epsilon_greedy", "ucb1")

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from gateway.models import ModelVersion, Runtime
-from gateway.runtime import LoadError
+from gateway.errors import LoadError
+from gateway.serving.types import ModelVersion, Runtime
 from monitors import VersionMonitor
 
 log = logging.getLogger("turnout.monitoring")

@@ -10,17 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Literal
 
-from gateway.errors import BadRequest, NotFound, NotReady
-from gateway.models import ModelVersion, Runtime
-from gateway.monitoring import reference_input
-from gateway.repository import (
+from gateway.errors import BadRequest, LoadError, NotFound, NotReady
+from gateway.serving.monitoring import reference_input
+from gateway.serving.repository import (
     check_model_name,
     check_version_name,
     list_models,
@@ -28,7 +27,7 @@ from gateway.repository import (
     version_folder,
     version_key,
 )
-from gateway.runtime import LoadError
+from gateway.serving.types import ModelVersion, Runtime
 from monitors import VersionMonitor
 
 log = logging.getLogger("turnout.registry")
@@ -111,6 +110,10 @@ class Registry:
                 raise NotReady(f"model {model!r} has no ready version")
             raise NotFound(f"unknown model {model!r}")
         return loaded
+
+    def artifacts(self, model: str, versions: Iterable[str]) -> dict[str, str]:
+        """The sha256 of each version's artifact: what a policy change routes to (audited)."""
+        return {v: self.get(model, v).info.sha256 for v in sorted(versions)}
 
     def ready_versions(self, model: str) -> list[str]:
         return sorted(self._table.get(model, {}), key=version_key)

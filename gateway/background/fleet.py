@@ -20,10 +20,10 @@ from typing import Literal
 
 import orjson
 
-from gateway.metrics import Traffic, View
-from gateway.registry import Registry
+from gateway.serving.registry import Registry
+from gateway.serving.traffic import Traffic, View
 from monitors.export import MonitorCounts
-from router.store import StateStore, StoreUnavailable
+from router.state.store import StateStore, StoreUnavailable
 
 log = logging.getLogger("turnout.fleet")
 

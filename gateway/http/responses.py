@@ -13,8 +13,21 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from gateway import codec
-from gateway.errors import BadRequest, GatewayError, Overloaded, PayloadTooLarge, Unauthorized
+from gateway.errors import (
+    BadRequest,
+    Conflict,
+    GatewayError,
+    NotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    PreconditionFailed,
+    Unauthorized,
+)
+from gateway.http import codec
+from router.policy.policies import ActionConflict, PolicyError
+from router.state.store import StaleRevision, StoreUnavailable
+from router.state.table import UnknownInference
 
 log = logging.getLogger("turnout")
 
@@ -90,6 +103,30 @@ async def gateway_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status, exc.message, headers)
 
 
+def _stale(exc: Exception) -> GatewayError:
+    assert isinstance(exc, StaleRevision)
+    return PreconditionFailed(
+        f"the policy of {exc.model!r} is at revision {exc.current}, not {exc.expected}; "
+        "read it again and retry"
+    )
+
+
+# The router's errors as the gateway's (the router stands below the gateway and cannot raise
+# these itself). Most specific first, as in HANDLERS.
+ROUTER_ERRORS: dict[type[Exception], Callable[[Exception], GatewayError]] = {
+    ActionConflict: lambda exc: Conflict(str(exc)),
+    PolicyError: lambda exc: BadRequest(str(exc)),
+    UnknownInference: lambda exc: NotFound(str(exc)),
+    StaleRevision: _stale,
+    StoreUnavailable: lambda exc: NotReady(f"routing state store unavailable: {exc}"),
+}
+
+
+async def router_error(request: Request, exc: Exception) -> Response:
+    kind = next(k for k in type(exc).__mro__ if k in ROUTER_ERRORS)
+    return await gateway_error(request, ROUTER_ERRORS[kind](exc))
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = str(exc.detail)
@@ -114,6 +151,7 @@ Handler = Callable[[Request, Exception], Awaitable[Response]]
 # Most specific first: ``handler_for`` takes the first match, as starlette does by the MRO.
 HANDLERS: dict[type[Exception], Handler] = {
     GatewayError: gateway_error,
+    **dict.fromkeys(ROUTER_ERRORS, router_error),
     HTTPException: http_error,
     RecursionError: too_deep,
     Exception: unexpected_error,

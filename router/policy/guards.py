@@ -1,133 +1,27 @@
-"""Rollout guards: the ``guards`` object of a policy, the statistics that judge live windows,
-the verdict, and the policy change a verdict leads to.
+"""Rollout guards: the statistics that judge live windows against a ``GuardSpec``
+(router.policy.guard_spec), the verdict, and the policy change a verdict leads to.
 
 Pure: no I/O and no clock. The gateway measures the windows and applies the plans
-(gateway/guards.py); docs/operations.md describes every field for operators. Small samples stay
-honest: error and disagreement ratios are judged by their one-sided Clopper-Pearson lower bound,
-p99 latencies by distribution-free order-statistic bounds, drift by the monitors' noise level.
+(gateway/background/guards.py); docs/operations.md describes every field for operators. Small
+samples stay honest: error and disagreement ratios are judged by their one-sided Clopper-Pearson
+lower bound, p99 latencies by distribution-free order-statistic bounds, drift by the monitors' noise
+level.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Literal, Protocol
 
 from scipy import special, stats
 
-from router.policies import PolicyError
-from router.spec import apply_action
+from router.policy.guard_spec import GuardSpec
+from router.policy.spec import CanaryDoc, PolicyDoc, ShadowSpec, Subject
 
-OnBreach = Literal["rollback", "alert"]
 Verdict = Literal["pass", "insufficient", "breach"]
 CheckStatus = Literal["pass", "breach", "insufficient", "skipped"]
-# The conditions, in evaluation order; each compares one value with the threshold of its name.
-CONDITIONS = (
-    "max_error_ratio",
-    "max_p99_ratio_to_baseline",
-    "max_p99_s",
-    "max_psi",
-    "max_prediction_psi",
-    "max_shadow_disagreement",
-)
-# The conditions that read the inline monitors (latency histograms, drift).
-MONITORED = ("max_p99_ratio_to_baseline", "max_p99_s", "max_psi", "max_prediction_psi")
-SETTINGS = ("window_s", "min_requests", "interval_s", "confidence", "on_breach", "advance_after_s")
 P99 = 0.99
-
-
-# -- the guards object --------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class GuardSpec:
-    window_s: float = 60.0
-    min_requests: int = 200
-    interval_s: float = 2.0
-    confidence: float = 0.95
-    on_breach: OnBreach = "rollback"
-    advance_after_s: float | None = None
-    max_error_ratio: float | None = None
-    max_p99_ratio_to_baseline: float | None = None
-    max_p99_s: float | None = None
-    max_psi: float | None = None
-    max_prediction_psi: float | None = None
-    max_shadow_disagreement: float | None = None
-
-    @classmethod
-    def parse(cls, raw: Any) -> GuardSpec:
-        """Validate a guards object; PolicyError names the field (``guards.window_s``).
-        Independent of the strategy, so every action keeps the document valid: a condition
-        that does not apply to a strategy is skipped when evaluated."""
-        if not isinstance(raw, Mapping):
-            raise PolicyError("guards", 'must be an object, e.g. {"max_error_ratio": 0.01}')
-        unknown = [k for k in raw if k not in SETTINGS and k not in CONDITIONS]
-        if unknown:
-            allowed = ", ".join((*SETTINGS, *CONDITIONS))
-            raise PolicyError(f"guards.{unknown[0]}", f"unknown field (allowed: {allowed})")
-        on_breach = raw.get("on_breach", "rollback")
-        if on_breach not in get_args(OnBreach):
-            raise PolicyError(
-                "guards.on_breach", f"must be one of {list(get_args(OnBreach))}, got {on_breach!r}"
-            )
-        min_requests = raw.get("min_requests", 200)
-        if isinstance(min_requests, bool) or not isinstance(min_requests, int):
-            raise PolicyError("guards.min_requests", f"must be an integer, got {min_requests!r}")
-        if not 1 <= min_requests <= 1_000_000_000:
-            raise PolicyError("guards.min_requests", f"must be in [1, 1e9], got {min_requests}")
-
-        def number(name: str, low: float, high: float, open_low: bool = False) -> float | None:
-            if name not in raw:
-                return None
-            value = raw[name]
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise PolicyError(f"guards.{name}", f"must be a number, got {value!r}")
-            if not (low < value if open_low else low <= value) or not value <= high:
-                bounds = f"{'(' if open_low else '['}{low:g}, {high:g}]"
-                raise PolicyError(f"guards.{name}", f"must be in {bounds}, got {value!r}")
-            return float(value)
-
-        def setting(name: str, default: float, low: float, high: float) -> float:
-            value = number(name, low, high)
-            return default if value is None else value
-
-        ratio_max = 1.0 - 1e-12  # a ratio bound of 1 could never be exceeded
-        return cls(
-            window_s=setting("window_s", 60.0, 1.0, 86_400.0),
-            min_requests=min_requests,
-            interval_s=setting("interval_s", 2.0, 0.5, 3_600.0),
-            confidence=setting("confidence", 0.95, 0.5, 0.9999),
-            on_breach=on_breach,
-            advance_after_s=number("advance_after_s", 0.0, 7 * 86_400.0),
-            max_error_ratio=number("max_error_ratio", 0.0, ratio_max),
-            max_p99_ratio_to_baseline=number("max_p99_ratio_to_baseline", 0.0, 1e6, True),
-            max_p99_s=number("max_p99_s", 0.0, 1e6, True),
-            max_psi=number("max_psi", 0.0, 1e6, True),
-            max_prediction_psi=number("max_prediction_psi", 0.0, 1e6, True),
-            max_shadow_disagreement=number("max_shadow_disagreement", 0.0, ratio_max),
-        )
-
-    def as_doc(self) -> dict[str, Any]:
-        """The normalised object stores keep: settings with defaults, conditions as given."""
-        doc: dict[str, Any] = {
-            "window_s": self.window_s,
-            "min_requests": self.min_requests,
-            "interval_s": self.interval_s,
-            "confidence": self.confidence,
-            "on_breach": self.on_breach,
-        }
-        if self.advance_after_s is not None:
-            doc["advance_after_s"] = self.advance_after_s
-        return doc | self.thresholds()
-
-    def thresholds(self) -> dict[str, float]:
-        """The configured conditions: name -> threshold."""
-        values = {name: getattr(self, name) for name in CONDITIONS}
-        return {name: value for name, value in values.items() if value is not None}
-
-
-def parse_guards(raw: Any) -> dict[str, Any]:
-    """Validate and normalise a policy's ``guards`` object (router.spec calls this)."""
-    return GuardSpec.parse(raw).as_doc()
 
 
 # -- statistics ---------------------------------------------------------------------------------
@@ -227,14 +121,6 @@ class Figures:
 
 
 @dataclass(frozen=True, slots=True)
-class Subject:
-    """A version under test and the version it is compared with (None: absolute limits only)."""
-
-    version: str
-    baseline: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class Check:
     guard: str  # a condition name, or "min_requests" for the sample-size gate
     version: str
@@ -273,30 +159,12 @@ class Evaluation:
         return {"verdict": self.verdict, "checks": [c.as_json() for c in self.checks]}
 
 
-def subjects(doc: Mapping[str, Any]) -> tuple[Subject, ...]:
-    """Who is under test. canary: the candidate against the baseline; ab: every arm with
-    weight, each against the first weighted arm (which itself meets absolute limits only);
-    bandit: every arm against the first; blue_green: the active version and single: the
-    version, both on absolute limits (the standby serves nothing to compare with)."""
-    strategy = doc["strategy"]
-    if strategy == "canary":
-        return (Subject(doc["candidate"], doc["baseline"]),)
-    if strategy == "blue_green":
-        return (Subject(doc["active"], None),)
-    if strategy == "single":
-        return (Subject(doc["version"], None),)
-    arms = [v for v, w in doc["arms"].items() if w > 0] if strategy == "ab" else doc["arms"]
-    if not arms:
-        return ()
-    return tuple(Subject(v, None if v == arms[0] else arms[0]) for v in arms)
-
-
-def evaluate(spec: GuardSpec, doc: Mapping[str, Any], figures: Figures) -> Evaluation:
+def evaluate(spec: GuardSpec, doc: PolicyDoc, figures: Figures) -> Evaluation:
     """Judge every subject (gated on ``min_requests`` in its window) and every shadow version.
     The verdict is ``breach`` when any check breaches, else ``insufficient`` when a subject's
     check lacks data, else ``pass``; shadow checks lacking data hold nothing back."""
     checks: list[Check] = []
-    for subject in subjects(doc):
+    for subject in doc.subjects():
         window = figures.versions.get(subject.version, VersionWindow())
         if window.requests < spec.min_requests:
             gate = Check(
@@ -312,7 +180,7 @@ def evaluate(spec: GuardSpec, doc: Mapping[str, Any], figures: Figures) -> Evalu
         baseline = figures.versions.get(subject.baseline) if subject.baseline else None
         checks.extend(_version_checks(spec, subject, window, baseline))
     if spec.max_shadow_disagreement is not None:
-        for shadow in doc.get("shadow", {}).get("versions", ()):
+        for shadow in doc.shadow_versions():
             checks.append(_shadow_check(spec, shadow, figures.shadows.get(shadow, ShadowWindow())))
     if any(c.status == "breach" for c in checks):
         verdict: Verdict = "breach"
@@ -430,13 +298,13 @@ class Plan:
     condition that led to it (the audit's ``who`` is ``guard:<guard>``)."""
 
     action: str  # rollback, switch, drop_arm, drop_shadow, advance, promote
-    doc: dict[str, Any]
+    doc: PolicyDoc
     guard: str
     reason: str
 
 
 def plan(
-    doc: Mapping[str, Any],
+    doc: PolicyDoc,
     spec: GuardSpec,
     evaluation: Evaluation,
     *,
@@ -445,39 +313,37 @@ def plan(
 ) -> Plan | None:
     """The change an evaluation leads to, or None.
 
-    On breach (``on_breach: rollback``): canary rolls back; blue_green switches back, unless
-    the last change was already a guard's (no flapping between two bad versions); ab sets the
-    breaching arms' weights to 0 and renormalises the others; bandit removes the breaching arms
-    (one left: single); never below one serving version. Shadow versions that breach leave the
-    ``shadow`` list in the same change. On ``pass`` held for ``advance_after_s``
-    (``healthy_for_s``), an unpaused canary advances one step; past the last it promotes.
+    On breach (``on_breach: rollback``) the strategy decides (``PolicyDoc.without``): canary
+    rolls back; blue_green switches back, unless the last change was already a guard's (no
+    flapping between two bad versions); ab sets the breaching arms' weights to 0 and
+    renormalises the others; bandit removes the breaching arms (one left: single); never below
+    one serving version. Shadow versions that breach leave the ``shadow`` list in the same
+    change. On ``pass`` held for ``advance_after_s`` (``healthy_for_s``), an unpaused canary
+    advances one step; past the last it promotes.
     """
-    d = dict(doc)
     if evaluation.verdict == "pass":
-        if d["strategy"] != "canary" or spec.advance_after_s is None or d["paused"]:
+        if not isinstance(doc, CanaryDoc) or spec.advance_after_s is None or doc.paused:
             return None
         if healthy_for_s < spec.advance_after_s:
             return None
-        after = apply_action(d, "advance")
-        promoted = after["strategy"] == "single"
-        target = "promotion" if promoted else f"weight {after['weight']:g}"
+        after = doc.apply("advance")
+        target = f"weight {after.weight:g}" if isinstance(after, CanaryDoc) else "promotion"
         reason = (
             f"healthy for {healthy_for_s:.1f} s (advance_after_s {spec.advance_after_s:g}): "
-            f"weight {d['weight']:g} -> {target}"
+            f"weight {doc.weight:g} -> {target}"
         )
-        return Plan("promote" if promoted else "advance", after, "advance_after_s", reason)
+        step = "advance" if isinstance(after, CanaryDoc) else "promote"
+        return Plan(step, after, "advance_after_s", reason)
     if evaluation.verdict != "breach" or spec.on_breach != "rollback":
         return None
     breaches = evaluation.breaches
     bad = {c.version for c in breaches if c.guard != "max_shadow_disagreement"}
     bad_shadows = {c.version for c in breaches if c.guard == "max_shadow_disagreement"}
-    action, after = _primary_action(d, bad, last_change_by_guard)
-    shadow = after.get("shadow")
-    if shadow is not None and bad_shadows & set(shadow["versions"]):
-        kept = [v for v in shadow["versions"] if v not in bad_shadows]
-        after = {k: v for k, v in after.items() if k != "shadow"}
-        if kept:
-            after["shadow"] = {**shadow, "versions": kept}
+    action, after = doc.without(bad, last_change_by_guard)
+    shadow = after.shadow
+    if shadow is not None and bad_shadows & set(shadow.versions):
+        kept = tuple(v for v in shadow.versions if v not in bad_shadows)
+        after = after.with_shadow(ShadowSpec(kept, shadow.sample) if kept else None)
         action = action or "drop_shadow"
     if action is None:
         return None
@@ -485,28 +351,3 @@ def plan(
     cause = next(c for c in breaches if (c.guard == "max_shadow_disagreement") == by_shadow)
     reason = "; ".join(c.describe() for c in breaches)
     return Plan(action, after, cause.guard, reason)
-
-
-def _primary_action(
-    d: dict[str, Any], bad: set[str], last_change_by_guard: bool
-) -> tuple[str | None, dict[str, Any]]:
-    strategy = d["strategy"]
-    if strategy == "canary" and d["candidate"] in bad:
-        return "rollback", apply_action(d, "rollback")
-    if strategy == "blue_green" and d["active"] in bad and not last_change_by_guard:
-        return "switch", apply_action(d, "switch")
-    if strategy == "ab" and bad & {v for v, w in d["arms"].items() if w > 0}:
-        weights = {v: 0.0 if v in bad else w for v, w in d["arms"].items()}
-        total = math.fsum(weights.values())
-        if total <= 0.0:  # every weighted arm breached: nothing healthier to send traffic to
-            return None, d
-        return "drop_arm", {**d, "arms": {v: w / total for v, w in weights.items()}}
-    if strategy == "bandit" and bad & set(d["arms"]):
-        arms = [v for v in d["arms"] if v not in bad]
-        if not arms:
-            return None, d
-        if len(arms) == 1:
-            kept: dict[str, Any] = {k: d[k] for k in ("shadow", "guards", "seed") if k in d}
-            return "drop_arm", {"strategy": "single", "version": arms[0], **kept}
-        return "drop_arm", {**d, "arms": arms}
-    return None, d

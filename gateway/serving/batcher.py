@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from gateway.errors import GatewayError, ModelError, NotReady, Overloaded, Timeout
-from gateway.models import TensorSpec
+from gateway.serving.types import TensorSpec
 
 log = logging.getLogger("turnout.batcher")
 
@@ -149,9 +149,9 @@ class BatchingRuntime:
         busy: Callable[[], bool] = lambda: False,
     ) -> None:
         """``inline_rows``: a request of at most this many rows that finds the queue empty, the
-        session idle and the server not ``busy`` (gateway.backlog) runs right away on the event
-        loop thread, skipping the thread hop (for models that take microseconds, the hop costs
-        more than the run; when requests wait behind it, merging them costs less)."""
+        session idle and the server not ``busy`` (gateway.serving.backlog) runs right away on the
+        event loop thread, skipping the thread hop (for models that take microseconds, the hop
+        costs more than the run; when requests wait behind it, merging them costs less)."""
         self.config = BatchConfig() if config is None else config
         self.name = name
         self.stats = BatchStats()

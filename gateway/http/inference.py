@@ -6,7 +6,7 @@ cost: starlette's routing, middleware, ``Request`` and ``Response`` took about 2
 request cost in-process. So ``Gateway`` (app.py) hands ``POST .../infer`` straight to
 ``Inference.serve``, and the starlette routes reach the same code (``__call__``) only for what
 the front does not recognise (a ``root_path``, other methods: 405). Errors go through the one
-mapping in ``gateway.responses``.
+mapping in ``gateway.http.responses``.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from gateway import codec
-from gateway.auth import KeyCheck
+from gateway.background.shadow import ShadowRunner
 from gateway.errors import BadRequest, NotFound, NotReady
-from gateway.metrics import Traffic
-from gateway.registry import Loaded, Registry
-from gateway.responses import Receive, handler_for, read_body
+from gateway.http import codec
+from gateway.http.auth import KeyCheck
+from gateway.http.responses import Receive, handler_for, read_body
+from gateway.serving.registry import Loaded, Registry
+from gateway.serving.traffic import Traffic
 from gateway.settings import Settings
-from gateway.shadow import ShadowRunner
-from router.table import RouteTable
+from router.state.table import RouteTable
 
 log = logging.getLogger("turnout.inference")
 

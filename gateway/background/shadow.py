@@ -23,7 +23,7 @@ A merged run that fails is rerun copy by copy, so only copies that fail by thems
 errors; a shadow whose outputs do not follow input rows is not merged again.
 
 Primary requests come first: a drain that finds requests waiting for the event loop (``busy``,
-gateway.backlog) is put off by ``RETRY_S``, until the oldest waiting copy has waited
+gateway.serving.backlog) is put off by ``RETRY_S``, until the oldest waiting copy has waited
 ``max_wait_s``, so that copies run in the loop's idle moments instead of in front of a
 request. When ``limit`` copies are waiting or running, new copies are dropped and counted
 rather than queued without bound: under sustained load the shadow sees a sample of the traffic
@@ -43,10 +43,10 @@ from functools import partial
 
 import numpy as np
 
-from gateway.batcher import BatchingRuntime
 from gateway.errors import GatewayError, ModelError
-from gateway.models import Runtime
-from gateway.registry import Loaded, Registry
+from gateway.serving.batcher import BatchingRuntime
+from gateway.serving.registry import Loaded, Registry
+from gateway.serving.types import Runtime
 from monitors.shadow import Divergence
 
 log = logging.getLogger("turnout.shadow")

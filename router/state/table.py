@@ -21,27 +21,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from router.bandit import bandit_of, with_bandit
-from router.policies import Decision, Policy, PolicyError, sticky_key
-from router.spec import build_policy
-from router.store import ArmStats, Assignment, RouteRecord, StateStore, StoreUnavailable
+from router.policy.bandit import bandit_of, with_bandit
+from router.policy.policies import Decision, Policy, PolicyError, sticky_key
+from router.policy.spec import BanditDoc, PolicyDoc, parse_policy
+from router.state.store import ArmStats, Assignment, RouteRecord, StateStore, StoreUnavailable
 
 log = logging.getLogger("turnout.router")
-
-# Strategies whose requests are remembered for the feedback join.
-FEEDBACK_STRATEGIES = frozenset({"ab", "bandit", "canary"})
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     model: str
     revision: int
-    doc: dict[str, Any]
+    doc: PolicyDoc
     policy: Policy
 
     @property
     def strategy(self) -> str:
-        return str(self.doc["strategy"])
+        return self.doc.strategy
 
 
 class UnknownInference(LookupError):
@@ -101,7 +98,7 @@ class RouteTable:
         if cell is None:
             cell = self._served[key] = [0.0, 0.0, 0.0, 0.0]
         cell[0] += 1
-        if route.strategy in FEEDBACK_STRATEGIES:
+        if route.doc.feedback:
             if self._shared:
                 self._pending[request_id] = Assignment(
                     route.model, decision.version, route.revision, decision.propensity
@@ -132,7 +129,7 @@ class RouteTable:
         if assignment.model != model:
             raise UnknownInference(f"inference {request_id!r} was not served by model {model!r}")
         route = self._routes.get(model)
-        if route is not None and route.strategy == "bandit" and not 0.0 <= reward <= 1.0:
+        if route is not None and isinstance(route.doc, BanditDoc) and not 0.0 <= reward <= 1.0:
             raise PolicyError("reward", f"a bandit reward must be in [0, 1], got {reward}")
         key = (model, assignment.revision, assignment.version)
         cell = self._served.setdefault(key, [0.0, 0.0, 0.0, 0.0])
@@ -176,7 +173,7 @@ class RouteTable:
             self.revision,
             len(self._routes),
         )
-        records = [RouteRecord(r.model, r.doc, r.revision) for r in self._routes.values()]
+        records = [RouteRecord(r.model, r.doc.as_json(), r.revision) for r in self._routes.values()]
         stats: dict[str, dict[str, ArmStats]] = {}
         for model, route in self._routes.items():
             bandit = bandit_of(route.policy)
@@ -193,6 +190,29 @@ class RouteTable:
         if await self.store.restore(self.revision, records, stats, who=who, reason=reason):
             log.warning("state store restored to revision %d by this replica", self.revision)
 
+    async def write(
+        self,
+        model: str,
+        doc: PolicyDoc | None,
+        *,
+        expected: int | None,
+        who: str,
+        action: str,
+        reason: str,
+        artifacts: Mapping[str, str],
+        details: Mapping[str, Any] | None = None,
+    ) -> RouteRecord | None:
+        """The one way a policy changes (admin API and guards alike): write it to the store with
+        its audit entry, If-Match on ``expected``, then install it here at once. ``doc`` None
+        deletes the policy. Raises StaleRevision or StoreUnavailable with nothing changed."""
+        record = await self.store.put_route(
+            model, doc.as_json() if doc is not None else None, expected=expected, who=who,
+            action=action, reason=reason, artifacts=dict(artifacts),
+            details=dict(details) if details is not None else None,
+        )  # fmt: skip
+        self.install(record, model)
+        return record
+
     def install(self, record: RouteRecord | None, model: str) -> None:
         """Apply a change this replica just wrote, without waiting for the watcher."""
         if record is None:
@@ -205,11 +225,12 @@ class RouteTable:
 
     def _install(self, record: RouteRecord) -> None:
         try:
-            policy = build_policy(record.doc, salt=record.model)
+            doc = parse_policy(record.doc)
+            policy = doc.policy(salt=record.model)
         except (PolicyError, ValueError) as exc:  # a document that was valid when written
             log.error("cannot build policy of %s rev %d: %s", record.model, record.revision, exc)
             return
-        route = Route(record.model, record.revision, record.doc, policy)
+        route = Route(record.model, record.revision, doc, policy)
         self._routes[record.model] = route
         self._notify(route, record.model)
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from router.hashing import arm_prefix, rendezvous
+from router.policy.hashing import arm_prefix, rendezvous
 
 
 class PolicyError(ValueError):
@@ -69,10 +69,10 @@ class Split:
     """Weighted split over arms: single, blue-green, canary and A/B are all a Split.
 
     ``choose(key)`` with a key assigns by weighted rendezvous hashing of (salt, arm, key) (see
-    ``router.hashing``), so a key keeps its arm on every replica and across restarts, and weight
-    changes move as few keys as possible; without a key it draws from ``rng``. The decision's
-    propensity is the arm's normalised weight: the probability over requests (or over keys,
-    when hashed) of landing on that arm. Arms of weight 0 receive nothing.
+    ``router.policy.hashing``), so a key keeps its arm on every replica and across restarts, and
+    weight changes move as few keys as possible; without a key it draws from ``rng``. The decision's
+    propensity is the arm's normalised weight: the probability over requests (or over keys, when
+    hashed) of landing on that arm. Arms of weight 0 receive nothing.
     """
 
     arms: tuple[Arm, ...]

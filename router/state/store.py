@@ -6,7 +6,7 @@ Every change takes the next global revision and appends one audit entry in the s
 The audit trail is append-only; the global trail and each model's trail keep their newest
 ``AUDIT_CAP`` entries. Documents and audit entries are held as JSON (orjson) in both
 implementations, so what you read back is always a fresh copy, never the caller's dict.
-This module does not import redis: ``open_store`` loads ``router.redis_store`` only when asked.
+This module does not import redis; the composition root (gateway.app) chooses the store.
 """
 
 from __future__ import annotations
@@ -181,14 +181,6 @@ class StateStore(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def open_store(redis_url: str | None, prefix: str = "turnout:") -> StateStore:
-    if not redis_url:
-        return MemoryStore()
-    from router.redis_store import RedisStore  # only deployments with Redis import redis
-
-    return RedisStore(redis_url, prefix)
 
 
 def audit_body(

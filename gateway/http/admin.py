@@ -1,5 +1,6 @@
-"""Admin API: routing policies, actions, reports and the audit trail. Every write names who
-(the token's name), why (a required reason) and the exact artifacts (sha256) it routes to."""
+"""Admin API: routing policies, actions, reports, guards and the audit trail. Every write names
+who (the token's name), why (a required reason) and the exact artifacts (sha256) it routes to;
+it goes through ``RouteTable.write``, as the guards' own changes do."""
 
 from __future__ import annotations
 
@@ -9,17 +10,18 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.auth import TokenAuth
-from gateway.errors import BadRequest, Conflict, NotFound, NotReady, PreconditionFailed
-from gateway.registry import Registry
-from gateway.responses import json_response, read_json_object
-from gateway.shadow import ShadowRunner
-from router.guards import MONITORED
-from router.policies import ActionConflict, PolicyError
-from router.spec import ACTIONS, apply_action, build_policy, parse_policy, referenced_versions
-from router.stats import Outcomes, msprt, srm_test
-from router.store import RouteRecord, StaleRevision, StoreUnavailable
-from router.table import Route, RouteTable
+from gateway.background.guards import GuardEvaluator
+from gateway.background.shadow import ShadowRunner
+from gateway.errors import BadRequest, NotFound
+from gateway.http.auth import TokenAuth
+from gateway.http.responses import json_response, read_json_object
+from gateway.serving.registry import Registry
+from router.policy.guard_spec import MONITORED
+from router.policy.policies import PolicyError
+from router.policy.spec import ACTIONS, Action, PolicyDoc, parse_policy
+from router.policy.stats import Outcomes, msprt, srm_test
+from router.state.store import RouteRecord
+from router.state.table import Route, RouteTable
 
 _ADMIN_BODY_LIMIT = 1 << 20
 
@@ -31,6 +33,7 @@ class Admin:
         registry: Registry,
         table: RouteTable,
         shadows: ShadowRunner,
+        guards: GuardEvaluator,
         *,
         monitors: bool = True,
     ) -> None:
@@ -39,11 +42,12 @@ class Admin:
         self.registry = registry
         self.table = table
         self.shadows = shadows
+        self.guards = guards
 
     # -- reads ----------------------------------------------------------------------------------
     async def list_routes(self, request: Request) -> Response:
         self.auth.authenticate(request.headers.get("authorization"))
-        revision, records = await _store(self.table.store.routes())
+        revision, records = await self.table.store.routes()
         return json_response(
             {"revision": revision, "routes": {m: _describe(r) for m, r in sorted(records.items())}}
         )
@@ -59,7 +63,7 @@ class Admin:
         raw_limit = request.query_params.get("limit", "100")
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 10_000:
             raise BadRequest("limit: must be an integer between 1 and 10000")
-        entries = await _store(self.table.store.audit(model, int(raw_limit)))
+        entries = await self.table.store.audit(model, int(raw_limit))
         return json_response({"entries": [dataclasses.asdict(e) for e in entries]})
 
     async def report(self, request: Request) -> Response:
@@ -68,9 +72,15 @@ class Admin:
         route = self.table.get(model)
         if route is None:
             raise NotFound(f"model {model!r} has no routing policy")
-        await _store(self.table.flush())
-        stats = await _store(self.table.store.stats(model, route.revision))
+        await self.table.flush()
+        stats = await self.table.store.stats(model, route.revision)
         return json_response({**_report(route, stats), "shadows": self.shadows.report(model)})
+
+    async def guards_view(self, request: Request) -> Response:
+        """GET /admin/routes/{model}/guards: the verdict on this replica's current windows, the
+        figures and thresholds behind it, and the last action any guard took on the model."""
+        self.auth.authenticate(request.headers.get("authorization"))
+        return json_response(await self.guards.view(request.path_params["model"]))
 
     # -- writes ---------------------------------------------------------------------------------
     async def put_route(self, request: Request) -> Response:
@@ -86,26 +96,26 @@ class Admin:
         if "policy" not in body:
             raise BadRequest("policy: required")
         doc = _parse(body["policy"], self.registry.ready_versions(model))
-        blind = [c for c in MONITORED if c in doc.get("guards", {})] if not self.monitors else []
+        thresholds = doc.guards.thresholds() if doc.guards is not None else {}
+        blind = [c for c in MONITORED if c in thresholds] if not self.monitors else []
         if blind:  # a guard that could never see its figures would never act: refuse it
             raise BadRequest(
                 f"policy.guards.{blind[0]}: needs the inline monitors, which are off on this "
                 "gateway (TURNOUT_MONITORS=false)"
             )
         if request.query_params.get("dry_run", "false").lower() in ("true", "1", "yes"):
-            policy = build_policy(doc, salt=model)
             current = self.table.get(model)
             return json_response(
                 {
                     "dry_run": True,
                     "model": model,
-                    "policy": doc,
-                    "shares": policy.shares(),
+                    "policy": doc.as_json(),
+                    "shares": doc.policy(salt=model).shares(),
                     "revision": current.revision if current else 0,
-                    "artifacts": self._artifacts(model, doc),
+                    "artifacts": self.registry.artifacts(model, doc.versions()),
                 }
             )
-        record = await self.apply(model, doc, _if_match(request), who, "put", reason)
+        record = await self._write(model, doc, _if_match(request), who, "put", reason)
         assert record is not None
         return _with_etag(_describe(record), record.revision)
 
@@ -115,7 +125,7 @@ class Admin:
         reason = _reason(await read_json_object(request, _ADMIN_BODY_LIMIT))
         current = await self._record(model)
         expected = _if_match(request)
-        await self.apply(
+        await self._write(
             model, None, current.revision if expected is None else expected, who, "delete", reason
         )
         return json_response({"model": model, "deleted": True})
@@ -123,51 +133,34 @@ class Admin:
     async def action(self, request: Request) -> Response:
         who = self.auth.authenticate(request.headers.get("authorization"))
         model = self._model(request)
-        action = request.path_params["action"]
+        action: Action = request.path_params["action"]
         if action not in ACTIONS:
             raise NotFound(f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
         reason = _reason(await read_json_object(request, _ADMIN_BODY_LIMIT))
         current = await self._record(model)
         expected = _if_match(request)
-        try:
-            new_doc = apply_action(current.doc, action)
-        except ActionConflict as exc:
-            raise Conflict(str(exc)) from None
-        except PolicyError as exc:
-            raise BadRequest(str(exc)) from None
-        doc = _parse(new_doc, self.registry.ready_versions(model))
-        record = await self.apply(
+        after = parse_policy(current.doc).apply(action)
+        doc = _parse(after.as_json(), self.registry.ready_versions(model))
+        record = await self._write(
             model, doc, current.revision if expected is None else expected, who, action, reason
         )
         assert record is not None
         return _with_etag(_describe(record), record.revision)
 
-    async def apply(
+    async def _write(
         self,
         model: str,
-        doc: dict[str, Any] | None,
+        doc: PolicyDoc | None,
         expected: int | None,
         who: str,
         action: str,
         reason: str,
-        details: dict[str, Any] | None = None,
     ) -> RouteRecord | None:
-        """Write a change (also used by automated actions) and install it locally at once."""
-        artifacts = self._artifacts(model, doc) if doc is not None else {}
-        try:
-            record = await self.table.store.put_route(
-                model, doc, expected=expected, who=who, action=action, reason=reason,
-                artifacts=artifacts, details=details,
-            )  # fmt: skip
-        except StaleRevision as exc:
-            raise PreconditionFailed(
-                f"the policy of {model!r} is at revision {exc.current}, not {exc.expected}; "
-                "read it again and retry"
-            ) from None
-        except StoreUnavailable as exc:
-            raise NotReady(f"routing state store unavailable, nothing changed: {exc}") from None
-        self.table.install(record, model)
-        return record
+        artifacts = self.registry.artifacts(model, doc.versions()) if doc is not None else {}
+        return await self.table.write(
+            model, doc, expected=expected, who=who, action=action, reason=reason,
+            artifacts=artifacts,
+        )  # fmt: skip
 
     # -- helpers ----------------------------------------------------------------------------------
     def _model(self, request: Request) -> str:
@@ -177,37 +170,20 @@ class Admin:
         return model
 
     async def _record(self, model: str) -> RouteRecord:
-        _, records = await _store(self.table.store.routes())
+        _, records = await self.table.store.routes()
         record: RouteRecord | None = records.get(model)
         if record is None:
             raise NotFound(f"model {model!r} has no routing policy")
         return record
 
-    def _artifacts(self, model: str, doc: dict[str, Any]) -> dict[str, str]:
-        return {
-            v: self.registry.get(model, v).info.sha256 for v in sorted(referenced_versions(doc))
-        }
 
-    def referencing(self, model: str) -> frozenset[str]:
-        """Versions the model's current policy needs loaded (unload refuses them)."""
-        route = self.table.get(model)
-        return referenced_versions(route.doc) if route is not None else frozenset()
-
-
-async def _store(awaitable: Any) -> Any:
-    try:
-        return await awaitable
-    except StoreUnavailable as exc:
-        raise NotReady(f"routing state store unavailable: {exc}") from None
-
-
-def _parse(doc: Any, loaded: list[str]) -> dict[str, Any]:
+def _parse(doc: Any, loaded: list[str]) -> PolicyDoc:
+    """The document of a request body's ``policy`` field: errors name fields from the body."""
     try:
         return parse_policy(doc, loaded)
     except PolicyError as exc:
-        raise BadRequest(
-            f"policy.{exc}" if not str(exc).startswith("policy") else str(exc)
-        ) from None
+        field = exc.field if exc.field.startswith("policy") else f"policy.{exc.field}"
+        raise PolicyError(field, exc.message) from None
 
 
 def _describe(record: RouteRecord) -> dict[str, Any]:
@@ -215,7 +191,7 @@ def _describe(record: RouteRecord) -> dict[str, Any]:
         "model": record.model,
         "revision": record.revision,
         "policy": record.doc,
-        "shares": build_policy(record.doc, salt=record.model).shares(),
+        "shares": parse_policy(record.doc).policy(salt=record.model).shares(),
     }
 
 
@@ -268,7 +244,7 @@ def _report(route: Route, stats: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"model": route.model, "revision": route.revision,
                            "strategy": route.strategy, "versions": rows}  # fmt: skip
     weighted = {v: w for v, w in shares.items() if w > 0}
-    if route.strategy in ("ab", "canary") and len(weighted) > 1 and total > 0:
+    if route.doc.fixed_shares and len(weighted) > 1 and total > 0:
         chi2, p, flagged = srm_test({v: served.get(v, 0) for v in weighted}, weighted)
         out["srm"] = {"chi2": chi2, "p_value": p, "flagged": flagged, "alpha": 0.001}
     arms = [v for v in versions if stats.get(v) and stats[v].rewards >= 2]

@@ -1,6 +1,6 @@
 """Rollout guards in the gateway: a background task keeps windows of the live counters, judges
-every policy that carries ``guards`` (router.guards) and applies the change a verdict leads to
-through the admin API, as an ordinary audited policy change with a new revision.
+every policy that carries ``guards`` (router.policy.guards) and applies the change a verdict leads
+to through ``RouteTable.write``, as an ordinary audited policy change with a new revision.
 
 One evaluator acts across a fleet: each tick a replica takes or renews the store's lease, and
 only its holder evaluates and acts (with the memory store, the process is its own fleet). The
@@ -31,37 +31,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from starlette.requests import Request
-from starlette.responses import Response
 
-from gateway.admin import Admin
-from gateway.errors import GatewayError, NotFound, NotReady
-from gateway.metrics import GuardMetrics, Traffic
-from gateway.responses import json_response
+from gateway.background.shadow import ShadowRunner
+from gateway.errors import GatewayError, NotFound
+from gateway.serving.registry import Registry
+from gateway.serving.traffic import GuardMetrics, Traffic
 from monitors import LatencyHistogram
-from router.guards import (
-    CONDITIONS,
+from router.policy.guard_spec import CONDITIONS, GuardSpec
+from router.policy.guards import (
     ColumnPsi,
     Evaluation,
     Figures,
-    GuardSpec,
     Plan,
     ShadowWindow,
     VersionWindow,
     evaluate,
     plan,
-    subjects,
 )
-from router.policies import PolicyError
-from router.spec import parse_policy
-from router.store import StoreUnavailable
-from router.table import Route
+from router.policy.policies import PolicyError
+from router.policy.spec import parse_policy
+from router.state.store import StaleRevision, StoreUnavailable
+from router.state.table import Route, RouteTable
 
 log = logging.getLogger("turnout.guards")
 
-TICK_S = 0.5
-LEASE_NAME = "guards"
-LEASE_TTL_S = 3.0  # a dead leader is replaced within this long
+LEASE_NAME = "guards"  # a dead leader is replaced within the lease's TTL (Settings.lease_ttl_s)
 HISTORY_POINTS = 120  # snapshots kept per longest window: its resolution is window_s / 120
 AUDIT_LOOKBACK = 100  # entries searched for the last guard action
 
@@ -100,12 +94,23 @@ class _Judgement:
 
 
 class GuardEvaluator:
-    def __init__(self, admin: Admin, traffic: Traffic, metrics: GuardMetrics) -> None:
-        self.admin = admin
-        self.table = admin.table
-        self.registry = admin.registry
-        self.shadows = admin.shadows
+    def __init__(
+        self,
+        table: RouteTable,
+        registry: Registry,
+        shadows: ShadowRunner,
+        traffic: Traffic,
+        metrics: GuardMetrics,
+        *,
+        tick_s: float = 0.5,
+        lease_ttl_s: float = 3.0,
+    ) -> None:
+        self.table = table
+        self.registry = registry
+        self.shadows = shadows
         self.traffic = traffic
+        self.tick_s = tick_s
+        self.lease_ttl_s = lease_ttl_s
         self.metrics = metrics
         self.holder = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._history: deque[_Snapshot] = deque()
@@ -128,11 +133,11 @@ class GuardEvaluator:
                 await self.tick(time.monotonic())
             except Exception:  # a bug in one tick must not end the guards for good
                 log.exception("guard evaluation failed")
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(self.tick_s)
 
     # -- one tick -------------------------------------------------------------------------------
     async def tick(self, now: float) -> None:
-        routes = {m: r for m, r in self.table.routes().items() if "guards" in r.doc}
+        routes = {m: r for m, r in self.table.routes().items() if r.doc.guards is not None}
         for model in [m for m in self._states if m not in routes]:
             del self._states[model]
             self.metrics.forget(model)
@@ -147,8 +152,8 @@ class GuardEvaluator:
             state = self._state(model, route, now)
             if not self.metrics.leader or now < state.next_at:
                 continue
-            # installed documents passed build_policy, which validates their guards
-            spec = GuardSpec.parse(route.doc["guards"])
+            spec = route.doc.guards
+            assert spec is not None
             state.next_at = now + spec.interval_s
             try:
                 await self._evaluate(model, route, spec, state, current, now)
@@ -157,7 +162,7 @@ class GuardEvaluator:
 
     async def _lead(self) -> None:
         try:
-            leader = await self.table.store.acquire_lease(LEASE_NAME, self.holder, LEASE_TTL_S)
+            leader = await self.table.store.acquire_lease(LEASE_NAME, self.holder, self.lease_ttl_s)
         except StoreUnavailable as exc:
             if self.metrics.leader:
                 log.warning("guard lease not renewed, standing down: %s", exc)
@@ -198,7 +203,7 @@ class GuardEvaluator:
             state.verdict = evaluation.verdict
         healthy_for = 0.0 if state.healthy_since is None else now - state.healthy_since
         by_guard = False
-        if evaluation.verdict == "breach" and route.strategy == "blue_green":
+        if evaluation.verdict == "breach":
             by_guard = await self._last_change_by_guard(model)
         change = plan(
             route.doc, spec, evaluation, healthy_for_s=healthy_for, last_change_by_guard=by_guard
@@ -210,18 +215,21 @@ class GuardEvaluator:
         self, model: str, route: Route, spec: GuardSpec, judged: _Judgement, change: Plan
     ) -> None:
         try:
-            doc = parse_policy(change.doc, self.registry.ready_versions(model))
-        except PolicyError as exc:
+            doc = parse_policy(change.doc.as_json(), self.registry.ready_versions(model))
+            artifacts = self.registry.artifacts(model, doc.versions())
+        except (PolicyError, GatewayError) as exc:
             log.error("guards of %s: %s would leave an invalid policy: %s", model, change, exc)
             return
         details = {"guards": spec.as_doc(), **self._describe(judged, route, spec)}
         try:
-            record = await self.admin.apply(
-                model, doc, route.revision, f"guard:{change.guard}", change.action,
-                change.reason, details,
+            record = await self.table.write(
+                model, doc, expected=route.revision, who=f"guard:{change.guard}",
+                action=change.action, reason=change.reason, artifacts=artifacts, details=details,
             )  # fmt: skip
-        except GatewayError as exc:  # 412: changed meanwhile; 503: store down. Next tick retries.
-            log.warning("guards of %s: %s not applied: %s", model, change.action, exc.message)
+        except (StaleRevision, StoreUnavailable) as exc:  # changed meanwhile, or store down
+            log.warning(
+                "guards of %s: %s not applied (next tick retries): %s", model, change.action, exc
+            )
             return
         self.metrics.actions[(model, change.action)] += 1
         revision = record.revision if record is not None else None
@@ -247,7 +255,7 @@ class GuardEvaluator:
                 cell[1] += n if code.startswith("5") else 0
         versions: dict[tuple[str, str], _Counters] = {}
         for model, route in routes.items():
-            for version in _primary_versions(route.doc):
+            for version in route.doc.primary_versions():
                 total, errors = requests.get((model, version), (0, 0))
                 try:
                     monitor = self.registry.get(model, version).monitor
@@ -268,8 +276,8 @@ class GuardEvaluator:
         return _Snapshot(now, versions, shadows)
 
     def _remember(self, snapshot: _Snapshot, routes: Mapping[str, Route]) -> None:
-        longest = max(GuardSpec.parse(r.doc["guards"]).window_s for r in routes.values())
-        resolution = max(TICK_S, longest / HISTORY_POINTS)
+        longest = max(r.doc.guards.window_s for r in routes.values() if r.doc.guards)
+        resolution = max(self.tick_s, longest / HISTORY_POINTS)
         if not self._history or snapshot.at - self._history[-1].at >= resolution:
             self._history.append(snapshot)
         while self._history and self._history[0].at < snapshot.at - longest - resolution:
@@ -286,9 +294,9 @@ class GuardEvaluator:
         since = state.since if state is not None and state.revision == route.revision else now
         base = self._base(max(now - spec.window_s, since), current)
         drift = spec.max_psi is not None or spec.max_prediction_psi is not None
-        tested = {s.version for s in subjects(route.doc)}
+        tested = {s.version for s in route.doc.subjects()}
         versions: dict[str, VersionWindow] = {}
-        for version in _primary_versions(route.doc):
+        for version in route.doc.primary_versions():
             cur = current.versions.get((model, version))
             if cur is None:
                 continue
@@ -304,7 +312,7 @@ class GuardEvaluator:
                 outputs=outputs,
             )
         shadows: dict[str, ShadowWindow] = {}
-        for version in route.doc.get("shadow", {}).get("versions", ()):
+        for version in route.doc.shadow_versions():
             cur_s = current.shadows.get((model, version), ShadowWindow())
             old_s = base.shadows.get((model, version), cur_s)
             shadows[version] = ShadowWindow(
@@ -345,7 +353,7 @@ class GuardEvaluator:
         for check in judged.evaluation.checks:
             if check.value is not None and check.guard in CONDITIONS:
                 self.metrics.values[(model, check.version, check.guard)] = check.value
-        for subject in subjects(route.doc):
+        for subject in route.doc.subjects():
             window = judged.figures.versions.get(subject.version, VersionWindow())
             self.metrics.requests[(model, subject.version)] = window.requests
 
@@ -375,52 +383,33 @@ class GuardEvaluator:
             "shadows": shadows,
         }
 
-    async def endpoint(self, request: Request) -> Response:
-        """GET /admin/routes/{model}/guards: the verdict on this replica's current windows, the
-        figures and thresholds behind it, and the last action any guard took on the model."""
-        self.admin.auth.authenticate(request.headers.get("authorization"))
-        model = request.path_params["model"]
+    async def view(self, model: str) -> dict[str, Any]:
+        """The verdict on this replica's current windows, the figures and thresholds behind it,
+        and the last action any guard took on the model (GET /admin/routes/{model}/guards)."""
         route = self.table.get(model)
         if route is None:
             raise NotFound(f"model {model!r} has no routing policy")
-        if "guards" not in route.doc:
+        spec = route.doc.guards
+        if spec is None:
             raise NotFound(f"the policy of {model!r} has no guards")
-        spec = GuardSpec.parse(route.doc["guards"])
         now = time.monotonic()
         judged = self._judge(model, route, spec, self._snapshot(now, {model: route}), now)
-        try:
-            entries = await self.table.store.audit(model, AUDIT_LOOKBACK)
-        except StoreUnavailable as exc:
-            raise NotReady(f"routing state store unavailable: {exc}") from None
+        entries = await self.table.store.audit(model, AUDIT_LOOKBACK)
         last = next((e for e in entries if e.who.startswith("guard:")), None)
         state = self._states.get(model)
         healthy_for = None
         if state is not None and state.healthy_since is not None and self.metrics.leader:
             healthy_for = now - state.healthy_since
-        return json_response(
-            {
-                "model": model,
-                "strategy": route.strategy,
-                "guards": spec.as_doc(),
-                "thresholds": spec.thresholds(),
-                "leader": self.metrics.leader,
-                "healthy_for_s": healthy_for,
-                **self._describe(judged, route, spec),
-                "last_action": dataclasses.asdict(last) if last is not None else None,
-            }
-        )
-
-
-def _primary_versions(doc: Mapping[str, Any]) -> list[str]:
-    """The versions a document sends traffic to (shadows apart)."""
-    strategy = doc["strategy"]
-    if strategy == "single":
-        return [doc["version"]]
-    if strategy == "canary":
-        return [doc["baseline"], doc["candidate"]]
-    if strategy == "blue_green":
-        return [doc["active"], doc["standby"]]
-    return list(doc["arms"])
+        return {
+            "model": model,
+            "strategy": route.strategy,
+            "guards": spec.as_doc(),
+            "thresholds": spec.thresholds(),
+            "leader": self.metrics.leader,
+            "healthy_for_s": healthy_for,
+            **self._describe(judged, route, spec),
+            "last_action": dataclasses.asdict(last) if last is not None else None,
+        }
 
 
 def _latency_delta(cur: _Counters, old: _Counters) -> LatencyHistogram | None:

@@ -41,7 +41,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from router.store import (
+from router.state.store import (
     AUDIT_CAP,
     BATCH_MEMORY_S,
     ArmStats,

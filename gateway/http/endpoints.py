@@ -1,25 +1,22 @@
 """The other OIP and Turnout endpoints: health, metadata, drift, feedback and the repository
-extension. Inference has its own path (gateway.inference)."""
+extension. Inference has its own path (gateway.http.inference)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.auth import KeyCheck, OpenAccess, TokenAuth
+from gateway.background.fleet import CountsExchange
 from gateway.errors import BadRequest, Conflict, NotFound, NotReady
-from gateway.fleet import CountsExchange
-from gateway.registry import Loaded, Registry
-from gateway.responses import json_response, read_json_object
+from gateway.http.auth import KeyCheck, OpenAccess, TokenAuth
+from gateway.http.responses import json_response, read_json_object
+from gateway.serving.registry import Loaded, Registry
 from gateway.settings import Settings
-from router.policies import PolicyError
-from router.store import StoreUnavailable
-from router.table import RouteTable, UnknownInference
+from router.state.table import RouteTable
 
 log = logging.getLogger("turnout.endpoints")
 
@@ -37,16 +34,15 @@ class Endpoints:
         table: RouteTable,
         auth: TokenAuth,
         keys: KeyCheck | None = None,
+        exchange: CountsExchange | None = None,
     ) -> None:
-        self.exchange: CountsExchange | None = None  # set by the app
+        self.exchange = exchange
         # API keys guard inference, model metadata, drift and feedback; health stays open.
         self.keys: KeyCheck = keys or OpenAccess()
         self.settings = settings
         self.registry = registry
         self.table = table
         self.auth = auth
-        # Versions a routing policy needs; unload refuses them (set by the app).
-        self.referenced: Callable[[str], frozenset[str]] = lambda model: frozenset()
 
     # -- health and metadata ---------------------------------------------------------------
     async def live(self, request: Request) -> Response:
@@ -129,14 +125,7 @@ class Endpoints:
             raise BadRequest("id: required, the id of an inference response")
         if not isinstance(reward, int | float) or isinstance(reward, bool):
             raise BadRequest("reward: required, a number")
-        try:
-            assignment = await self.table.feedback(model, request_id, float(reward))
-        except UnknownInference as exc:
-            raise NotFound(str(exc)) from None
-        except PolicyError as exc:
-            raise BadRequest(str(exc)) from None
-        except StoreUnavailable as exc:
-            raise NotReady(f"feedback store unavailable: {exc}") from None
+        assignment = await self.table.feedback(model, request_id, float(reward))
         return json_response(
             {"id": request_id, "model": model, "version": assignment.version, "reward": reward}
         )
@@ -172,7 +161,9 @@ class Endpoints:
         self.auth.authenticate(request.headers.get("authorization"))
         model = request.path_params["model"]
         versions = self._versions_parameter(await read_json_object(request))
-        needed = self.referenced(model) & set(versions or self.registry.ready_versions(model))
+        route = self.table.get(model)
+        referenced = route.doc.versions() if route is not None else frozenset()
+        needed = referenced & set(versions or self.registry.ready_versions(model))
         if needed:
             raise Conflict(
                 f"model {model!r} versions {sorted(needed, key=int)} are named by its routing "

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gateway.errors import BadRequest
-from gateway.runtime import LoadError
+from gateway.errors import BadRequest, LoadError
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 VERSION_NAME = re.compile(r"[1-9][0-9]{0,17}")

@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 
 from gateway.errors import BadRequest, GatewayError
-from gateway.models import NUMPY_DTYPES, ModelVersion, TensorSpec
+from gateway.serving.types import NUMPY_DTYPES, ModelVersion, TensorSpec
 
 INFERENCE_HEADER: Final = "Inference-Header-Content-Length"
 
