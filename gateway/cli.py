@@ -8,7 +8,7 @@ import logging.config
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -138,7 +138,7 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
         self.transport.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turnout", description="ONNX model-serving gateway")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -215,8 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser("demo-repo", help="write the demo model repository")
     demo.add_argument("directory", type=Path)
     demo.add_argument("--no-heavy", action="store_true", help="skip the heavy benchmark model")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command == "demo-repo":
         from gateway.demo import write_demo_repository
 
@@ -226,49 +229,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _serve(args)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings ``turnout serve ARGV`` runs with: flags over ``TURNOUT_*`` variables of
+    ``environ`` (default: the process environment). Raises SettingsError naming the culprit."""
+    args = _parser().parse_args(["serve", *argv])
+    return _settings(args, environ)
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for these settings, logging apart: the one place the HTTP server is
+    configured (the test harness runs an in-process server with the same options)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": HeadLimitedHttpTools,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "log_level": settings.log_level,
+        "access_log": False,
+        "timeout_graceful_shutdown": 30,
+    }
+
+
+def _settings(args: argparse.Namespace, environ: Mapping[str, str] | None) -> Settings:
     overrides = {
         f"TURNOUT_{key.upper()}": str(value)
         for key, value in vars(args).items()
         if key not in ("command", *_CREDENTIAL_FLAGS) and value is not None
     }
+    for key, variable in _CREDENTIAL_FLAGS.items():
+        flags: list[str] = getattr(args, key)
+        # Validate each flag on its own so a malformed one is named, then pass them on together.
+        for flag in flags:
+            parse_credentials("--" + key.replace("_", "-"), flag)
+        if flags:
+            overrides[variable] = ",".join(flags)
+    return Settings.from_env(environ, overrides=overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
-        for key, variable in _CREDENTIAL_FLAGS.items():
-            flags: list[str] = getattr(args, key)
-            # Validate each flag on its own so a malformed one is named, then pass them on together.
-            for flag in flags:
-                parse_credentials("--" + key.replace("_", "-"), flag)
-            if flags:
-                overrides[variable] = ",".join(flags)
-        settings = Settings.from_env(overrides=overrides)
+        settings = _settings(args, None)
     except SettingsError as exc:
         print(f"turnout: {exc}", file=sys.stderr)
         return 2
     logging_config = log_config(settings.log_level)
     logging.config.dictConfig(logging_config)
     _warn_about_credentials(settings)
-    common = {
-        "host": settings.host,
-        "port": settings.port,
-        "loop": "uvloop",
-        "http": HeadLimitedHttpTools,
-        "h11_max_incomplete_event_size": settings.max_header_bytes,
-        "log_config": logging_config,
-        "log_level": settings.log_level,
-        "access_log": False,
-        "timeout_graceful_shutdown": 30,
-    }
+    common = {**server_options(settings), "log_config": logging_config}
     # uvicorn raises SIGTERM again once it has drained, which would end the process "killed by
     # SIGTERM" (-15); a drained gateway exits 0.
     signal.signal(signal.SIGTERM, _exit_drained)
     if settings.workers == 1:
         from gateway.app import create_app
 
-        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+        uvicorn.run(create_app(settings), **common)
     else:
         # Worker processes rebuild the same settings from the environment.
         os.environ.update(settings.to_env())
-        uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
+        uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.workers, **common)
     return 0
 
 

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from gateway.demo import write_demo_repository
-from tests.server import Server
+from tests.support.server import Server
 
 REDIS_URL = "redis://127.0.0.1:6379/0"  # the CI machine's Redis
 

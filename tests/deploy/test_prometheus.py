@@ -28,7 +28,7 @@ import pytest
 
 from gateway.demo import sample_inputs
 from gateway.http.metrics import LATENCY_BUCKETS
-from tests.server import ADMIN, Server, free_port
+from tests.support.server import ADMIN, Server, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"

@@ -15,8 +15,8 @@ import orjson
 import pytest
 
 from gateway.demo import sample_inputs
-from tests.models import write_slow_fraud
-from tests.server import Server
+from tests.support.models import write_slow_fraud
+from tests.support.server import Server
 
 ROW = sample_inputs("fraud", 1, seed=4)["input"].ravel().tolist()
 

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.demo import sample_inputs
 from tests.conftest import REDIS_URL
-from tests.server import ADMIN, Server
+from tests.support.server import ADMIN, Server
 
 ROW = sample_inputs("fraud", 1, seed=2)["input"]
 BODY = orjson.dumps(

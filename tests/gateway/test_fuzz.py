@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
 
 from gateway.demo import sample_inputs
 from gateway.http.openapi import openapi_document
-from tests.server import ADMIN, Server
+from tests.support.server import ADMIN, Server
 
 API_KEY = "fuzz-api-key-0123456789"
 BUDGET = 20  # examples per operation, credentials and kind of input

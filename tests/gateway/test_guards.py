@@ -22,8 +22,8 @@ import pytest
 
 from gateway.demo import sample_inputs
 from tests.conftest import REDIS_URL
-from tests.models import write_failing_fraud
-from tests.server import ADMIN, Server
+from tests.support.models import write_failing_fraud
+from tests.support.server import ADMIN, Server
 
 FAIL_SHARE = 0.4
 # Feature 28 of the demo's fraud inputs is uniform on [0, 1): the candidate fails when it

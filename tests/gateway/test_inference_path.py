@@ -19,8 +19,8 @@ from gateway.app import create_app
 from gateway.demo import sample_inputs
 from gateway.http.inference import RequestHeaders, infer_target
 from gateway.settings import Settings
-from tests.reliability import metric_sum
-from tests.server import Server
+from tests.support.load import metric_sum
+from tests.support.server import Server
 
 ROUTES = [
     Route("/v2/models/{model}/infer", lambda r: None, methods=["POST"]),

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from gateway.settings import Settings, SettingsError
-from tests.server import ADMIN, Server
+from tests.support.server import ADMIN, Server
 
 MAX_BODY = 20 << 20  # room for the 16 MB list of inputs below
 MAX_ELEMENTS = 4096

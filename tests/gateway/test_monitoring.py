@@ -13,9 +13,9 @@ import pytest
 
 from gateway.demo import sample_inputs
 from monitors import psi
-from tests.models import write_any_width_scorer
-from tests.reliability import metric_sum
-from tests.server import ADMIN, Server
+from tests.support.load import metric_sum
+from tests.support.models import write_any_width_scorer
+from tests.support.server import ADMIN, Server
 
 
 def post_rows(

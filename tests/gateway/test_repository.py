@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from gateway.demo import sample_inputs
-from tests.server import ADMIN, Server
+from tests.support.server import ADMIN, Server
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ import orjson
 import pytest
 
 from gateway.demo import sample_inputs
-from tests.models import write_slow_fraud
-from tests.server import ADMIN, Server
+from tests.support.models import write_slow_fraud
+from tests.support.server import ADMIN, InProcessServer, until
 
 ROW = sample_inputs("fraud", 1, seed=1)["input"]
 BODY = orjson.dumps(
@@ -40,17 +40,27 @@ def repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Path:
     root = tmp_path_factory.mktemp("routing") / "models"
     shutil.copytree(demo_repo, root, ignore=shutil.ignore_patterns("echo", "risk"))
     shutil.copytree(root / "fraud" / "1", root / "fraud" / "3")
+    return root
+
+
+@pytest.fixture(scope="module")
+def slow_repo(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> Path:
+    """The routing repository plus version 9, a slow model (its load alone takes seconds)."""
+    root = tmp_path_factory.mktemp("slow") / "models"
+    shutil.copytree(repo, root)
     write_slow_fraud(root / "fraud" / "9")
     return root
 
 
 @pytest.fixture
-def gateway(repo: Path) -> Iterator[Server]:
-    with Server(repo) as s:
+def gateway(repo: Path) -> Iterator[InProcessServer]:
+    with InProcessServer(repo) as s:
         yield s
 
 
-def put(server: Server, policy: dict[str, Any], reason: str = "test", **kw: Any) -> httpx.Response:
+def put(
+    server: InProcessServer, policy: dict[str, Any], reason: str = "test", **kw: Any
+) -> httpx.Response:
     return httpx.put(
         f"{server.url}/admin/routes/fraud",
         json={"policy": policy, "reason": reason},
@@ -59,14 +69,17 @@ def put(server: Server, policy: dict[str, Any], reason: str = "test", **kw: Any)
     )
 
 
-def action(server: Server, name: str, reason: str = "test") -> httpx.Response:
+def action(server: InProcessServer, name: str, reason: str = "test") -> httpx.Response:
     return httpx.post(
         f"{server.url}/admin/routes/fraud/actions/{name}", json={"reason": reason}, headers=ADMIN
     )
 
 
 async def fire(
-    server: Server, n: int, headers: list[dict[str, str]] | None = None, concurrency: int = 16
+    server: InProcessServer,
+    n: int,
+    headers: list[dict[str, str]] | None = None,
+    concurrency: int = 16,
 ) -> list[dict[str, Any]]:
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         sem = asyncio.Semaphore(concurrency)
@@ -83,6 +96,11 @@ async def fire(
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
+def feedback_count(server: InProcessServer) -> int:
+    report = httpx.get(server.url + "/admin/routes/fraud/report", headers=ADMIN).json()
+    return sum(int(v["feedback"]) for v in report["versions"])
+
+
 def within(observed: int, n: int, p: float) -> bool:
     return abs(observed / n - p) <= 4.5 * math.sqrt(p * (1 - p) / n)
 
@@ -91,7 +109,7 @@ def within(observed: int, n: int, p: float) -> bool:
 @pytest.mark.parametrize(
     "headers", [{}, {"Authorization": "Bearer not-a-valid-token"}], ids=["missing", "wrong"]
 )
-def test_admin_needs_a_valid_token(gateway: Server, headers: dict[str, str]) -> None:
+def test_admin_needs_a_valid_token(gateway: InProcessServer, headers: dict[str, str]) -> None:
     calls = [
         ("GET", "/admin/routes"), ("GET", "/admin/routes/fraud"), ("PUT", "/admin/routes/fraud"),
         ("POST", "/admin/routes/fraud/actions/advance"), ("GET", "/admin/audit"),
@@ -108,9 +126,9 @@ def test_admin_needs_a_valid_token(gateway: Server, headers: dict[str, str]) -> 
     assert httpx.get(gateway.url + "/admin/audit", headers=ADMIN).json()["entries"] == []
 
 
-def test_no_policy_serves_the_highest_version_and_pinned_bypasses(gateway: Server) -> None:
+def test_no_policy_serves_the_highest_version_and_pinned_bypasses(gateway: InProcessServer) -> None:
     r = httpx.post(gateway.url + "/v2/models/fraud/infer", content=BODY).json()
-    assert r["model_version"] == "9" and "parameters" not in r
+    assert r["model_version"] == "3" and "parameters" not in r
     assert put(gateway, {"strategy": "single", "version": "1"}).status_code == 200
     assert (
         httpx.post(gateway.url + "/v2/models/fraud/infer", content=BODY).json()["model_version"]
@@ -124,7 +142,7 @@ def test_no_policy_serves_the_highest_version_and_pinned_bypasses(gateway: Serve
     )
 
 
-def test_canary_split_actions_and_audit(gateway: Server, repo: Path) -> None:
+def test_canary_split_actions_and_audit(gateway: InProcessServer, repo: Path) -> None:
     r = put(
         gateway,
         {"strategy": "canary", "baseline": "1", "candidate": "2", "weight": 0.2, "seed": 1},
@@ -168,7 +186,7 @@ def test_canary_split_actions_and_audit(gateway: Server, repo: Path) -> None:
     assert time.time() - 60 < oldest["at"] <= newest["at"] <= time.time() + 1
 
 
-def test_rollback_returns_to_the_baseline(gateway: Server) -> None:
+def test_rollback_returns_to_the_baseline(gateway: InProcessServer) -> None:
     put(gateway, {"strategy": "canary", "baseline": "1", "candidate": "2", "weight": 0.5})
     assert action(gateway, "rollback", reason="errors up").json()["policy"] == {
         "strategy": "single",
@@ -191,7 +209,7 @@ INVALID = [
     ("field", "policy"), [c[1:] and (c[0], c[1]) for c in INVALID], ids=[c[0] for c in INVALID]
 )
 def test_invalid_policies_name_the_field_and_change_nothing(
-    gateway: Server, field: str, policy: dict[str, Any]
+    gateway: InProcessServer, field: str, policy: dict[str, Any]
 ) -> None:
     before = httpx.get(gateway.url + "/admin/routes", headers=ADMIN).json()
     r = put(gateway, policy)
@@ -201,7 +219,7 @@ def test_invalid_policies_name_the_field_and_change_nothing(
     assert httpx.get(gateway.url + "/admin/audit", headers=ADMIN).json()["entries"] == []
 
 
-def test_a_reason_is_required_and_unknown_models_are_404(gateway: Server) -> None:
+def test_a_reason_is_required_and_unknown_models_are_404(gateway: InProcessServer) -> None:
     r = httpx.put(
         gateway.url + "/admin/routes/fraud",
         json={"policy": {"strategy": "single", "version": "1"}},
@@ -217,7 +235,7 @@ def test_a_reason_is_required_and_unknown_models_are_404(gateway: Server) -> Non
     assert httpx.get(gateway.url + "/admin/routes/fraud", headers=ADMIN).status_code == 404
 
 
-def test_if_match_and_dry_run(gateway: Server) -> None:
+def test_if_match_and_dry_run(gateway: InProcessServer) -> None:
     rev = put(gateway, {"strategy": "single", "version": "1"}).json()["revision"]
     stale = put(
         gateway, {"strategy": "single", "version": "2"}, headers={"If-Match": f'"{rev - 1}"'}
@@ -243,7 +261,7 @@ def test_if_match_and_dry_run(gateway: Server) -> None:
     assert len(httpx.get(gateway.url + "/admin/audit", headers=ADMIN).json()["entries"]) == 2
 
 
-def test_versions_named_by_a_policy_cannot_be_unloaded(gateway: Server) -> None:
+def test_versions_named_by_a_policy_cannot_be_unloaded(gateway: InProcessServer) -> None:
     put(gateway, {"strategy": "blue_green", "active": "1", "standby": "2"})
     r = httpx.post(
         gateway.url + "/v2/repository/models/fraud/unload",
@@ -262,7 +280,7 @@ def test_versions_named_by_a_policy_cannot_be_unloaded(gateway: Server) -> None:
 
 
 # -- behaviour under traffic ---------------------------------------------------------------
-def test_blue_green_switch_under_load_fails_no_request(gateway: Server) -> None:
+def test_blue_green_switch_under_load_fails_no_request(gateway: InProcessServer) -> None:
     put(gateway, {"strategy": "blue_green", "active": "1", "standby": "2"})
 
     async def scenario() -> list[tuple[float, int, str]]:
@@ -300,7 +318,7 @@ def test_blue_green_switch_under_load_fails_no_request(gateway: Server) -> None:
 def test_sticky_ab_assignment_is_the_same_on_every_replica(repo: Path) -> None:
     policy = {"strategy": "ab", "arms": {"1": 0.5, "2": 0.5}, "sticky": "header:x-user-id"}
     users = [{"x-user-id": f"user-{i}"} for i in range(300)]
-    with Server(repo) as a, Server(repo) as b:
+    with InProcessServer(repo) as a, InProcessServer(repo) as b:
         put(a, policy)
         put(b, policy)
         first = asyncio.run(fire(a, 300, users))
@@ -311,7 +329,7 @@ def test_sticky_ab_assignment_is_the_same_on_every_replica(repo: Path) -> None:
     assert within(assignment.count("2"), 300, 0.5)
 
 
-def test_report_flags_a_sample_ratio_mismatch(gateway: Server) -> None:
+def test_report_flags_a_sample_ratio_mismatch(gateway: InProcessServer) -> None:
     put(
         gateway,
         {"strategy": "ab", "arms": {"1": 0.5, "2": 0.5}, "sticky": "header:x-user-id", "seed": 3},
@@ -325,7 +343,7 @@ def test_report_flags_a_sample_ratio_mismatch(gateway: Server) -> None:
     assert skewed["srm"]["flagged"] is True and skewed["srm"]["p_value"] < 0.001
 
 
-def test_feedback_joins_rewards_and_the_bandit_learns(gateway: Server) -> None:
+def test_feedback_joins_rewards_and_the_bandit_learns(gateway: InProcessServer) -> None:
     policy = {
         "strategy": "bandit",
         "arms": ["1", "2"],
@@ -339,7 +357,7 @@ def test_feedback_joins_rewards_and_the_bandit_learns(gateway: Server) -> None:
     )
     assert bad.status_code == 404
     served: Counter[str] = Counter()
-    for _ in range(6):
+    for round_ in range(1, 7):
         results = asyncio.run(fire(gateway, 150))
         with httpx.Client(base_url=gateway.url) as client:
             for b in results:
@@ -350,7 +368,8 @@ def test_feedback_joins_rewards_and_the_bandit_learns(gateway: Server) -> None:
                     json={"id": b["id"], "reward": 1.0 if b["model_version"] == "2" else 0.0},
                 )
                 assert r.status_code == 200 and r.json()["version"] == b["model_version"]
-        time.sleep(0.5)  # the fold-in runs every 0.2 s
+        # the bandit folds in the fleet's totals on the flush after they reach the store
+        until(lambda n=150 * round_: feedback_count(gateway) == n)
     last = Counter(b["model_version"] for b in asyncio.run(fire(gateway, 400)))
     # Version 2 always pays: the bandit sends it almost everything but the 10 % floor of version 1.
     assert last["2"] > last["1"] and within(last["1"], 400, 0.1), last
@@ -363,9 +382,14 @@ def test_feedback_joins_rewards_and_the_bandit_learns(gateway: Server) -> None:
     assert means == {"1": 0.0, "2": 1.0}
 
 
-def test_a_slow_shadow_never_slows_the_caller(gateway: Server) -> None:
+def test_a_slow_shadow_never_slows_the_caller(slow_repo: Path) -> None:
     # Version 9 is many times slower than version 1 (measured here, not assumed: machines differ);
     # the caller's requests must not wait for it.
+    with InProcessServer(slow_repo) as gateway:
+        slow_shadow_scenario(gateway)
+
+
+def slow_shadow_scenario(gateway: InProcessServer) -> None:
     with httpx.Client(base_url=gateway.url, timeout=30) as client:
         fast = sorted(
             client.post("/v2/models/fraud/versions/1/infer", content=BODY).elapsed.total_seconds()
@@ -391,7 +415,7 @@ def test_a_slow_shadow_never_slows_the_caller(gateway: Server) -> None:
     assert shadow["requests"] + shadow["dropped"] + shadow["inflight"] >= 1
 
 
-def test_a_light_shadow_compares_every_request(gateway: Server) -> None:
+def test_a_light_shadow_compares_every_request(gateway: InProcessServer) -> None:
     # Version 2 runs in microseconds: its copies run on the event loop, after each response.
     put(
         gateway,

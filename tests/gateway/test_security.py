@@ -26,7 +26,7 @@ from gateway.errors import Unauthorized
 from gateway.http.auth import TokenAuth, key_check
 from gateway.http.openapi import openapi_document
 from gateway.settings import Settings, SettingsError, parse_credentials
-from tests.server import ADMIN, ADMIN_TOKEN, Server
+from tests.support.server import ADMIN, ADMIN_TOKEN, Server
 
 RETIRED = "retired-admin-token-0123456789"  # expired in 2020
 LATER = "later-admin-token-0123456789"  # expires in 2099

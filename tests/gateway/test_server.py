@@ -19,7 +19,7 @@ from tritonclient.utils import np_to_triton_dtype  # type: ignore[import-untyped
 from gateway.app import create_app
 from gateway.demo import sample_inputs, write_demo_repository
 from gateway.settings import Settings
-from tests.server import Server
+from tests.support.server import Server
 
 
 def reference_outputs(

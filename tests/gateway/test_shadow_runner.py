@@ -29,7 +29,7 @@ from gateway.serving.types import ModelVersion, Runtime
 from gateway.settings import Settings
 from monitors import VersionMonitor
 from monitors.shadow import Divergence
-from tests.models import write_failing_fraud, write_slow_fraud
+from tests.support.models import write_failing_fraud, write_slow_fraud
 
 Arrays = dict[str, np.ndarray]
 T = TypeVar("T")

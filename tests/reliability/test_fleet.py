@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.redis_server import RedisServer
-from tests.reliability import Load, Outcome, Shot, figures, fraud_bodies
-from tests.server import ADMIN, Server
+from tests.support.load import Load, Outcome, Shot, figures, fraud_bodies
+from tests.support.redis_server import RedisServer
+from tests.support.server import ADMIN, Server
 
 CONVERGE_S = 1.0  # docs/routing.md: a change made anywhere is served everywhere within a second
 BANDIT: dict[str, Any] = {"strategy": "bandit", "arms": ["1", "2"], "min_share": 0.1}

@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 
-from tests.reliability import Load, Shot, figures, fraud_bodies
-from tests.server import ADMIN, Server
+from tests.support.load import Load, Shot, figures, fraud_bodies
+from tests.support.server import ADMIN, Server
 
 CANARY = {"strategy": "canary", "baseline": "1", "candidate": "3", "weight": 0.0, "seed": 5}
 STEPS = [0.05, 0.25, 0.5, 1.0]  # the default steps `advance` walks

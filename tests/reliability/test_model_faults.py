@@ -13,8 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.models import write_failing_fraud, write_slow_fraud
-from tests.reliability import (
+from tests.support.load import (
     Load,
     Shot,
     figures,
@@ -23,7 +22,8 @@ from tests.reliability import (
     metric_sum,
     samples,
 )
-from tests.server import ADMIN, Server
+from tests.support.models import write_failing_fraud, write_slow_fraud
+from tests.support.server import ADMIN, Server
 
 POISON = 100.0  # feature 0 above this makes version 3 fail; the demo's inputs stay far below
 POISONED = fraud_body([1000.0] + [0.0] * 31)

@@ -19,8 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.redis_server import RedisServer
-from tests.reliability import (
+from tests.support.load import (
     Load,
     Outcome,
     Shot,
@@ -29,7 +28,8 @@ from tests.reliability import (
     gateways_on_own_redis,
     put_policy,
 )
-from tests.server import ADMIN, Server
+from tests.support.redis_server import RedisServer
+from tests.support.server import ADMIN, Server
 
 BANDIT = {"strategy": "bandit", "arms": ["1", "2"], "algorithm": "thompson", "min_share": 0.2}
 OUTAGE_S = 3.5

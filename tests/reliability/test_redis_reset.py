@@ -19,8 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.redis_server import RedisServer
-from tests.reliability import (
+from tests.support.load import (
     Load,
     Outcome,
     Shot,
@@ -30,7 +29,8 @@ from tests.reliability import (
     metric_sum,
     put_policy,
 )
-from tests.server import Server
+from tests.support.redis_server import RedisServer
+from tests.support.server import Server
 
 PINNED = {"strategy": "single", "version": "1"}  # the fallback would serve version 2
 BANDIT = {"strategy": "bandit", "arms": ["1", "2"], "algorithm": "thompson", "min_share": 0.2}

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 
-from tests.models import write_slow_fraud
-from tests.redis_server import RedisServer
-from tests.reliability import Load, Shot, figures, fraud_bodies
-from tests.server import ADMIN, Server
+from tests.support.load import Load, Shot, figures, fraud_bodies
+from tests.support.models import write_slow_fraud
+from tests.support.redis_server import RedisServer
+from tests.support.server import ADMIN, Server
 
 # Version 3 takes about 30 ms a run, so requests are in flight whenever the signal lands.
 POLICY = {"strategy": "ab", "arms": {"1": 0.2, "3": 0.8}, "seed": 3}

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 
 from loadtests.soak import POLICIES, soak
-from tests.reliability import figures
-from tests.server import ADMIN_TOKEN, Server
+from tests.support.load import figures
+from tests.support.server import ADMIN_TOKEN, Server
 
 SECONDS = 60.0 if os.environ.get("CI") == "true" else 20.0
 WARMUP_S = 5.0

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_server import RedisServer
-from tests.reliability import (
+from tests.support.load import (
     Load,
     Outcome,
     Shot,
@@ -28,7 +27,8 @@ from tests.reliability import (
     gone,
     workers,
 )
-from tests.server import Server
+from tests.support.redis_server import RedisServer
+from tests.support.server import Server
 
 NEW_WORKER_S = 15.0  # the supervisor checks its workers every 0.5 s
 READY_S = 60.0  # a replacement imports, loads and warms everything before it accepts

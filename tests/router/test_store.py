@@ -23,7 +23,7 @@ from router.state.store import (
     StateStore,
     StoreUnavailable,
 )
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,7 @@ from types import TracebackType
 import pytest
 import redis
 
-from tests.server import free_port
+from tests.support.server import free_port
 
 __all__ = ["RedisServer"]
 
