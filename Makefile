@@ -6,7 +6,7 @@ REPO ?= demo-models
 PORT ?= 8000
 ADMIN_TOKEN ?= demo-admin-token
 
-.PHONY: setup serve test lint bench
+.PHONY: setup serve test check lint bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Everything: lint, types, and every test (in-process and system tiers) on every core.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
+
+# The fast loop while developing: the in-process tier only, no lint (docs/development.md).
+check: setup
+	$(BIN)/python -m pytest -n auto -m "not system and not slow"
 
 bench: setup
 	$(BIN)/python -m loadtests.run

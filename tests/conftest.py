@@ -9,9 +9,17 @@ import pytest
 import redis
 
 from gateway.demo import write_demo_repository
-from tests.support.server import Server
+from tests.support.server import InProcessServer
 
 REDIS_URL = "redis://127.0.0.1:6379/0"  # the CI machine's Redis
+SYSTEM = Path(__file__).parent / "system"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/system runs real processes: mark it so a tier can leave it out."""
+    for item in items:
+        if SYSTEM in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.system)
 
 
 @pytest.fixture(scope="session")
@@ -22,9 +30,9 @@ def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(demo_repo: Path) -> Iterator[Server]:
+def server(demo_repo: Path) -> Iterator[InProcessServer]:
     """One gateway on the demo repository, shared by tests that do not change its state."""
-    with Server(demo_repo) as s:
+    with InProcessServer(demo_repo) as s:
         yield s
 
 

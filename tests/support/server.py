@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 import httpx
 import uvicorn
@@ -42,6 +43,16 @@ TEST_PERIODS = {
     "TURNOUT_PUBLISH_S": "0.1",
 }
 _CACHE: list[Path] = []
+
+
+class GatewayServer(Protocol):
+    """What tests use of a running gateway, in process or not."""
+
+    url: str
+    port: int
+    repository: Path
+
+    def log(self) -> str: ...
 
 
 def reference_cache() -> Path:

@@ -23,7 +23,7 @@ import pytest
 from gateway.demo import sample_inputs
 from tests.conftest import REDIS_URL
 from tests.support.models import write_failing_fraud
-from tests.support.server import ADMIN, Server
+from tests.support.server import ADMIN, GatewayServer, Server
 
 FAIL_SHARE = 0.4
 # Feature 28 of the demo's fraud inputs is uniform on [0, 1): the candidate fails when it
@@ -133,7 +133,7 @@ async def load_until(
     return load, seen_at, policy
 
 
-def put_policy(server: Server, policy: dict[str, Any]) -> int:
+def put_policy(server: GatewayServer, policy: dict[str, Any]) -> int:
     r = httpx.put(
         server.url + "/admin/routes/fraud",
         json={"policy": policy, "reason": "guards test"},
@@ -144,14 +144,14 @@ def put_policy(server: Server, policy: dict[str, Any]) -> int:
     return revision
 
 
-def audit(server: Server) -> list[dict[str, Any]]:
+def audit(server: GatewayServer) -> list[dict[str, Any]]:
     r = httpx.get(server.url + "/admin/audit?model=fraud&limit=100", headers=ADMIN)
     assert r.status_code == 200, r.text
     entries: list[dict[str, Any]] = r.json()["entries"]
     return entries
 
 
-def samples(server: Server, name: str) -> list[tuple[dict[str, str], float]]:
+def samples(server: GatewayServer, name: str) -> list[tuple[dict[str, str], float]]:
     """(labels, value) of every sample of ``name`` the gateway exports."""
     found = []
     for line in httpx.get(server.url + "/metrics").text.splitlines():
@@ -162,7 +162,7 @@ def samples(server: Server, name: str) -> list[tuple[dict[str, str], float]]:
     return found
 
 
-def server_count(server: Server, version: str, code: str) -> int:
+def server_count(server: GatewayServer, version: str, code: str) -> int:
     return sum(
         int(value)
         for labels, value in samples(server, "turnout_requests_total")
@@ -170,7 +170,7 @@ def server_count(server: Server, version: str, code: str) -> int:
     )
 
 
-def metric(server: Server, name: str, **want: str) -> float | None:
+def metric(server: GatewayServer, name: str, **want: str) -> float | None:
     for labels, value in samples(server, name):
         if all(labels.get(k) == v for k, v in want.items()):
             return value

@@ -7,6 +7,7 @@ Statistical tolerances: an observed share of n requests with true share p is wit
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import shutil
@@ -96,9 +97,9 @@ async def fire(
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def feedback_count(server: InProcessServer) -> int:
+def feedback_is(server: InProcessServer, n: int) -> bool:
     report = httpx.get(server.url + "/admin/routes/fraud/report", headers=ADMIN).json()
-    return sum(int(v["feedback"]) for v in report["versions"])
+    return sum(int(v["feedback"]) for v in report["versions"]) == n
 
 
 def within(observed: int, n: int, p: float) -> bool:
@@ -369,7 +370,7 @@ def test_feedback_joins_rewards_and_the_bandit_learns(gateway: InProcessServer) 
                 )
                 assert r.status_code == 200 and r.json()["version"] == b["model_version"]
         # the bandit folds in the fleet's totals on the flush after they reach the store
-        until(lambda n=150 * round_: feedback_count(gateway) == n)
+        until(functools.partial(feedback_is, gateway, 150 * round_))
     last = Counter(b["model_version"] for b in asyncio.run(fire(gateway, 400)))
     # Version 2 always pays: the bandit sends it almost everything but the 10 % floor of version 1.
     assert last["2"] > last["1"] and within(last["1"], 400, 0.1), last

@@ -20,7 +20,7 @@ from gateway.demo import sample_inputs
 from gateway.http.inference import RequestHeaders, infer_target
 from gateway.settings import Settings
 from tests.support.load import metric_sum
-from tests.support.server import Server
+from tests.support.server import GatewayServer
 
 ROUTES = [
     Route("/v2/models/{model}/infer", lambda r: None, methods=["POST"]),
@@ -102,14 +102,16 @@ def test_behind_a_root_path_the_starlette_route_serves_the_same_answer(demo_repo
 
 
 def test_other_methods_on_an_inference_path_are_405_in_the_protocol_format(
-    server: Server,
+    server: GatewayServer,
 ) -> None:
     r = httpx.get(server.url + "/v2/models/fraud/infer")
     assert r.status_code == 405
     assert "GET /v2/models/fraud/infer" in r.json()["error"]
 
 
-def test_a_client_that_leaves_mid_body_is_counted_apart_from_failures(server: Server) -> None:
+def test_a_client_that_leaves_mid_body_is_counted_apart_from_failures(
+    server: GatewayServer,
+) -> None:
     def counted(code: str) -> float:
         return metric_sum(server.url, "turnout_requests_total", model="fraud", code=code)
 

@@ -15,11 +15,11 @@ from gateway.demo import sample_inputs
 from monitors import psi
 from tests.support.load import metric_sum
 from tests.support.models import write_any_width_scorer
-from tests.support.server import ADMIN, Server
+from tests.support.server import ADMIN, GatewayServer, Server
 
 
 def post_rows(
-    server: Server, x: np.ndarray, path: str = "/v2/models/fraud/versions/1/infer"
+    server: GatewayServer, x: np.ndarray, path: str = "/v2/models/fraud/versions/1/infer"
 ) -> None:
     with httpx.Client(base_url=server.url) as client:
         for i in range(0, len(x), 200):

@@ -19,7 +19,7 @@ from tritonclient.utils import np_to_triton_dtype  # type: ignore[import-untyped
 from gateway.app import create_app
 from gateway.demo import sample_inputs, write_demo_repository
 from gateway.settings import Settings
-from tests.support.server import Server
+from tests.support.server import GatewayServer, Server
 
 
 def reference_outputs(
@@ -59,20 +59,20 @@ def output_array(body: dict[str, Any], name: str) -> np.ndarray:
 
 
 # -- health and metadata ----------------------------------------------------------------------
-def test_health_endpoints_answer_with_json_bodies(server: Server) -> None:
+def test_health_endpoints_answer_with_json_bodies(server: GatewayServer) -> None:
     live = httpx.get(server.url + "/v2/health/live")
     ready = httpx.get(server.url + "/v2/health/ready")
     assert (live.status_code, live.json()) == (200, {"live": True})
     assert (ready.status_code, ready.json()) == (200, {"ready": True})
 
 
-def test_server_metadata_lists_extensions(server: Server) -> None:
+def test_server_metadata_lists_extensions(server: GatewayServer) -> None:
     meta = httpx.get(server.url + "/v2").json()
     assert meta["name"] == "turnout"
     assert {"binary_tensor_data", "model_repository"} <= set(meta["extensions"])
 
 
-def test_model_metadata_reads_the_graph(server: Server, demo_repo: Path) -> None:
+def test_model_metadata_reads_the_graph(server: GatewayServer, demo_repo: Path) -> None:
     meta = httpx.get(server.url + "/v2/models/fraud").json()
     assert meta["name"] == "fraud"
     assert meta["versions"] == ["1", "2"]
@@ -90,7 +90,7 @@ def test_model_metadata_reads_the_graph(server: Server, demo_repo: Path) -> None
     assert pinned["turnout"]["metadata"]["owner"]
 
 
-def test_model_readiness(server: Server) -> None:
+def test_model_readiness(server: GatewayServer) -> None:
     assert httpx.get(server.url + "/v2/models/fraud/ready").json() == {
         "name": "fraud",
         "ready": True,
@@ -100,7 +100,7 @@ def test_model_readiness(server: Server) -> None:
     assert missing.status_code == 404 and "nope" in missing.json()["error"]
 
 
-def test_openapi_describes_every_route(server: Server, demo_repo: Path) -> None:
+def test_openapi_describes_every_route(server: GatewayServer, demo_repo: Path) -> None:
     doc = httpx.get(server.url + "/openapi.json").json()
     assert doc["openapi"].startswith("3.")
     app = create_app(Settings(model_repository=demo_repo))
@@ -116,7 +116,7 @@ def test_openapi_describes_every_route(server: Server, demo_repo: Path) -> None:
 # -- inference over JSON -----------------------------------------------------------------------
 @pytest.mark.parametrize("version", ["1", "2"])
 def test_pinned_json_inference_equals_onnxruntime(
-    server: Server, demo_repo: Path, version: str
+    server: GatewayServer, demo_repo: Path, version: str
 ) -> None:
     inputs = sample_inputs("fraud", 7, seed=3)
     r = httpx.post(
@@ -131,7 +131,7 @@ def test_pinned_json_inference_equals_onnxruntime(
 
 
 def test_unpinned_inference_serves_the_highest_ready_version_and_generates_an_id(
-    server: Server,
+    server: GatewayServer,
 ) -> None:
     r = httpx.post(
         server.url + "/v2/models/fraud/infer", content=json_body(sample_inputs("fraud", 1, seed=1))
@@ -141,7 +141,7 @@ def test_unpinned_inference_serves_the_highest_ready_version_and_generates_an_id
     assert isinstance(body["id"], str) and len(body["id"]) >= 16
 
 
-def test_versions_give_different_outputs(server: Server) -> None:
+def test_versions_give_different_outputs(server: GatewayServer) -> None:
     content = json_body(sample_inputs("fraud", 16, seed=5))
     a = httpx.post(server.url + "/v2/models/fraud/versions/1/infer", content=content).json()
     b = httpx.post(server.url + "/v2/models/fraud/versions/2/infer", content=content).json()
@@ -149,7 +149,7 @@ def test_versions_give_different_outputs(server: Server) -> None:
 
 
 def test_multi_input_model_with_output_selection_and_parameters(
-    server: Server, demo_repo: Path
+    server: GatewayServer, demo_repo: Path
 ) -> None:
     inputs = sample_inputs("risk", 5, seed=2)
     content = json_body(
@@ -164,7 +164,7 @@ def test_multi_input_model_with_output_selection_and_parameters(
     np.testing.assert_array_equal(output_array(body, "score"), expected["score"])
 
 
-def test_nested_data_is_accepted(server: Server) -> None:
+def test_nested_data_is_accepted(server: GatewayServer) -> None:
     x = sample_inputs("fraud", 3, seed=9)["input"]
     flat = httpx.post(
         server.url + "/v2/models/fraud/versions/1/infer", content=json_body({"input": x})
@@ -179,7 +179,9 @@ def test_nested_data_is_accepted(server: Server) -> None:
 # -- tritonclient, JSON and binary ------------------------------------------------------------
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 @pytest.mark.parametrize("model", ["fraud", "risk"])
-def test_tritonclient_round_trip(server: Server, demo_repo: Path, model: str, binary: bool) -> None:
+def test_tritonclient_round_trip(
+    server: GatewayServer, demo_repo: Path, model: str, binary: bool
+) -> None:
 
     inputs = sample_inputs(model, 4, seed=11)
     client = tc.InferenceServerClient(url=f"127.0.0.1:{server.port}")
@@ -202,7 +204,7 @@ def test_tritonclient_round_trip(server: Server, demo_repo: Path, model: str, bi
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-def test_tritonclient_every_datatype_through_echo(server: Server, binary: bool) -> None:
+def test_tritonclient_every_datatype_through_echo(server: GatewayServer, binary: bool) -> None:
 
     inputs = sample_inputs("echo", 3, seed=4)
     client = tc.InferenceServerClient(url=f"127.0.0.1:{server.port}")
@@ -231,7 +233,7 @@ def test_tritonclient_every_datatype_through_echo(server: Server, binary: bool) 
             np.testing.assert_array_equal(got, array)
 
 
-def test_request_without_content_type_is_accepted(server: Server) -> None:
+def test_request_without_content_type_is_accepted(server: GatewayServer) -> None:
     content = json_body(sample_inputs("fraud", 1, seed=0))
     r = httpx.post(
         server.url + "/v2/models/fraud/infer", content=content, headers={"content-type": ""}
@@ -270,14 +272,14 @@ ERRORS = [
     ("body", "status", "fragment"), [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS]
 )
 def test_client_mistakes_get_a_clear_4xx(
-    server: Server, body: bytes, status: int, fragment: str
+    server: GatewayServer, body: bytes, status: int, fragment: str
 ) -> None:
     r = httpx.post(server.url + "/v2/models/fraud/versions/1/infer", content=body)
     assert r.status_code == status, r.text
     assert fragment.lower() in r.json()["error"].lower()
 
 
-def test_out_of_range_integers_are_refused(server: Server) -> None:
+def test_out_of_range_integers_are_refused(server: GatewayServer) -> None:
     body = orjson.dumps({"inputs": [
         {"name": "features", "shape": [1, 8], "datatype": "FP32", "data": [0.0] * 8},
         {"name": "segment", "shape": [1, 1], "datatype": "INT64", "data": [2**63]},
@@ -298,19 +300,19 @@ def test_out_of_range_integers_are_refused(server: Server) -> None:
     ids=["unknown-model", "unknown-version", "bad-version", "traversal"],
 )
 def test_unknown_models_and_versions_are_404(
-    server: Server, path: str, status: int, fragment: str
+    server: GatewayServer, path: str, status: int, fragment: str
 ) -> None:
     r = httpx.post(server.url + path, content=_fraud(ROW))
     assert r.status_code == status, r.text
     assert fragment in r.json()["error"]
 
 
-def test_unknown_route_is_a_protocol_error(server: Server) -> None:
+def test_unknown_route_is_a_protocol_error(server: GatewayServer) -> None:
     r = httpx.get(server.url + "/v2/nothing/here")
     assert r.status_code == 404 and "error" in r.json()
 
 
-def test_bad_binary_header_is_400(server: Server) -> None:
+def test_bad_binary_header_is_400(server: GatewayServer) -> None:
     r = httpx.post(
         server.url + "/v2/models/fraud/infer",
         content=_fraud(ROW),
@@ -337,7 +339,7 @@ def test_body_over_the_cap_is_refused_before_it_is_read(demo_repo: Path) -> None
         assert ok.status_code == 200
 
 
-def test_a_client_mistake_does_not_affect_other_requests(server: Server) -> None:
+def test_a_client_mistake_does_not_affect_other_requests(server: GatewayServer) -> None:
     good = json_body(sample_inputs("fraud", 2, seed=8))
 
     async def run() -> list[int]:

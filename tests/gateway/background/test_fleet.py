@@ -14,7 +14,7 @@ import pytest
 
 from gateway.demo import sample_inputs
 from tests.conftest import REDIS_URL
-from tests.support.server import ADMIN, Server
+from tests.support.server import ADMIN, GatewayServer, Server
 
 ROW = sample_inputs("fraud", 1, seed=2)["input"]
 BODY = orjson.dumps(
@@ -152,7 +152,7 @@ def test_workers_without_redis_are_refused(demo_repo: Path) -> None:
     assert "TURNOUT_REDIS_URL" in server.log()
 
 
-def scrape_total(server: Server, client: httpx.Client) -> float:
+def scrape_total(server: GatewayServer, client: httpx.Client) -> float:
     text = client.get(server.url + "/metrics", headers={"Connection": "close"}).text
     return sum(
         float(line.rsplit(" ", 1)[1])

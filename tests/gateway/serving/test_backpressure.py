@@ -16,7 +16,7 @@ import pytest
 
 from gateway.demo import sample_inputs
 from tests.support.models import write_slow_fraud
-from tests.support.server import Server
+from tests.support.server import GatewayServer, Server
 
 ROW = sample_inputs("fraud", 1, seed=4)["input"].ravel().tolist()
 
@@ -92,7 +92,7 @@ def test_invalid_timeout_parameter_is_400(gateway: Server) -> None:
     assert r.status_code == 400 and "timeout" in r.json()["error"]
 
 
-def metric(server: Server, name: str) -> float:
+def metric(server: GatewayServer, name: str) -> float:
     for line in httpx.get(server.url + "/metrics").text.splitlines():
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])

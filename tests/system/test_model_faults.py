@@ -23,7 +23,7 @@ from tests.support.load import (
     samples,
 )
 from tests.support.models import write_failing_fraud, write_slow_fraud
-from tests.support.server import ADMIN, Server
+from tests.support.server import ADMIN, GatewayServer, Server
 
 POISON = 100.0  # feature 0 above this makes version 3 fail; the demo's inputs stay far below
 POISONED = fraud_body([1000.0] + [0.0] * 31)
@@ -55,11 +55,11 @@ def gateway(repo: Path) -> Iterator[Server]:
         yield s
 
 
-def pinned(server: Server, version: str) -> str:
+def pinned(server: GatewayServer, version: str) -> str:
     return f"{server.url}/v2/models/fraud/versions/{version}/infer"
 
 
-def requests_counted(server: Server, version: str) -> Counter[str]:
+def requests_counted(server: GatewayServer, version: str) -> Counter[str]:
     """The gateway's own count of answered requests of a fraud version, by status code."""
     counts: Counter[str] = Counter()
     for labels, value in samples(server.url, "turnout_requests_total"):
@@ -76,7 +76,7 @@ async def run_load(load: Load, seconds: float) -> Load:
     return load
 
 
-def index(server: Server) -> dict[str, dict[str, str]]:
+def index(server: GatewayServer) -> dict[str, dict[str, str]]:
     entries = httpx.post(server.url + "/v2/repository/index", headers=ADMIN).json()
     return {e["version"]: e for e in entries if e["name"] == "fraud"}
 

@@ -28,13 +28,13 @@ from tests.support.load import (
     workers,
 )
 from tests.support.redis_server import RedisServer
-from tests.support.server import Server
+from tests.support.server import GatewayServer, Server
 
 NEW_WORKER_S = 15.0  # the supervisor checks its workers every 0.5 s
 READY_S = 60.0  # a replacement imports, loads and warms everything before it accepts
 
 
-def ready_workers(server: Server) -> int:
+def ready_workers(server: GatewayServer) -> int:
     """Worker processes that have finished loading, from the log (one line each)."""
     return len(re.findall(r"turnout INFO ready: \d+ model versions loaded", server.log()))
 
