@@ -8,7 +8,6 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -21,7 +20,6 @@ from starlette.types import Receive, Scope, Send
 from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
 from gateway.background.shadow import ShadowRunner
-from gateway.errors import LoadError
 from gateway.http.admin import Admin
 from gateway.http.auth import TokenAuth, key_check
 from gateway.http.endpoints import Endpoints
@@ -30,15 +28,11 @@ from gateway.http.metrics import GatewayCollector
 from gateway.http.openapi import openapi_document
 from gateway.http.responses import HANDLERS, json_response
 from gateway.serving.backlog import STATE_KEY, Backlog
-from gateway.serving.batcher import BatchConfig, BatchingRuntime
-from gateway.serving.monitoring import fit_monitor
+from gateway.serving.loader import version_loader
 from gateway.serving.registry import Registry
-from gateway.serving.repository import files_inside
-from gateway.serving.runtime import inline_rows, load_version
 from gateway.serving.traffic import GuardMetrics, Traffic
-from gateway.serving.types import ModelVersion, Runtime
 from gateway.settings import Settings
-from monitors import VersionMonitor, warm_up
+from monitors import warm_up
 from router.state.store import MemoryStore, StateStore
 from router.state.table import RouteTable
 
@@ -79,40 +73,8 @@ def open_store(redis_url: str | None, prefix: str = "turnout:") -> StateStore:
 def create_app(settings: Settings) -> Gateway:
     executor = ThreadPoolExecutor(settings.execution_threads, thread_name_prefix="turnout-run")
 
-    def loader(
-        model: str, version: str, folder: Path
-    ) -> tuple[ModelVersion, Runtime, VersionMonitor]:
-        files_inside(settings.model_repository, folder)
-        try:
-            config = BatchConfig.from_file(folder / "config.json", batch_defaults)
-        except ValueError as exc:
-            raise LoadError(str(exc)) from None
-        info, session = load_version(model, version, folder, settings, executor)
-        if settings.monitors:
-            monitor = fit_monitor(
-                info, session, folder, settings.drift_window_s, settings.cache_dir
-            )
-        else:  # never fed: no reference to fit
-            monitor = VersionMonitor.fit(None, {}, window_s=settings.drift_window_s)
-        runtime = BatchingRuntime(
-            session,
-            info.inputs,
-            executor,
-            config,
-            name=f"{model} v{version}",
-            inline_rows=inline_rows(session.cost, settings.inline_threshold_us / 1e6),
-            busy=backlog.busy,
-        )
-        return info, runtime, monitor
-
     backlog = Backlog()
-    batch_defaults = BatchConfig(
-        enabled=settings.batching,
-        max_batch_size=settings.max_batch_size,
-        max_queue_delay_us=settings.max_queue_delay_us,
-        max_queue=settings.max_queue,
-    )
-    registry = Registry(settings.model_repository, loader)
+    registry = Registry(settings.model_repository, version_loader(settings, executor, backlog.busy))
     store = open_store(settings.redis_url, settings.redis_prefix)
     table = RouteTable(
         store,
