@@ -6,40 +6,22 @@ them; no server, no sleeps."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from gateway.background.guards import GuardEvaluator
 from gateway.background.shadow import ShadowRunner
-from gateway.serving.loader import version_loader
 from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, Traffic
-from gateway.settings import Settings
 from router.policy.spec import CanaryDoc, PolicyDoc, SingleDoc, parse_policy
 from router.state.store import MemoryStore
 from router.state.table import RouteTable
-from tests.support.server import reference_cache
 
 pytestmark = pytest.mark.anyio
 
 GUARDS = {"window_s": 30, "min_requests": 100, "interval_s": 1, "max_error_ratio": 0.05}
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Path:
-    root = tmp_path_factory.mktemp("guards") / "models"
-    shutil.copytree(demo_repo / "fraud", root / "fraud")
-    return root
 
 
 @dataclass
@@ -61,18 +43,12 @@ class Parts:
 
 
 @pytest.fixture
-async def parts(repo: Path) -> AsyncIterator[Parts]:
-    settings = Settings(model_repository=repo, cache_dir=reference_cache())
-    executor = ThreadPoolExecutor(2)
-    registry = Registry(repo, version_loader(settings, executor, lambda: False))
-    await registry.load_all()
+async def parts(registry: Registry) -> AsyncIterator[Parts]:
     shadows = ShadowRunner(registry, 8)
     try:
         yield Parts(registry, RouteTable(MemoryStore()), Traffic(), GuardMetrics(), shadows)
     finally:
         await shadows.close()
-        await registry.close()
-        executor.shutdown()
 
 
 async def put(table: RouteTable, doc: PolicyDoc) -> int:

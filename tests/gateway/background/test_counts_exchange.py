@@ -1,0 +1,57 @@
+"""CountsExchange in process: the views a scrape and the drift endpoint read. A second member
+is published into the same store exactly as its own exchange would publish it."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.background.fleet import CountsExchange
+from gateway.serving.registry import Registry
+from gateway.serving.traffic import Traffic
+from router.state.store import MemoryStore
+
+pytestmark = pytest.mark.anyio
+KEY = ("fraud", "1", "primary", "200")
+
+
+def exchange(store: MemoryStore, registry: Registry, traffic: Traffic) -> CountsExchange:
+    return CountsExchange(store, registry, traffic, shared=True, workers=1)
+
+
+async def test_the_fleet_view_adds_every_live_member(registry: Registry) -> None:
+    store = MemoryStore()
+    mine, theirs = Traffic(), Traffic()
+    mine.requests[KEY] += 3
+    theirs.requests[KEY] += 5
+    theirs.inflight["fraud"] += 2
+    me, other = exchange(store, registry, mine), exchange(store, registry, theirs)
+    await store.publish_counts("other-host:1:1", other.blobs(0.0), ttl_s=5.0)
+    fleet = await me.view("fleet")
+    assert fleet.members == 2
+    assert fleet.requests[KEY] == 8 and fleet.inflight["fraud"] == 2
+    assert set(fleet.monitors) == {("fraud", v) for v in registry.ready_versions("fraud")}
+    process = await me.view("process")
+    assert process.members == 1 and process.requests[KEY] == 3
+
+
+async def test_a_single_worker_group_is_the_process_and_its_own_publish_is_not_counted_twice(
+    registry: Registry,
+) -> None:
+    store = MemoryStore()
+    traffic = Traffic()
+    traffic.requests[KEY] += 4
+    me = exchange(store, registry, traffic)
+    await store.publish_counts(me.member, me.blobs(0.0), ttl_s=5.0)
+    assert (await me.view("group")).requests[KEY] == 4
+    assert (await me.view("fleet")).requests[KEY] == 4
+
+
+async def test_unreadable_counters_of_another_member_are_skipped(registry: Registry) -> None:
+    store = MemoryStore()
+    traffic = Traffic()
+    traffic.requests[KEY] += 1
+    me = exchange(store, registry, traffic)
+    blobs = {"traffic": b"not json", "monitor/fraud/1": b"\x00garbage"}
+    await store.publish_counts("other-host:1:1", blobs, ttl_s=5.0)
+    fleet = await me.view("fleet")
+    assert fleet.members == 2 and fleet.requests[KEY] == 1
