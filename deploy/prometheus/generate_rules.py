@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Literal
 
-# Must equal gateway.metrics.LATENCY_BUCKETS (a test checks): a latency threshold only works at
+# Must equal gateway.http.metrics.LATENCY_BUCKETS (a test checks): a latency threshold only works at
 # a bucket bound, and the gateway writes each bound's ``le`` label as Python's ``str(float)``.
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
