@@ -3,8 +3,10 @@ of Turnout (monitors on, monitors off) and of the bare starlette + onnxruntime h
 in turn in one process on one event loop with the same JSON body (fraud, batch 1), each round
 ``n`` requests per app. Prints µs per request (median over rounds) and the paired ratios.
 
-Run: ``.venv/bin/python -m loadtests.handler_cost [--rounds 8] [-n 10000]``; pin it to one CPU
-(``taskset -c 1``) on a shared machine. ``loadtests.run`` calls ``measure`` too.
+Run: ``.venv/bin/python -m loadtests.handler_cost [--rounds 8] [-n 10000] [--policy canary]``;
+pin it to one CPU (``taskset -c 1``) on a shared machine. ``loadtests.run`` calls ``measure``
+too. ``--policy canary`` routes both Turnout apps through a 50 % canary (the route table's
+choose, served counts and the feedback join on every request) instead of the default route.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ ASGIApp = Callable[
 ]
 APPS = ("turnout", "turnout-monitors", "bare")  # the names loadtests.results uses
 PATH = "/v2/models/fraud/infer"
+TOKEN = "handler-cost-token"
+POLICIES: dict[str, dict[str, Any]] = {
+    "canary": {"strategy": "canary", "baseline": "1", "candidate": "2", "weight": 0.5, "seed": 0},
+}
 
 
 def request_body(repo: Path) -> bytes:
@@ -47,28 +53,35 @@ def request_body(repo: Path) -> bytes:
     return orjson.dumps({"inputs": [tensor]})
 
 
-def _scope(body: bytes) -> dict[str, Any]:
+def _scope(
+    body: bytes, method: str = "POST", path: str = PATH, auth: bool = False
+) -> dict[str, Any]:
+    headers = [
+        (b"host", b"127.0.0.1"),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if auth:
+        headers.append((b"authorization", f"Bearer {TOKEN}".encode()))
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "POST",
+        "method": method,
         "scheme": "http",
-        "path": PATH,
-        "raw_path": PATH.encode(),
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [
-            (b"host", b"127.0.0.1"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
+        "headers": headers,
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8000),
     }
 
 
-async def _call(app: ASGIApp, body: bytes) -> None:
+async def _call(
+    app: ASGIApp, body: bytes, method: str = "POST", path: str = PATH, auth: bool = False
+) -> None:
     delivered = False
     status = 0
 
@@ -84,9 +97,9 @@ async def _call(app: ASGIApp, body: bytes) -> None:
         if message["type"] == "http.response.start":
             status = message["status"]
 
-    await app(_scope(body), receive, send)
+    await app(_scope(body, method, path, auth), receive, send)
     if status != 200:
-        raise RuntimeError(f"{PATH} answered {status}")
+        raise RuntimeError(f"{method} {path} answered {status}")
 
 
 async def _per_request_us(app: ASGIApp, body: bytes, n: int) -> float:
@@ -96,15 +109,20 @@ async def _per_request_us(app: ASGIApp, body: bytes, n: int) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-async def _measure(repo: Path, rounds: int, n: int) -> dict[str, list[float]]:
+async def _measure(
+    repo: Path, rounds: int, n: int, policy: str | None = None
+) -> dict[str, list[float]]:
     body = request_body(repo)
     async with contextlib.AsyncExitStack() as stack:
         apps: dict[str, Any] = {}
         for name, monitors in (("turnout", True), ("turnout-monitors", False)):
-            app = create_app(Settings(repo, monitors=monitors))
+            app = create_app(Settings(repo, monitors=monitors, admin_tokens={"bench": TOKEN}))
             await stack.enter_async_context(app.router.lifespan_context(app))
             while not app.state.endpoints.registry.started:
                 await asyncio.sleep(0.05)
+            if policy is not None:
+                put = orjson.dumps({"policy": POLICIES[policy], "reason": "handler_cost"})
+                await _call(app, put, "PUT", "/admin/routes/fraud", auth=True)
             apps[name] = app
         apps["bare"] = bare_app(repo, ["fraud"])
         for app in apps.values():  # warm every path (and the CPU caches' view of it)
@@ -117,9 +135,11 @@ async def _measure(repo: Path, rounds: int, n: int) -> dict[str, list[float]]:
         return results
 
 
-def measure(repo: Path, rounds: int = 8, n: int = 10_000) -> dict[str, list[float]]:
+def measure(
+    repo: Path, rounds: int = 8, n: int = 10_000, policy: str | None = None
+) -> dict[str, list[float]]:
     """µs per request of each app in ``APPS``, one figure per round."""
-    return uvloop.run(_measure(repo, rounds, n))
+    return uvloop.run(_measure(repo, rounds, n, policy))
 
 
 def paired_ratio(results: dict[str, list[float]], a: str, b: str) -> float:
@@ -131,11 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="loadtests.handler_cost", description=__doc__)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("-n", type=int, default=10_000, help="requests per app per round")
+    p.add_argument("--policy", choices=sorted(POLICIES), help="route Turnout through a policy")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "models"
         write_demo_repository(repo, heavy=False)
-        results = measure(repo, a.rounds, a.n)
+        results = measure(repo, a.rounds, a.n, a.policy)
     for name, values in results.items():
         print(f"{name:18s} {statistics.median(values):7.1f} µs/request (median of {a.rounds})")
     on_off = paired_ratio(results, "turnout", "turnout-monitors")
