@@ -22,6 +22,11 @@ def test_from_env_casts_and_overrides_win() -> None:
     assert Settings.from_env(s.to_env()) == s
     assert s.monitors is True
     assert Settings.from_env(env | {"TURNOUT_MONITORS": "off"}).monitors is False
+    periods = Settings.from_env(
+        env | {"TURNOUT_GUARD_TICK_S": "0.05", "TURNOUT_LEASE_TTL_S": "0.5"}
+    )
+    assert (periods.guard_tick_s, periods.lease_ttl_s, periods.flush_s) == (0.05, 0.5, 0.2)
+    assert Settings.from_env(periods.to_env()) == periods
 
 
 @pytest.mark.parametrize(
@@ -30,6 +35,16 @@ def test_from_env_casts_and_overrides_win() -> None:
         ({}, "TURNOUT_MODEL_REPOSITORY"),
         ({"TURNOUT_MODEL_REPOSITORY": "/m", "TURNOUT_PORT": "eighty"}, "TURNOUT_PORT"),
         ({"TURNOUT_MODEL_REPOSITORY": "/m", "TURNOUT_WORKERS": "0"}, "TURNOUT_WORKERS"),
+        ({"TURNOUT_MODEL_REPOSITORY": "/m", "TURNOUT_FLUSH_S": "soon"}, "TURNOUT_FLUSH_S"),
+        ({"TURNOUT_MODEL_REPOSITORY": "/m", "TURNOUT_PUBLISH_S": "0"}, "TURNOUT_PUBLISH_S"),
+        (
+            {
+                "TURNOUT_MODEL_REPOSITORY": "/m",
+                "TURNOUT_GUARD_TICK_S": "5",
+                "TURNOUT_LEASE_TTL_S": "3",
+            },
+            "TURNOUT_LEASE_TTL_S",
+        ),
         (
             {"TURNOUT_MODEL_REPOSITORY": "/m", "TURNOUT_GRAPH_OPTIMIZATION": "max"},
             "TURNOUT_GRAPH_OPTIMIZATION",
