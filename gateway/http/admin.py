@@ -14,6 +14,7 @@ from gateway.background.guards import GuardEvaluator
 from gateway.background.shadow import ShadowRunner
 from gateway.errors import BadRequest, NotFound
 from gateway.http.auth import TokenAuth
+from gateway.http.fields import integer
 from gateway.http.responses import json_response, read_json_object
 from gateway.serving.registry import Registry
 from router.policy.guard_spec import MONITORED
@@ -24,6 +25,7 @@ from router.state.store import RouteRecord
 from router.state.table import Route, RouteTable
 
 _ADMIN_BODY_LIMIT = 1 << 20
+_MAX_REVISION = (1 << 63) - 1  # Redis counters are signed 64-bit
 
 
 class Admin:
@@ -60,10 +62,8 @@ class Admin:
     async def audit(self, request: Request) -> Response:
         self.auth.authenticate(request.headers.get("authorization"))
         model = request.query_params.get("model") or None
-        raw_limit = request.query_params.get("limit", "100")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 10_000:
-            raise BadRequest("limit: must be an integer between 1 and 10000")
-        entries = await self.table.store.audit(model, int(raw_limit))
+        limit = integer("limit", request.query_params.get("limit", "100"), 10_000, minimum=1)
+        entries = await self.table.store.audit(model, limit)
         return json_response({"entries": [dataclasses.asdict(e) for e in entries]})
 
     async def report(self, request: Request) -> Response:
@@ -205,10 +205,7 @@ def _if_match(request: Request) -> int | None:
     raw = request.headers.get("if-match")
     if raw is None:
         return None
-    value = raw.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
-        raise BadRequest(f"If-Match must be a revision number, got {raw[:40]!r}")
-    return int(value)
+    return integer("If-Match", raw.strip().removeprefix("W/").strip('"'), _MAX_REVISION)
 
 
 def _reason(body: dict[str, Any]) -> str:

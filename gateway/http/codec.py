@@ -24,9 +24,11 @@ import numpy as np
 import orjson
 
 from gateway.errors import BadRequest, GatewayError
+from gateway.http.fields import integer
 from gateway.serving.types import NUMPY_DTYPES, ModelVersion, TensorSpec
 
 INFERENCE_HEADER: Final = "Inference-Header-Content-Length"
+_MAX_HEADER_LENGTH = 1 << 62  # parse_request then holds it to the body's length
 
 _U32: Final = struct.Struct("<I")
 _FLOATS: Final = frozenset({"FP16", "FP32", "FP64"})
@@ -87,10 +89,7 @@ def parse_header_length(value: str | None) -> int | None:
     """The ``Inference-Header-Content-Length`` header as an int; None when absent."""
     if value is None:
         return None
-    text = value.strip()
-    if not (text.isascii() and text.isdigit()):
-        raise BadRequest(f"{INFERENCE_HEADER} must be a non-negative integer, got {_show(value)}")
-    return int(text)
+    return integer(INFERENCE_HEADER, value, _MAX_HEADER_LENGTH)
 
 
 @dataclass(slots=True)

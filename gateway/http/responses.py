@@ -25,6 +25,7 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.http import codec
+from gateway.http.fields import integer
 from router.policy.policies import ActionConflict, PolicyError
 from router.state.store import StaleRevision, StoreUnavailable
 from router.state.table import UnknownInference
@@ -32,6 +33,7 @@ from router.state.table import UnknownInference
 log = logging.getLogger("turnout")
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+_MAX_CONTENT_LENGTH = 1 << 62  # beyond any body cap: compared with the cap next
 
 
 def json_response(content: Any, status: int = 200) -> Response:
@@ -43,10 +45,9 @@ async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) ->
     ``limit``. Raises starlette's ClientDisconnect when the client leaves before the end."""
     declared = headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest("invalid Content-Length header")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+        size = integer("Content-Length", declared, _MAX_CONTENT_LENGTH)
+        if size > limit:
+            raise PayloadTooLarge(f"request body of {size} bytes exceeds the limit of {limit}")
     chunks: list[bytes] = []
     size = 0
     while True:

@@ -1,0 +1,48 @@
+"""Client input that used to answer 500 (issue 14, finding 8): numbers in headers and query
+strings that ``str.isdigit`` accepts and ``int`` refuses ('²'), or too long for ``int`` (more
+than 4,300 digits). Each is a 400 in the protocol's error format, naming the field, and
+changes nothing."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.support.server import ADMIN, GatewayServer
+
+BODY = b'{"inputs": []}'
+HUGE = "9" * 5_000
+
+
+@pytest.mark.parametrize("value", ["9" * 4_301, "²", "-1", "1e3", "٣"])
+def test_inference_header_length_must_be_a_small_integer(server: GatewayServer, value: str) -> None:
+    r = httpx.post(
+        server.url + "/v2/models/fraud/infer",
+        content=BODY,
+        headers={b"Inference-Header-Content-Length": value.encode()},
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith("Inference-Header-Content-Length: ")
+
+
+@pytest.mark.parametrize("limit", ["²", "9" * 5_001, "0", "10001", "١٢"])
+def test_audit_limit_must_be_an_integer_in_range(server: GatewayServer, limit: str) -> None:
+    r = httpx.get(server.url + "/admin/audit", params={"limit": limit}, headers=ADMIN)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith("limit: ")
+
+
+@pytest.mark.parametrize("tag", [HUGE, f'"{HUGE}"', "²", '"1.5"'])
+def test_if_match_must_be_a_revision_number(server: GatewayServer, tag: str) -> None:
+    before = httpx.get(server.url + "/admin/audit", headers=ADMIN).json()["entries"]
+    r = httpx.put(
+        server.url + "/admin/routes/fraud",
+        json={"policy": {"strategy": "single", "version": "1"}, "reason": "hostile"},
+        headers={
+            **{k.encode(): v.encode() for k, v in ADMIN.items()},
+            b"If-Match": tag.encode(),
+        },
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith("If-Match: ")
+    assert httpx.get(server.url + "/admin/audit", headers=ADMIN).json()["entries"] == before
