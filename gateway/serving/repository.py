@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PurePath
+
+import onnx
 
 from gateway.errors import BadRequest, LoadError
 
@@ -61,3 +64,44 @@ def files_inside(root: Path, folder: Path) -> None:
     for path in folder.iterdir():
         if not path.resolve().is_relative_to(top):
             raise LoadError(f"{path.name} links outside the model repository")
+
+
+def external_data_inside(model_path: Path) -> None:
+    """Refuse a model whose tensors keep their data in files outside its version folder: an
+    absolute location, a ``..`` part, or a link that resolves outside. onnxruntime reads those
+    files when it builds the session, so a model could otherwise read any file the process can
+    (its data then shaping what the model answers)."""
+    folder = model_path.parent.resolve()
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...: all mean unreadable
+        raise LoadError(f"{model_path.name} is not a readable ONNX model: {exc}") from None
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        parts = PurePath(location).parts
+        inside = (folder / location).resolve().is_relative_to(folder)
+        if not location or PurePath(location).is_absolute() or ".." in parts or not inside:
+            raise LoadError(
+                f"tensor {tensor.name[:80]!r} keeps its data at {location[:120]!r}, outside the "
+                "version's folder; external data must be a file inside it"
+            )
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: initializers, sparse ones, and tensor attributes of its
+    nodes, subgraphs (If, Loop, Scan bodies) included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)

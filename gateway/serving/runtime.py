@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gateway.errors import LoadError, ModelError, Timeout
+from gateway.serving.repository import external_data_inside
 from gateway.serving.types import NUMPY_DTYPES, ONNX_TO_DATATYPE, ModelVersion, TensorSpec
 from gateway.settings import Settings
 
@@ -87,9 +88,12 @@ def load_version(
     except OSError as exc:
         raise LoadError(f"cannot read {path.name}: {exc.strerror or exc}") from None
     metadata = _read_metadata(folder)
+    external_data_inside(path)
     try:
+        # By path, so that external data resolves against the model's folder (checked above),
+        # never against the process's working directory.
         session = ort.InferenceSession(
-            data, sess_options=session_options(settings), providers=["CPUExecutionProvider"]
+            str(path), sess_options=session_options(settings), providers=["CPUExecutionProvider"]
         )
     except Exception as exc:
         raise LoadError(f"onnxruntime could not load the model: {exc}") from None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 
 def write_slow_fraud(folder: Path, layers: int = 500, width: int = 2048) -> Path:
@@ -83,6 +83,39 @@ def write_any_width_scorer(folder: Path) -> Path:
 def _save(graph: onnx.GraphProto, folder: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def write_external_data_scorer(folder: Path, location: str, target: Path | None = None) -> Path:
+    """input FP32 [-1, 32] -> probability FP32 [-1, 1] = sigmoid(input @ w), where ``w`` keeps
+    its data in an external file: the model names ``location``; the bytes are written to
+    ``target`` (default: ``location`` under ``folder``)."""
+    w = numpy_helper.from_array(
+        (np.random.default_rng(3).standard_normal((32, 1)) / 32).astype(np.float32), "w"
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "w"], ["logit"]),
+            helper.make_node("Sigmoid", ["logit"], ["probability"]),
+        ],
+        "external_scorer",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    tensor = model.graph.initializer[0]
+    data = tensor.raw_data
+    destination = target if target is not None else folder / location
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_bytes(data)
+    external_data_helper.set_external_data(tensor, location, offset=0, length=len(data))
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
     onnx.save(model, path)
