@@ -104,7 +104,7 @@ def poll(check: Callable[[], T | None], timeout: float, what: str) -> T:
             return result
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 # --- rules: generator and promtool ----------------------------------------------------------
@@ -303,9 +303,13 @@ class Stack:
     gateway: Server
     prometheus: str
     load: Load
+    client: httpx.Client  # to Prometheus: one connection for the many queries
+
+    def get(self, path: str, **params: str) -> httpx.Response:
+        return self.client.get(self.prometheus + path, params=params)
 
     def _get(self, expr: str) -> dict[str, Any]:
-        response = httpx.get(f"{self.prometheus}/api/v1/query", params={"query": expr})
+        response = self.get("/api/v1/query", query=expr)
         body: dict[str, Any] = response.json()
         return body
 
@@ -323,8 +327,10 @@ class Stack:
 
 
 @contextlib.contextmanager
-def prometheus(tmp: Path, target: str) -> Iterator[str]:
-    """A Prometheus scraping ``target`` every second with the committed rules; yields its URL."""
+def prometheus(tmp: Path, target: str) -> Iterator[Callable[[], str]]:
+    """A Prometheus scraping ``target`` every second with the committed rules, started at once;
+    yields a function that waits until it is ready and returns its URL. (Its first scrape comes
+    seconds after it is ready: starting it before the target overlaps the two.)"""
     binary = tool("prometheus")
     port = free_port()
     config = {
@@ -351,9 +357,12 @@ def prometheus(tmp: Path, target: str) -> Iterator[str]:
             except httpx.TransportError:
                 return None
 
-        try:
+        def wait_until_ready() -> str:
             poll(ready, 20.0, "prometheus to be ready")
-            yield url
+            return url
+
+        try:
+            yield wait_until_ready
         finally:
             process.terminate()
             try:
@@ -370,7 +379,14 @@ def stack(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     reference = np.load(demo_repo / "fraud" / "1" / "reference.npy")
     shift = np.zeros(reference.shape[1], dtype=np.float32)
     shift[list(DRIFTED)] = SHIFT_SDS * reference[:, list(DRIFTED)].std(axis=0)
-    with Server(demo_repo, args=["--drift-window-s", "60"]) as gateway:
+    gateway = Server(demo_repo, args=["--drift-window-s", "60"], wait_ready=False)
+    target = gateway.url.removeprefix("http://")
+    with (
+        prometheus(tmp_path_factory.mktemp("prometheus"), target) as prometheus_ready,
+        gateway,
+        httpx.Client(timeout=10.0) as client,
+    ):
+        gateway.wait_until_ready()
         policy = {
             "strategy": "single",
             "version": "1",
@@ -389,9 +405,7 @@ def stack(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         thread = threading.Thread(target=load.run, name="load", daemon=True)
         thread.start()
         try:
-            target = gateway.url.removeprefix("http://")
-            with prometheus(tmp_path_factory.mktemp("prometheus"), target) as url:
-                yield Stack(gateway, url, load)
+            yield Stack(gateway, prometheus_ready(), load, client)
         finally:
             load.stop.set()
             thread.join(15)
@@ -426,7 +440,7 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
     deadline = time.monotonic() + 40.0
     missing = empty()
     while missing and time.monotonic() < deadline:
-        time.sleep(1.0)
+        time.sleep(0.25)
         missing = empty()
     assert missing == []
 
@@ -438,9 +452,8 @@ def test_dashboard_variables_list_the_models_and_versions(stack: Stack) -> None:
     def values() -> dict[str, set[str]] | None:
         got: dict[str, set[str]] = {}
         for name, selector, label in variable_queries():
-            response = httpx.get(
-                f"{stack.prometheus}/api/v1/label/{label}/values",
-                params={"match[]": substitute(selector)},
+            response = stack.get(
+                f"/api/v1/label/{label}/values", **{"match[]": substitute(selector)}
             )
             assert response.status_code == 200, response.text
             got[name] = set(response.json()["data"])
@@ -473,7 +486,7 @@ def test_only_the_drifted_features_of_v1_act(stack: Stack) -> None:
 @pytest.mark.timeout(60)
 def test_rules_evaluate_cleanly_and_drift_alerts_go_pending(stack: Stack) -> None:
     def pending() -> set[tuple[str, str]] | None:
-        alerts = httpx.get(f"{stack.prometheus}/api/v1/alerts").json()["data"]["alerts"]
+        alerts = stack.get("/api/v1/alerts").json()["data"]["alerts"]
         drift = {
             (a["labels"]["version"], a["labels"]["feature"])
             for a in alerts
@@ -493,7 +506,7 @@ def test_rules_evaluate_cleanly_and_drift_alerts_go_pending(stack: Stack) -> Non
     # The recording rules give a burn rate per SLO from real gateway metrics (0 or close to it
     # here: no 5xx, few requests near 25 ms).
     assert poll(burns, 30.0, "burn rates of both SLOs") == {"availability", "latency"}
-    groups = httpx.get(f"{stack.prometheus}/api/v1/rules").json()["data"]["groups"]
+    groups = stack.get("/api/v1/rules").json()["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
     assert len(rules) == 24
     assert {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"} == {}

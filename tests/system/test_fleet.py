@@ -17,7 +17,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.load import Load, Outcome, Shot, figures, fraud_bodies
+from tests.support.load import (
+    Load,
+    Outcome,
+    Shot,
+    bounded,
+    figures,
+    fraud_bodies,
+    routes_by,
+    until_async,
+)
 from tests.support.redis_server import RedisServer
 from tests.support.server import ADMIN, Server
 
@@ -35,23 +44,29 @@ class Write:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Iterator[list[Server]]:
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("fleet-redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, demo_repo: Path, redis: RedisServer
+) -> Iterator[list[Server]]:
     work = tmp_path_factory.mktemp("fleet")
     shutil.copytree(demo_repo / "fraud", work / "models" / "fraud")
-    with RedisServer(work / "redis") as redis:
-        servers = [
-            Server(work / "models", args=["--redis-url", redis.url], wait_ready=False)
-            for _ in range(3)
-        ]
-        try:
-            for s in servers:
-                s.start()
-            for s in servers:
-                s.wait_until_ready()
-            yield servers
-        finally:
-            for s in servers:
-                s.stop()
+    servers = [
+        Server(work / "models", args=["--redis-url", redis.url], wait_ready=False) for _ in range(3)
+    ]
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait_until_ready()
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
 
 
 async def put(
@@ -74,7 +89,9 @@ async def put(
     return Write(i, r.status_code, revision, reason, time.monotonic())
 
 
-def test_replicas_agree_on_routing_audit_and_bandit_statistics(fleet: list[Server]) -> None:
+def test_replicas_agree_on_routing_audit_and_bandit_statistics(
+    fleet: list[Server], redis: RedisServer
+) -> None:
     urls = [s.url for s in fleet]
     shots = [
         Shot(urls[i % 3] + "/v2/models/fraud/infer", body)
@@ -84,7 +101,13 @@ def test_replicas_agree_on_routing_audit_and_bandit_statistics(fleet: list[Serve
     async def scenario() -> tuple[Load, list[Write], list[Write], list[tuple[Outcome, int]]]:
         async with httpx.AsyncClient(timeout=30) as client:
             writes = [await put(client, fleet, 0, BANDIT | {"seed": 0}, "start")]
-            await asyncio.sleep(CONVERGE_S)
+
+            async def converged() -> bool:  # before the load: every replica routes by it
+                return all(
+                    [await routes_by(client, u, "fraud") == writes[0].revision for u in urls]
+                )
+
+            await until_async(converged)
             load = Load(shots, concurrency=9)
             runner = asyncio.create_task(load.run())
             # a change through each replica in turn, under load
@@ -119,9 +142,29 @@ def test_replicas_agree_on_routing_audit_and_bandit_statistics(fleet: list[Serve
                 )
                 return o, r.status_code
 
-            await asyncio.sleep(0.5)  # assignments reach Redis every 0.2 s
-            rewards = list(await asyncio.gather(*(reward(o) for o in served)))
-            await asyncio.sleep(0.5)
+            # each replica writes its assignments to Redis at its next flush
+            keys = [f"turnout:assign:{o.request_id}" for o in served]
+            with redis.client() as store:
+
+                async def remembered() -> bool:
+                    return bool(store.exists(*keys) == len(keys))
+
+                await until_async(remembered)
+            rewards = await bounded(reward(o) for o in served)
+
+            # and pushes the counts and rewards it took at the next: until every replica's
+            # report holds them all (at least; the assertions below say exactly)
+            async def flushed() -> bool:
+                for u in urls:
+                    r = await client.get(u + "/admin/routes/fraud/report", headers=ADMIN)
+                    rows = r.json()["versions"]
+                    if sum(v["served"] for v in rows) < len(served):
+                        return False
+                    if sum(v["feedback"] for v in rows) < len(rewards):
+                        return False
+                return True
+
+            await until_async(flushed)
         return load, writes, race, rewards
 
     load, writes, race, rewards = asyncio.run(scenario())

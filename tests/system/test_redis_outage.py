@@ -27,6 +27,8 @@ from tests.support.load import (
     fraud_bodies,
     gateways_on_own_redis,
     put_policy,
+    routes_by,
+    until_async,
 )
 from tests.support.redis_server import RedisServer
 from tests.support.server import ADMIN, Server
@@ -64,13 +66,21 @@ async def scenario(a: Server, b: Server, redis: RedisServer) -> Record:
     urls = [a.url, b.url]
     async with httpx.AsyncClient(timeout=30) as client:
         revision = await put_policy(client, a.url, "fraud", BANDIT)
-        await asyncio.sleep(1.2)  # b learns of it within a second
+
+        async def b_routes_by_it() -> bool:  # within a second (tests/system/test_fleet.py)
+            return await routes_by(client, b.url, "fraud") == revision
+
+        await until_async(b_routes_by_it)
         shots = [
             Shot(urls[i % 2] + "/v2/models/fraud/infer", body) for i, body in enumerate(BODIES)
         ]
         load = Load(shots, concurrency=8)
         runner = asyncio.create_task(load.run())
-        await asyncio.sleep(1.5)
+
+        async def served(n: int) -> bool:
+            return sum(1 for o in load.outcomes if o.status == 200) >= n
+
+        await until_async(lambda: served(60))
         before = [o for o in load.outcomes if o.status == 200]
         assert len(before) >= 60, "too little traffic before the outage"
 
@@ -123,9 +133,32 @@ async def scenario(a: Server, b: Server, redis: RedisServer) -> Record:
         await asyncio.sleep(1.0)
         load.stop.set()
         await runner
-        await asyncio.sleep(0.6)  # buffered counts and assignments reach Redis every 0.2 s
+        # buffered assignments reach Redis at each replica's next flush
+        store = redis.client()
+        keys = [f"turnout:assign:{o.request_id}" for o in remote]
+
+        async def remembered() -> bool:
+            return bool(store.exists(*keys) == len(keys))
+
+        await until_async(remembered)
         after = await asyncio.gather(*(reward(o, other(o)) for o in remote))
-        await asyncio.sleep(0.6)  # and so do the rewards each replica just took
+        # and so do the counts and the rewards each replica took: wait until each replica's
+        # report holds them (at least: the tests check they are counted exactly once)
+        rewarded = len(local) + len(remote)
+        answered = sum(1 for o in load.outcomes if o.revision == revision)
+
+        async def flushed() -> bool:
+            for url in urls:
+                r = await client.get(url + "/admin/routes/fraud/report", headers=ADMIN)
+                rows = r.json()["versions"]
+                if sum(v["served"] for v in rows) < answered:
+                    return False
+                if sum(v["feedback"] for v in rows) < rewarded:
+                    return False
+            return True
+
+        await until_async(flushed)
+        store.close()
     return Record(
         load=load,
         servers=(a, b),

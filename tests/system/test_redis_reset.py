@@ -28,13 +28,16 @@ from tests.support.load import (
     gateways_on_own_redis,
     metric_sum,
     put_policy,
+    routes_by,
+    until_async,
 )
 from tests.support.redis_server import RedisServer
-from tests.support.server import Server
+from tests.support.server import TEST_PERIODS, Server
 
 PINNED = {"strategy": "single", "version": "1"}  # the fallback would serve version 2
 BANDIT = {"strategy": "bandit", "arms": ["1", "2"], "algorithm": "thompson", "min_share": 0.2}
 BODIES = fraud_bodies(40, seed=5)
+FLUSH_S = float(TEST_PERIODS["TURNOUT_FLUSH_S"])
 STATS = ("rewards", "reward_sum")  # what a replica's bandit holds, and so can put back
 
 
@@ -67,7 +70,11 @@ async def scenario(a: Server, b: Server, server: RedisServer) -> Record:
             "fraud": await put_policy(client, a.url, "fraud", PINNED),
             "beta": await put_policy(client, a.url, "beta", BANDIT),
         }
-        await asyncio.sleep(1.2)  # b learns of both within a second
+
+        async def b_routes_by_both() -> bool:  # within a second (tests/system/test_fleet.py)
+            return all([await routes_by(client, b.url, m) == r for m, r in revisions.items()])
+
+        await until_async(b_routes_by_both)
         for i, body in enumerate(BODIES):  # beta learns that version 2 pays
             url = (a.url, b.url)[i % 2]
             answer = (await client.post(url + "/v2/models/beta/infer", content=body)).json()
@@ -76,8 +83,17 @@ async def scenario(a: Server, b: Server, server: RedisServer) -> Record:
                 url + "/v2/models/beta/feedback", json={"id": answer["id"], "reward": reward}
             )
             assert r.status_code == 200, r.text
-        await asyncio.sleep(1.0)  # flushed every 0.2 s and folded into both replicas' bandits
-        learned = totals(store.hgetall(f"turnout:stats:{revisions['beta']}:beta"))
+        # Each replica pushes the rewards it took at its next flush, then folds the fleet's
+        # totals into its bandit at the end of that flush tick.
+        stats_key = f"turnout:stats:{revisions['beta']}:beta"
+
+        async def all_rewards_stored() -> bool:
+            stored = totals(store.hgetall(stats_key))
+            return stored.get("rewards:1", 0) + stored.get("rewards:2", 0) >= len(BODIES)
+
+        await until_async(all_rewards_stored)
+        await asyncio.sleep(10 * FLUSH_S)  # folding is not observable: ten flush ticks for it
+        learned = totals(store.hgetall(stats_key))
 
         shots = [
             Shot((a.url, b.url)[i % 2] + "/v2/models/fraud/infer", body)

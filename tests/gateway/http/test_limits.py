@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from gateway.settings import Settings, SettingsError
-from tests.support.server import ADMIN, Server
+from tests.support.server import ADMIN, GatewayServer, InProcessServer
 
 MAX_BODY = 20 << 20  # room for the 16 MB list of inputs below
 MAX_ELEMENTS = 4096
@@ -26,14 +26,14 @@ FEATURES = 32  # the fraud model's input is FP32 [-1, 32]
 
 
 @pytest.fixture(scope="module")
-def gateway(demo_repo: Path) -> Iterator[Server]:
+def gateway(demo_repo: Path) -> Iterator[InProcessServer]:
     args = [
         "--max-body-bytes", str(MAX_BODY),
         "--max-tensor-elements", str(MAX_ELEMENTS),
         "--max-batch-rows", str(MAX_ROWS),
         "--max-header-bytes", str(MAX_HEADER),
     ]  # fmt: skip
-    with Server(demo_repo, args=args) as s:
+    with InProcessServer(demo_repo, args=args) as s:
         yield s
 
 
@@ -52,7 +52,7 @@ def refused(r: httpx.Response, status: int, *fragments: str) -> None:
         assert fragment in error, error
 
 
-def still_serving(gateway: Server) -> None:
+def still_serving(gateway: GatewayServer) -> None:
     r = httpx.post(gateway.url + "/v2/models/fraud/infer", json=fraud_request(2))
     assert r.status_code == 200, r.text
 
@@ -91,7 +91,7 @@ def padded(rows: int, size: int) -> bytes:
     return body + b" " * (size - len(body))
 
 
-def test_a_body_at_the_limit_is_served_one_byte_more_is_413(gateway: Server) -> None:
+def test_a_body_at_the_limit_is_served_one_byte_more_is_413(gateway: GatewayServer) -> None:
     url = gateway.url + "/v2/models/fraud/infer"
     assert httpx.post(url, content=padded(8, MAX_BODY)).status_code == 200
     r = httpx.post(url, content=padded(8, MAX_BODY + 1))
@@ -99,7 +99,7 @@ def test_a_body_at_the_limit_is_served_one_byte_more_is_413(gateway: Server) -> 
     still_serving(gateway)
 
 
-def test_a_chunked_body_is_cut_off_at_the_limit(gateway: Server) -> None:
+def test_a_chunked_body_is_cut_off_at_the_limit(gateway: GatewayServer) -> None:
     def chunks() -> Iterator[bytes]:
         for _ in range(64):  # 64 MiB offered, without a Content-Length
             yield b" " * (1 << 20)
@@ -110,7 +110,7 @@ def test_a_chunked_body_is_cut_off_at_the_limit(gateway: Server) -> None:
     still_serving(gateway)
 
 
-def test_admin_bodies_have_their_own_cap(gateway: Server) -> None:
+def test_admin_bodies_have_their_own_cap(gateway: GatewayServer) -> None:
     body = b'{"reason": "' + b"x" * (2 << 20) + b'"}'
     r = httpx.put(gateway.url + "/admin/routes/fraud", headers=ADMIN, content=body)
     refused(r, 413, "exceeds the limit")
@@ -119,7 +119,7 @@ def test_admin_bodies_have_their_own_cap(gateway: Server) -> None:
 # -- tensor elements and rows -------------------------------------------------------------------
 
 
-def test_elements_are_limited_from_the_declared_shape(gateway: Server) -> None:
+def test_elements_are_limited_from_the_declared_shape(gateway: GatewayServer) -> None:
     # a trillion elements declared, none sent: refused before anything is allocated
     huge = {"name": "in_fp32", "shape": [1, 10**12], "datatype": "FP32", "data": []}
     r = httpx.post(gateway.url + "/v2/models/echo/infer", json={"inputs": [huge]})
@@ -129,7 +129,7 @@ def test_elements_are_limited_from_the_declared_shape(gateway: Server) -> None:
     refused(httpx.post(gateway.url + "/v2/models/echo/infer", json={"inputs": [over]}), 400)
 
 
-def test_rows_per_request_are_limited(gateway: Server) -> None:
+def test_rows_per_request_are_limited(gateway: GatewayServer) -> None:
     url = gateway.url + "/v2/models/fraud/infer"
     r = httpx.post(url, json=fraud_request(MAX_ROWS))
     assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [MAX_ROWS, 1]
@@ -137,7 +137,7 @@ def test_rows_per_request_are_limited(gateway: Server) -> None:
     refused(r, 400, "'input'", f"{MAX_ROWS + 1} rows", f"limit of {MAX_ROWS}")
 
 
-def test_rows_are_limited_in_binary_requests_too(gateway: Server) -> None:
+def test_rows_are_limited_in_binary_requests_too(gateway: GatewayServer) -> None:
     rows = MAX_ROWS + 1
     raw = np.zeros((rows, FEATURES), dtype="<f4").tobytes()
     params = {"binary_data_size": len(raw)}
@@ -172,7 +172,7 @@ def nested(depth: int) -> str:
     ],
     ids=["id", "parameter", "shape", "datatype", "data", "data-leaf", "output", "input"],
 )
-def test_deep_nesting_anywhere_is_a_bad_request(gateway: Server, template: str) -> None:
+def test_deep_nesting_anywhere_is_a_bad_request(gateway: GatewayServer, template: str) -> None:
     """orjson parses up to 1024 levels; whatever the gateway does with such a value (including
     quoting it in the error) must stay a 400."""
     for depth in (1000, 1022):
@@ -195,19 +195,21 @@ def test_deep_nesting_anywhere_is_a_bad_request(gateway: Server, template: str) 
     ],
     ids=["strategy", "version", "arm-weight", "guard", "seed", "reason"],
 )
-def test_deep_nesting_in_admin_bodies_is_a_bad_request(gateway: Server, template: str) -> None:
+def test_deep_nesting_in_admin_bodies_is_a_bad_request(
+    gateway: GatewayServer, template: str
+) -> None:
     for deep in [nested(1000), '{"k": ' * 1000 + "1" + "}" * 1000]:
         body = (template % deep).encode()
         r = httpx.put(gateway.url + "/admin/routes/fraud", headers=ADMIN, content=body)
         refused(r, 400)
 
 
-def test_nesting_beyond_the_parser_cap_is_malformed_json(gateway: Server) -> None:
+def test_nesting_beyond_the_parser_cap_is_malformed_json(gateway: GatewayServer) -> None:
     body = ('{"inputs": ' + nested(100_000) + "}").encode()
     refused(httpx.post(gateway.url + "/v2/models/fraud/infer", content=body), 400, "depth")
 
 
-def test_data_nested_deeper_than_the_shape_is_refused(gateway: Server) -> None:
+def test_data_nested_deeper_than_the_shape_is_refused(gateway: GatewayServer) -> None:
     rows = [[[0.0] * FEATURES]]  # rank 3 for a rank-2 input
     tensor = {"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": rows}
     r = httpx.post(gateway.url + "/v2/models/fraud/infer", json={"inputs": [tensor]})
@@ -227,7 +229,7 @@ def test_data_nested_deeper_than_the_shape_is_refused(gateway: Server) -> None:
     ids=["duplicates", "unknown", "not-objects"],
 )
 def test_a_huge_list_of_inputs_is_refused_at_the_first_extra_entry(
-    gateway: Server, entry: Any, fragment: str
+    gateway: GatewayServer, entry: Any, fragment: str
 ) -> None:
     """16 MB of inputs: each entry past the model's inputs is unknown or a duplicate, so
     decoding stops there; parsing them is the cost (about 0.3 s here)."""
@@ -244,7 +246,7 @@ def test_a_huge_list_of_inputs_is_refused_at_the_first_extra_entry(
 # -- header size ----------------------------------------------------------------------------------
 
 
-def raw_request(gateway: Server, head: bytes) -> bytes:
+def raw_request(gateway: GatewayServer, head: bytes) -> bytes:
     """Send a hand-made request head; the answer, or b"" when the gateway hung up first."""
     chunks: list[bytes] = []
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
@@ -275,19 +277,19 @@ def status_and_body(answer: bytes) -> tuple[int, dict[str, Any]]:
     ],
     ids=["one-100KB-header", "just-over", "2000-small-headers"],
 )
-def test_oversized_headers_get_431(gateway: Server, headers: bytes) -> None:
+def test_oversized_headers_get_431(gateway: GatewayServer, headers: bytes) -> None:
     status, body = status_and_body(raw_request(gateway, get_with(headers)))
     assert status == 431
     assert body == {"error": f"request line and headers exceed the limit of {MAX_HEADER} bytes"}
     still_serving(gateway)
 
 
-def test_headers_under_the_limit_are_served(gateway: Server) -> None:
+def test_headers_under_the_limit_are_served(gateway: GatewayServer) -> None:
     answer = raw_request(gateway, get_with(b"X-Big: " + b"a" * (MAX_HEADER - 200) + b"\r\n"))
     assert status_and_body(answer) == (200, {"live": True})
 
 
-def test_a_header_that_never_ends_is_cut_off(gateway: Server) -> None:
+def test_a_header_that_never_ends_is_cut_off(gateway: GatewayServer) -> None:
     """10 MB of one header value: the gateway stops reading within one read of the limit and
     answers 431, or hangs up while the client is still sending; either way it keeps serving."""
     answer = raw_request(gateway, b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 10_000_000)
@@ -296,7 +298,7 @@ def test_a_header_that_never_ends_is_cut_off(gateway: Server) -> None:
     still_serving(gateway)
 
 
-def test_a_long_url_counts_against_the_header_limit(gateway: Server) -> None:
+def test_a_long_url_counts_against_the_header_limit(gateway: GatewayServer) -> None:
     path = b"/v2/models/" + b"m" * (MAX_HEADER + 1) + b"/ready"
     answer = raw_request(gateway, b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n")
     assert status_and_body(answer)[0] == 431

@@ -26,7 +26,7 @@ from gateway.errors import Unauthorized
 from gateway.http.auth import TokenAuth, key_check
 from gateway.http.openapi import openapi_document
 from gateway.settings import Settings, SettingsError, parse_credentials
-from tests.support.server import ADMIN, ADMIN_TOKEN, Server
+from tests.support.server import ADMIN, ADMIN_TOKEN, GatewayServer, InProcessServer, Server
 
 RETIRED = "retired-admin-token-0123456789"  # expired in 2020
 LATER = "later-admin-token-0123456789"  # expires in 2099
@@ -44,16 +44,28 @@ def repo(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+ARGS = [
+    "--admin-token", f"retired={RETIRED}@2020-01-01T00:00:00Z",
+    "--admin-token", f"later={LATER}@2099-01-01T00:00:00+00:00",
+    "--api-key", f"client={KEY}",
+    "--api-key", f"stale={STALE_KEY}@2020-01-01T00:00:00Z",
+    "--log-level", "debug",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def gateway(repo: Path) -> Iterator[Server]:
-    args = [
-        "--admin-token", f"retired={RETIRED}@2020-01-01T00:00:00Z",
-        "--admin-token", f"later={LATER}@2099-01-01T00:00:00+00:00",
-        "--api-key", f"client={KEY}",
-        "--api-key", f"stale={STALE_KEY}@2020-01-01T00:00:00Z",
-        "--log-level", "debug",
-    ]  # fmt: skip
-    with Server(repo, args=args) as s:
+def gateway(repo: Path) -> Iterator[InProcessServer]:
+    with InProcessServer(repo, args=ARGS) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def logged(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The same gateway as a process, for what only a process's log shows: the warnings
+    ``turnout serve`` writes at start, and its log format (debug level, escaped records)."""
+    root = tmp_path_factory.mktemp("secure-logged") / "models"
+    shutil.copytree(demo_repo, root)
+    with Server(root, args=ARGS) as s:
         yield s
 
 
@@ -61,8 +73,21 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def call(gateway: Server, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    return httpx.request(method, gateway.url + path, timeout=30, **kwargs)
+_CLIENT: list[httpx.Client] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_client() -> Iterator[None]:
+    """One HTTP client for the module's hundreds of calls: a client per call costs about
+    25 ms (its TLS context), most of the module's time against an in-process gateway."""
+    with httpx.Client(timeout=30) as client:
+        _CLIENT.append(client)
+        yield
+    _CLIENT.clear()
+
+
+def call(gateway: GatewayServer, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    return _CLIENT[0].request(method, gateway.url + path, **kwargs)
 
 
 def fraud_body(rows: int = 2, **extra: Any) -> bytes:
@@ -100,14 +125,14 @@ ADMIN_CALLS = [
     ids=["missing", "wrong", "wrong-scheme", "prefix-of-longer", "expired", "api-key"],
 )
 def test_every_admin_call_refuses_bad_tokens(
-    gateway: Server, headers: dict[str, str], message: str
+    gateway: GatewayServer, headers: dict[str, str], message: str
 ) -> None:
     assert len(ADMIN_CALLS) == 11
     for method, path in ADMIN_CALLS:
         unauthorized(call(gateway, method, path, headers=headers, json={"reason": "x"}), message)
 
 
-def test_a_token_before_its_expiry_works_and_is_named_in_the_audit(gateway: Server) -> None:
+def test_a_token_before_its_expiry_works_and_is_named_in_the_audit(gateway: GatewayServer) -> None:
     policy = {"policy": {"strategy": "single", "version": "1"}, "reason": "expiry test"}
     r = call(gateway, "PUT", "/admin/routes/risk", headers=bearer(LATER), json=policy)
     assert r.status_code == 200, r.text
@@ -115,8 +140,9 @@ def test_a_token_before_its_expiry_works_and_is_named_in_the_audit(gateway: Serv
     assert audit[0]["who"] == "later" and audit[0]["reason"] == "expiry test"
 
 
-def test_expired_tokens_are_named_in_a_warning_at_start(gateway: Server) -> None:
-    log = gateway.log()
+@pytest.mark.system
+def test_expired_tokens_are_named_in_a_warning_at_start(logged: Server) -> None:
+    log = logged.log()
     assert "admin token 'retired' expired at 2020-01-01T00:00:00+00:00" in log
     assert "API key 'stale' expired" in log
 
@@ -201,26 +227,28 @@ OPEN = [
     ids=["missing", "wrong", "wrong-bearer", "expired", "admin-token", "both"],
 )
 def test_inference_needs_a_valid_key(
-    gateway: Server, headers: dict[str, str], message: str
+    gateway: GatewayServer, headers: dict[str, str], message: str
 ) -> None:
     for method, path, body in KEYED:
         unauthorized(call(gateway, method, path, headers=headers, content=body), message)
 
 
 @pytest.mark.parametrize("headers", [WITH_KEY, bearer(KEY)], ids=["x-api-key", "bearer"])
-def test_a_valid_key_in_either_header_is_let_in(gateway: Server, headers: dict[str, str]) -> None:
+def test_a_valid_key_in_either_header_is_let_in(
+    gateway: GatewayServer, headers: dict[str, str]
+) -> None:
     for method, path, body in KEYED:
         r = call(gateway, method, path, headers=headers, content=body)
         expected = 404 if path.endswith("feedback") else 200  # an unknown id, past the check
         assert r.status_code == expected, (path, r.text)
 
 
-def test_health_and_server_metadata_stay_open(gateway: Server) -> None:
+def test_health_and_server_metadata_stay_open(gateway: GatewayServer) -> None:
     for path in OPEN:
         assert call(gateway, "GET", path).status_code == 200, path
 
 
-def test_tritonclient_sends_its_key_as_a_header(gateway: Server) -> None:
+def test_tritonclient_sends_its_key_as_a_header(gateway: GatewayServer) -> None:
     client = triton.InferenceServerClient(gateway.url.removeprefix("http://"))
     x = sample_inputs("fraud", 3, seed=5)["input"]
     sent = triton.InferInput("input", list(x.shape), "FP32")
@@ -260,7 +288,7 @@ TRAVERSALS = [
 
 
 @pytest.mark.parametrize("name", TRAVERSALS)
-def test_encoded_traversal_in_a_model_name_goes_nowhere(gateway: Server, name: str) -> None:
+def test_encoded_traversal_in_a_model_name_goes_nowhere(gateway: GatewayServer, name: str) -> None:
     calls = [
         ("POST", f"/v2/repository/models/{name}/load", ADMIN, None),
         ("POST", f"/v2/repository/models/{name}/unload", ADMIN, None),
@@ -270,7 +298,7 @@ def test_encoded_traversal_in_a_model_name_goes_nowhere(gateway: Server, name: s
         ("POST", f"/v2/models/fraud/versions/{name}/infer", WITH_KEY, fraud_body()),
     ]
     for method, path, headers, body in calls:
-        r = httpx.request(method, gateway.url + path, headers=headers, content=body, timeout=30)
+        r = call(gateway, method, path, headers=headers, content=body)
         assert r.status_code in (400, 404, 405), (path, r.status_code, r.text)
         assert list(r.json()) == ["error"]
         assert "root:" not in r.text
@@ -280,7 +308,7 @@ def test_encoded_traversal_in_a_model_name_goes_nowhere(gateway: Server, name: s
     "versions", [["../1"], ["1/../2"], ["/etc"], ["%2e%2e"], ["１"], ["0"], ["-1"], ["1\x00"]]
 )
 def test_versions_in_repository_calls_are_plain_numbers(
-    gateway: Server, versions: list[str]
+    gateway: GatewayServer, versions: list[str]
 ) -> None:
     body = {"parameters": {"versions": versions}}
     r = call(gateway, "POST", "/v2/repository/models/fraud/load", headers=ADMIN, json=body)
@@ -297,7 +325,7 @@ def outside(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Path:
 
 
 def test_a_version_folder_linked_outside_the_repository_is_refused(
-    gateway: Server, repo: Path, outside: Path
+    gateway: GatewayServer, repo: Path, outside: Path
 ) -> None:
     (repo / "risk" / "7").symlink_to(outside / "risk-copy", target_is_directory=True)
     body = {"parameters": {"versions": ["7"]}}
@@ -308,7 +336,7 @@ def test_a_version_folder_linked_outside_the_repository_is_refused(
 
 
 def test_a_model_folder_linked_outside_the_repository_is_refused(
-    gateway: Server, repo: Path, outside: Path
+    gateway: GatewayServer, repo: Path, outside: Path
 ) -> None:
     (repo / "linked").mkdir()
     (repo / "linked" / "1").symlink_to(outside / "risk-copy", target_is_directory=True)
@@ -319,7 +347,9 @@ def test_a_model_folder_linked_outside_the_repository_is_refused(
         assert call(gateway, "GET", f"/v2/models/{model}/ready").status_code != 200
 
 
-def test_a_refused_version_is_reported_failed(gateway: Server, repo: Path, outside: Path) -> None:
+def test_a_refused_version_is_reported_failed(
+    gateway: GatewayServer, repo: Path, outside: Path
+) -> None:
     (repo / "risk" / "6").symlink_to(outside / "risk-copy", target_is_directory=True)
     body = {"parameters": {"versions": ["6"]}}
     call(gateway, "POST", "/v2/repository/models/risk/load", headers=ADMIN, json=body)
@@ -329,7 +359,7 @@ def test_a_refused_version_is_reported_failed(gateway: Server, repo: Path, outsi
 
 
 def test_a_model_file_linked_outside_the_repository_is_refused(
-    gateway: Server, repo: Path, outside: Path
+    gateway: GatewayServer, repo: Path, outside: Path
 ) -> None:
     folder = repo / "risk" / "8"
     folder.mkdir()
@@ -346,23 +376,24 @@ FORGED = "\n2026-01-01 00:00:00,000 turnout CRITICAL forged line\x1b[31m\x9b2J\u
 LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [\w.]+ (DEBUG|INFO|WARNING|ERROR) ")
 
 
-def test_client_values_reach_the_log_escaped_and_secrets_never(gateway: Server) -> None:
+@pytest.mark.system
+def test_client_values_reach_the_log_escaped_and_secrets_never(logged: Server) -> None:
     """Debug logging on: request ids, paths and failed credentials are sent with newlines,
     ANSI escapes and Unicode line separators; the log keeps one record per line."""
-    r = call(gateway, "POST", "/v2/models/fraud/infer", headers=WITH_KEY,
+    r = call(logged, "POST", "/v2/models/fraud/infer", headers=WITH_KEY,
              content=fraud_body(id=FORGED))  # fmt: skip
     assert r.status_code == 200 and r.json()["id"] == FORGED  # echoed in JSON, escaped there
-    r = call(gateway, "POST", "/v2/models/fraud/feedback", headers=WITH_KEY,
+    r = call(logged, "POST", "/v2/models/fraud/feedback", headers=WITH_KEY,
              json={"id": FORGED, "reward": 1})  # fmt: skip
     assert r.status_code == 404  # an unknown id: logged at debug with its message
     for path in ["/admin/routes/%1b[31mx%0a", "/admin/audit"]:
-        call(gateway, "GET", path, headers=bearer(WRONG))
-        call(gateway, "GET", path, headers=bearer(RETIRED))
-    call(gateway, "POST", "/v2/models/fraud/infer", headers={"X-API-Key": WRONG})
-    call(gateway, "POST", "/v2/models/fraud/infer", headers=bearer(STALE_KEY))
-    call(gateway, "GET", "/admin/routes", headers=ADMIN)
+        call(logged, "GET", path, headers=bearer(WRONG))
+        call(logged, "GET", path, headers=bearer(RETIRED))
+    call(logged, "POST", "/v2/models/fraud/infer", headers={"X-API-Key": WRONG})
+    call(logged, "POST", "/v2/models/fraud/infer", headers=bearer(STALE_KEY))
+    call(logged, "GET", "/admin/routes", headers=ADMIN)
 
-    log = gateway.log()
+    log = logged.log()
     assert "\\x1b[31m" in log and "\\n2026-01-01" in log  # the values were logged, escaped
     assert "refused GET /admin/routes/\\x1b[31mx" in log
     for raw in ["\x1b", "\x9b", "\u2028", "\r"]:
@@ -391,7 +422,7 @@ def test_the_formatter_keeps_one_record_per_line() -> None:
 # -- audit trail ----------------------------------------------------------------------------------
 
 
-def audit(gateway: Server) -> list[dict[str, Any]]:
+def audit(gateway: GatewayServer) -> list[dict[str, Any]]:
     r = call(gateway, "GET", "/admin/audit?limit=10000", headers=ADMIN)
     assert r.status_code == 200, r.text
     entries: list[dict[str, Any]] = r.json()["entries"]
@@ -399,7 +430,7 @@ def audit(gateway: Server) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
-def test_the_audit_trail_has_no_write_method(gateway: Server, method: str) -> None:
+def test_the_audit_trail_has_no_write_method(gateway: GatewayServer, method: str) -> None:
     before = audit(gateway)
     for path in ["/admin/audit", "/admin/audit?model=fraud"]:
         r = call(gateway, method, path, headers=ADMIN, json={"entries": [], "reason": "x"})
@@ -411,7 +442,7 @@ def test_the_audit_trail_has_no_write_method(gateway: Server, method: str) -> No
     assert audit(gateway) == before
 
 
-def test_entries_stay_identical_through_every_other_admin_call(gateway: Server) -> None:
+def test_entries_stay_identical_through_every_other_admin_call(gateway: GatewayServer) -> None:
     canary = {"strategy": "canary", "baseline": "1", "candidate": "2", "weight": 0.05}
     r = call(gateway, "PUT", "/admin/routes/fraud", headers=ADMIN,
              json={"policy": canary, "reason": "start"})  # fmt: skip
@@ -450,7 +481,7 @@ def test_entries_stay_identical_through_every_other_admin_call(gateway: Server) 
     assert [e["action"] for e in seen[:5]] == ["delete", "rollback", "advance", "resume", "pause"]
 
 
-def test_audit_entries_are_unchanged_by_reads_with_odd_parameters(gateway: Server) -> None:
+def test_audit_entries_are_unchanged_by_reads_with_odd_parameters(gateway: GatewayServer) -> None:
     before = audit(gateway)
     for query in ["?limit=1", "?model=fraud", "?model=%00", "?limit=0", "?revision=1&delete=1"]:
         call(gateway, "GET", "/admin/audit" + query, headers=ADMIN)

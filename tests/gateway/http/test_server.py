@@ -1,4 +1,4 @@
-"""The serving core end to end: a real gateway process, real clients, real onnxruntime."""
+"""The serving core end to end: a real gateway (in process), real clients, real onnxruntime."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tritonclient.utils import np_to_triton_dtype  # type: ignore[import-untyped
 from gateway.app import create_app
 from gateway.demo import sample_inputs, write_demo_repository
 from gateway.settings import Settings
-from tests.support.server import GatewayServer, Server
+from tests.support.server import GatewayServer, InProcessServer
 
 
 def reference_outputs(
@@ -325,7 +325,7 @@ def test_bad_binary_header_is_400(server: GatewayServer) -> None:
 
 
 def test_body_over_the_cap_is_refused_before_it_is_read(demo_repo: Path) -> None:
-    with Server(demo_repo, args=["--max-body-bytes", "4096"]) as small:
+    with InProcessServer(demo_repo, args=["--max-body-bytes", "4096"]) as small:
         big = _fraud([0.5] * 32 * 200, shape=(200, 32))
         r = httpx.post(small.url + "/v2/models/fraud/infer", content=big)
         assert r.status_code == 413 and "4096" in r.json()["error"]
@@ -377,7 +377,7 @@ def test_inference_during_the_start_up_load_answers_503_not_404(
     ]
     body = orjson.dumps({"inputs": tensors})
     statuses: list[int] = []
-    with Server(root, wait_ready=False) as gateway, httpx.Client(timeout=10) as client:
+    with InProcessServer(root, wait_ready=False) as gateway, httpx.Client(timeout=10) as client:
         deadline = time.monotonic() + 120
         while not statuses or statuses[-1] != 200:
             assert time.monotonic() < deadline, statuses[-5:]

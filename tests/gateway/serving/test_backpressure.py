@@ -16,7 +16,7 @@ import pytest
 
 from gateway.demo import sample_inputs
 from tests.support.models import write_slow_fraud
-from tests.support.server import GatewayServer, Server
+from tests.support.server import GatewayServer, InProcessServer
 
 ROW = sample_inputs("fraud", 1, seed=4)["input"].ravel().tolist()
 
@@ -31,18 +31,19 @@ def body(timeout_us: int | None = None) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Iterator[Server]:
+def gateway(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Iterator[InProcessServer]:
+    """fraud v1 and a slow v5 (seconds to load: only the tests that need it start this one)."""
     root = tmp_path_factory.mktemp("pressure") / "models"
     shutil.copytree(demo_repo / "fraud" / "1", root / "fraud" / "1")
     slow = root / "fraud" / "5"
     write_slow_fraud(slow)
     # No merging and a queue of 2: the third concurrent request must be refused.
     (slow / "config.json").write_text(json.dumps({"enabled": False, "max_queue": 2}))
-    with Server(root) as s:
+    with InProcessServer(root) as s:
         yield s
 
 
-def test_a_full_queue_answers_429_with_retry_after(gateway: Server) -> None:
+def test_a_full_queue_answers_429_with_retry_after(gateway: GatewayServer) -> None:
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
             return await asyncio.gather(
@@ -67,13 +68,20 @@ def test_a_full_queue_answers_429_with_retry_after(gateway: Server) -> None:
     )
 
 
-def test_a_request_past_its_deadline_is_answered_504_and_not_run(gateway: Server) -> None:
+def test_a_request_past_its_deadline_is_answered_504_and_not_run(gateway: GatewayServer) -> None:
     async def scenario() -> tuple[httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
             busy = asyncio.create_task(
                 client.post("/v2/models/fraud/versions/5/infer", content=body())
             )
-            await asyncio.sleep(0.02)  # the slow run holds the version's session
+            # Until the gateway serves it: its slow run then holds the version's session.
+            deadline = asyncio.get_running_loop().time() + 10
+            while (
+                'turnout_requests_in_flight{model="fraud"} 1.0'
+                not in (await client.get("/metrics")).text
+            ):
+                assert asyncio.get_running_loop().time() < deadline, "never served"
+                await asyncio.sleep(0.005)
             late = await client.post(
                 "/v2/models/fraud/versions/5/infer", content=body(timeout_us=5_000)
             )
@@ -87,8 +95,8 @@ def test_a_request_past_its_deadline_is_answered_504_and_not_run(gateway: Server
     assert metric(gateway, 'turnout_deadline_exceeded_total{model="fraud",version="5"}') >= 1
 
 
-def test_invalid_timeout_parameter_is_400(gateway: Server) -> None:
-    r = httpx.post(gateway.url + "/v2/models/fraud/versions/1/infer", content=body(timeout_us=-1))
+def test_invalid_timeout_parameter_is_400(server: GatewayServer) -> None:
+    r = httpx.post(server.url + "/v2/models/fraud/versions/1/infer", content=body(timeout_us=-1))
     assert r.status_code == 400 and "timeout" in r.json()["error"]
 
 
@@ -99,7 +107,7 @@ def metric(server: GatewayServer, name: str) -> float:
     return 0.0
 
 
-def test_inline_runs_are_counted_apart_from_thread_runs(gateway: Server) -> None:
+def test_inline_runs_are_counted_apart_from_thread_runs(gateway: GatewayServer) -> None:
     def inline(version: str) -> float:
         return metric(gateway, f'turnout_inline_runs_total{{model="fraud",version="{version}"}}')
 
@@ -114,15 +122,15 @@ def test_inline_runs_are_counted_apart_from_thread_runs(gateway: Server) -> None
     assert (inline("5"), batches("5")) == (slow[0], slow[1] + 1)
 
 
-def test_light_requests_that_arrive_together_share_runs(gateway: Server) -> None:
+def test_light_requests_that_arrive_together_share_runs(server: GatewayServer) -> None:
     # The HTTP protocol counts the requests waiting for the event loop (gateway.serving.backlog):
     # under concurrent load, light requests merge into shared runs instead of one run each.
     def counters() -> tuple[float, float, float]:
         labels = '{model="fraud",version="1"}'
         return (
-            metric(gateway, f"turnout_batches_total{labels}"),
-            metric(gateway, f"turnout_batch_rows_total{labels}"),
-            metric(gateway, f"turnout_inline_runs_total{labels}"),
+            metric(server, f"turnout_batches_total{labels}"),
+            metric(server, f"turnout_batch_rows_total{labels}"),
+            metric(server, f"turnout_inline_runs_total{labels}"),
         )
 
     request = (
@@ -134,7 +142,7 @@ def test_light_requests_that_arrive_together_share_runs(gateway: Server) -> None
         """``width`` connections each send a request before any answer is read: the gateway
         sees them arrive together (an HTTP client library in Python sends too slowly)."""
         statuses = []
-        sockets = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(width)]
+        sockets = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(width)]
         try:
             for _ in range(rounds):
                 for sock in sockets:

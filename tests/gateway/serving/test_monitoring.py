@@ -15,7 +15,7 @@ from gateway.demo import sample_inputs
 from monitors import psi
 from tests.support.load import metric_sum
 from tests.support.models import write_any_width_scorer
-from tests.support.server import ADMIN, GatewayServer, Server
+from tests.support.server import ADMIN, GatewayServer, InProcessServer
 
 
 def post_rows(
@@ -40,7 +40,7 @@ def post_rows(
 @pytest.fixture(scope="module")
 def drifted(demo_repo: Path) -> Any:
     """A gateway whose fraud v1 saw 1500 rows with features 0 and 5 shifted, v2 1500 clean rows."""
-    with Server(demo_repo) as server:
+    with InProcessServer(demo_repo) as server:
         x = sample_inputs("fraud", 1500, seed=21)["input"]
         shifted = x.copy()
         shifted[:, [0, 5]] += 4 * x[:, [0, 5]].std(axis=0)
@@ -117,7 +117,7 @@ def test_monitors_off_serves_the_same_answers_and_measures_nothing(demo_repo: Pa
     body = orjson.dumps({"inputs": [tensor]})
     answers = []
     for args in ([], ["--no-monitors"]):
-        with Server(demo_repo, args=args) as server:
+        with InProcessServer(demo_repo, args=args) as server:
             r = httpx.post(server.url + "/v2/models/fraud/versions/1/infer", content=body)
             assert r.status_code == 200
             answers.append(r.json()["outputs"])
@@ -151,7 +151,7 @@ def test_requests_the_monitor_cannot_count_are_exported(tmp_path: Path) -> None:
     write_any_width_scorer(folder)
     reference = np.random.default_rng(3).standard_normal((500, 8)).astype(np.float32)
     np.save(folder / "reference.npy", reference)
-    with Server(tmp_path) as server:
+    with InProcessServer(tmp_path) as server:
         path = "/v2/models/anywidth/versions/1/infer"
         post_rows(server, reference[:5], path)  # counted
         post_rows(server, np.ones((1, 16), np.float32), path)  # three requests, skipped

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from gateway.demo import sample_inputs
-from tests.support.server import ADMIN, Server
+from tests.support.server import ADMIN, GatewayServer, InProcessServer
 
 
 @pytest.fixture
@@ -30,8 +30,9 @@ def repo(demo_repo: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def gateway(repo: Path) -> Iterator[Server]:
-    with Server(repo) as s:
+def gateway(repo: Path) -> Iterator[InProcessServer]:
+    """A fresh gateway per test: the tests load, unload and break versions."""
+    with InProcessServer(repo) as s:
         yield s
 
 
@@ -51,7 +52,7 @@ def infer_body(n: int = 1) -> bytes:
     )
 
 
-def test_a_broken_version_is_reported_and_does_not_stop_the_others(gateway: Server) -> None:
+def test_a_broken_version_is_reported_and_does_not_stop_the_others(gateway: GatewayServer) -> None:
     index = httpx.post(gateway.url + "/v2/repository/index", headers=ADMIN).json()
     states = {(e["name"], e["version"]): e for e in index}
     assert set(states) == {("fraud", "1"), ("fraud", "2"), ("fraud", "7")}
@@ -73,7 +74,9 @@ def test_a_broken_version_is_reported_and_does_not_stop_the_others(gateway: Serv
     [{}, {"Authorization": "Bearer wrong-token-000000"}, {"Authorization": "Basic abc"}],
     ids=["missing", "wrong", "wrong-scheme"],
 )
-def test_repository_calls_need_an_admin_token(gateway: Server, headers: dict[str, str]) -> None:
+def test_repository_calls_need_an_admin_token(
+    gateway: GatewayServer, headers: dict[str, str]
+) -> None:
     for path in [
         "/v2/repository/index",
         "/v2/repository/models/fraud/load",
@@ -87,13 +90,13 @@ def test_repository_calls_need_an_admin_token(gateway: Server, headers: dict[str
 
 
 @pytest.mark.parametrize("name", ["..", ".hidden", "a/b", "..%2Fx"])
-def test_repository_refuses_path_traversal(gateway: Server, name: str) -> None:
+def test_repository_refuses_path_traversal(gateway: GatewayServer, name: str) -> None:
     r = httpx.post(gateway.url + f"/v2/repository/models/{name}/load", headers=ADMIN)
     assert r.status_code in (400, 404), r.text
     assert "error" in r.json()
 
 
-def test_load_of_unknown_model_or_version(gateway: Server) -> None:
+def test_load_of_unknown_model_or_version(gateway: GatewayServer) -> None:
     r = httpx.post(gateway.url + "/v2/repository/models/ghost/load", headers=ADMIN)
     assert r.status_code == 404 and "ghost" in r.json()["error"]
     r = httpx.post(
@@ -110,7 +113,7 @@ def test_load_of_unknown_model_or_version(gateway: Server) -> None:
     assert r.status_code == 400
 
 
-def test_load_and_unload_under_traffic_lose_no_request(gateway: Server, repo: Path) -> None:
+def test_load_and_unload_under_traffic_lose_no_request(gateway: GatewayServer, repo: Path) -> None:
     shutil.rmtree(repo / "fraud" / "7")
     shutil.copytree(repo / "fraud" / "1", repo / "fraud" / "3")
 
@@ -166,7 +169,9 @@ def test_load_and_unload_under_traffic_lose_no_request(gateway: Server, repo: Pa
     assert index == {"1": "UNAVAILABLE", "2": "READY", "3": "READY", "7": "FAILED"}
 
 
-def test_reloading_a_model_picks_up_new_and_removed_versions(gateway: Server, repo: Path) -> None:
+def test_reloading_a_model_picks_up_new_and_removed_versions(
+    gateway: GatewayServer, repo: Path
+) -> None:
     shutil.rmtree(repo / "fraud" / "7")
     shutil.rmtree(repo / "fraud" / "1")
     shutil.copytree(repo / "fraud" / "2", repo / "fraud" / "4")
