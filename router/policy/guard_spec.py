@@ -109,8 +109,3 @@ class GuardSpec:
         """The configured conditions: name -> threshold."""
         values = {name: getattr(self, name) for name in CONDITIONS}
         return {name: value for name, value in values.items() if value is not None}
-
-
-def parse_guards(raw: Any) -> dict[str, Any]:
-    """Validate and normalise a policy's ``guards`` object (router.policy.spec calls this)."""
-    return GuardSpec.parse(raw).as_doc()

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from monitors import LatencyHistogram
-from router.policy.guard_spec import GuardSpec, parse_guards
+from router.policy.guard_spec import GuardSpec
 from router.policy.guards import (
     Check,
     ColumnPsi,
@@ -65,7 +65,7 @@ class Sample:
 
 # -- the guards object --------------------------------------------------------------------------
 def test_the_contract_fields_parse_and_normalise_idempotently() -> None:
-    parsed = parse_guards(CONTRACT)
+    parsed = normalised(CONTRACT)
     assert parsed == {
         **DEFAULTS,
         "advance_after_s": 300.0,
@@ -74,8 +74,8 @@ def test_the_contract_fields_parse_and_normalise_idempotently() -> None:
         "max_psi": 0.25,
         "max_shadow_disagreement": 0.05,
     }
-    assert parse_guards(parsed) == parsed
-    assert parse_guards({}) == DEFAULTS
+    assert normalised(parsed) == parsed
+    assert normalised({}) == DEFAULTS
 
 
 def test_policies_validate_their_guards_and_actions_keep_them() -> None:
@@ -85,6 +85,10 @@ def test_policies_validate_their_guards_and_actions_keep_them() -> None:
     with pytest.raises(PolicyError) as info:
         parse_policy({**CANARY, "guards": {"max_error_ratio": 2}}, LOADED)
     assert info.value.field == "guards.max_error_ratio"
+
+
+def normalised(raw: Any) -> dict[str, Any]:
+    return GuardSpec.parse(raw).as_doc()
 
 
 INVALID: list[tuple[str, Any, str]] = [
@@ -115,7 +119,7 @@ INVALID: list[tuple[str, Any, str]] = [
 @pytest.mark.parametrize(("raw", "field"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
 def test_invalid_guards_name_the_field(raw: Any, field: str) -> None:
     with pytest.raises(PolicyError) as info:
-        parse_guards(raw)
+        normalised(raw)
     assert info.value.field == field
 
 
