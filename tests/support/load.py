@@ -87,6 +87,7 @@ class Load:
         self.keepalive = keepalive
         self.timeout_s = timeout_s
         self.sent = 0
+        self.unanswered = 0  # requests wholly written and not answered yet
         self.outcomes: list[Outcome] = []
         self.stop = asyncio.Event()
 
@@ -134,13 +135,19 @@ async def send(client: httpx.AsyncClient, shot: Shot, load: Load | None = None) 
         # the client's event loop may lag between sent_at and the write: this is the write
         if event == "http11.send_request_body.complete":
             written.append(time.monotonic())
+            if load is not None:
+                load.unanswered += 1
 
     sent_at = time.monotonic()
     try:
         r = await client.post(shot.url, content=shot.body, extensions={"trace": trace})
     except httpx.HTTPError as exc:
+        if written and load is not None:
+            load.unanswered -= 1
         at = written[0] if written else None
         return Outcome(shot, sent_at, at, time.monotonic(), 0, None, None, None, repr(exc))
+    if written and load is not None:
+        load.unanswered -= 1
     body = r.json()
     parameters = body.get("parameters") or {}
     return Outcome(
