@@ -196,6 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, help="requests waiting per version; beyond: 429")
     serve.add_argument("--request-timeout-ms", type=int, help="default deadline (default: none)")
     serve.add_argument(
+        "--guard-deadline-floor-ms",
+        type=int,
+        help="client deadlines below it do not count against a version (default: 1000)",
+    )
+    serve.add_argument(
         "--inline-threshold-us",
         type=int,
         help="run cheaper requests on the event loop (default 100)",

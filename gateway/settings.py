@@ -60,6 +60,9 @@ class Settings:
     inline_threshold_us: int = 100
     # Deadline of a request without a "timeout" parameter, in milliseconds (0: none).
     request_timeout_ms: int = 0
+    # A request whose own "timeout" is below this, in milliseconds, and that times out, is not
+    # held against the version by the rollout guards (a client could fail a canary on purpose).
+    guard_deadline_floor_ms: int = 1000
     # The inline drift and latency monitors; off, no request feeds them and there is no drift
     # endpoint, per-version latency histogram or monitor-based guard.
     monitors: bool = True
@@ -127,8 +130,11 @@ class Settings:
                 f"{ENV_PREFIX}MAX_BATCH_SIZE and {ENV_PREFIX}MAX_QUEUE must be positive, "
                 f"{ENV_PREFIX}MAX_QUEUE_DELAY_US not negative"
             )
-        if self.request_timeout_ms < 0:
-            raise SettingsError(f"{ENV_PREFIX}REQUEST_TIMEOUT_MS must not be negative")
+        if self.request_timeout_ms < 0 or self.guard_deadline_floor_ms < 0:
+            raise SettingsError(
+                f"{ENV_PREFIX}REQUEST_TIMEOUT_MS and {ENV_PREFIX}GUARD_DEADLINE_FLOOR_MS must not "
+                "be negative"
+            )
         if self.drift_window_s < 10:
             raise SettingsError(f"{ENV_PREFIX}DRIFT_WINDOW_S must be at least 10")
         if self.feedback_ttl_s < 1 or self.max_shadow_inflight < 0:

@@ -35,7 +35,7 @@ import numpy as np
 from gateway.background.shadow import ShadowRunner
 from gateway.errors import GatewayError, NotFound
 from gateway.serving.registry import Registry
-from gateway.serving.traffic import GuardMetrics, Traffic
+from gateway.serving.traffic import GuardMetrics, Traffic, judged
 from monitors import LatencyHistogram
 from router.policy.guard_spec import CONDITIONS, GuardSpec
 from router.policy.guards import (
@@ -248,11 +248,16 @@ class GuardEvaluator:
     # -- windows --------------------------------------------------------------------------------
     def _snapshot(self, now: float, routes: Mapping[str, Route]) -> _Snapshot:
         requests: dict[tuple[str, str], list[int]] = {}
-        for (model, version, _role, code), n in self.traffic.requests.items():
-            if model in routes and version:
+        for (model, version, role, code), n in self.traffic.requests.items():
+            if model in routes and version and judged(role, code):
                 cell = requests.setdefault((model, version), [0, 0])
                 cell[0] += n
-                cell[1] += n if code.startswith("5") else 0
+                cell[1] += n if code[0] == "5" else 0
+        for key, n in self.traffic.client_timeouts.items():
+            chosen = requests.get(key)
+            if chosen is not None:  # 504s the client chose: not the version's fault
+                chosen[0] -= n
+                chosen[1] -= n
         versions: dict[tuple[str, str], _Counters] = {}
         for model, route in routes.items():
             for version in route.doc.primary_versions():

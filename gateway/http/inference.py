@@ -23,12 +23,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gateway.background.shadow import ShadowRunner
-from gateway.errors import BadRequest, NotFound, NotReady
+from gateway.errors import BadRequest, NotFound, NotReady, Timeout, Unauthorized
 from gateway.http import codec
 from gateway.http.auth import KeyCheck
 from gateway.http.responses import Receive, handler_for, read_body
 from gateway.serving.registry import Loaded, Registry
-from gateway.serving.traffic import Traffic
+from gateway.serving.traffic import CLIENT_CLOSED, UNKNOWN_MODEL, Traffic, judged
 from gateway.settings import Settings
 from router.state.table import RouteTable
 
@@ -42,9 +42,8 @@ Observe = Callable[[Loaded, dict[str, np.ndarray], dict[str, np.ndarray], float,
 _PREFIX, _SUFFIX = "/v2/models/", "/infer"
 _JSON = [(b"content-type", b"application/json")]
 _BINARY = [(b"content-type", b"application/octet-stream")]
-# What the request counter records for a client that left before sending its whole body
-# (nginx's "client closed request"): not a failure of the gateway.
-CLIENT_CLOSED = "499"
+# labels[3] of a request whose own ``timeout`` parameter is below the guards' floor
+CLIENT_DEADLINE = "client"
 
 
 class RequestHeaders(Headers):
@@ -112,14 +111,21 @@ class Inference:
         self, scope: Scope, receive: Receive, send: Send, model: str, pinned: str | None
     ) -> None:
         start = time.perf_counter()
-        inflight = self.traffic.inflight
-        inflight[model] += 1
-        labels = [model, "", "unknown"]  # version and role filled in once routed
+        headers = RequestHeaders(scope=scope)
+        try:
+            self.keys.check(headers)  # before anything is read or counted
+        except Unauthorized as exc:
+            await (await handler_for(exc)(Request(scope, receive), exc))(scope, receive, send)
+            return
+        label = model if self.registry.known(model) else UNKNOWN_MODEL
+        traffic = self.traffic
+        traffic.inflight[label] += 1
+        # model, version and role (filled in once routed), and CLIENT_DEADLINE when the client
+        # chose a deadline below the guards' floor
+        labels = [label, "", "unknown", ""]
         code = "500"
         failure: Response | None = None
         try:
-            headers = RequestHeaders(scope=scope)
-            self.keys.check(headers)  # before the body is read
             body = await read_body(receive, headers, self.settings.max_body_bytes)
             content, json_length, observed = await self._infer(
                 headers, body, model, pinned, start, labels
@@ -131,9 +137,11 @@ class Inference:
         except Exception as exc:
             failure = await handler_for(exc)(Request(scope, receive), exc)
             code = str(failure.status_code)
+            if labels[3] and isinstance(exc, Timeout) and judged(labels[2], "504"):
+                traffic.client_timeouts[(labels[0], labels[1])] += 1
         finally:
-            inflight[model] -= 1
-            self.traffic.requests[(labels[0], labels[1], labels[2], code)] += 1
+            traffic.inflight[label] -= 1
+            traffic.requests[(labels[0], labels[1], labels[2], code)] += 1
         if failure is not None:
             await failure(scope, receive, send)
             return
@@ -148,8 +156,10 @@ class Inference:
         await send({"type": "http.response.start", "status": 200, "headers": response_headers})
         await send({"type": "http.response.body", "body": content})
         # After the answer is on its way: the request that fills the monitor's buffer does not
-        # wait for the flush.
-        self.observe(*observed)
+        # wait for the flush. Requests pinned to a version by the client do not feed the
+        # monitors, whose latency and drift windows the rollout guards judge.
+        if labels[2] != "pinned":
+            self.observe(*observed)
 
     async def _infer(
         self,
@@ -189,7 +199,7 @@ class Inference:
         decoded = codec.decode_inputs(
             envelope, info, self.settings.max_tensor_elements, self.settings.max_batch_rows
         )
-        deadline = self._deadline(decoded.parameters)
+        deadline = self._deadline(decoded.parameters, labels)
         with loaded:
             model_start = time.perf_counter()
             outputs = await loaded.runtime.run(
@@ -214,15 +224,18 @@ class Inference:
         total_s = time.perf_counter() - start
         return content, json_length, (loaded, decoded.inputs, outputs, total_s, model_s)
 
-    def _deadline(self, parameters: dict[str, Any]) -> float | None:
+    def _deadline(self, parameters: dict[str, Any], labels: list[str]) -> float | None:
         """From the request's ``timeout`` parameter (microseconds, as Triton's), else the
-        configured default; None when neither is set."""
+        configured default; None when neither is set. A client's own deadline below the guards'
+        floor marks the request (``labels[3]``): its 504 is the client's choice."""
         timeout_us = parameters.get("timeout")
         if timeout_us is None:
             default_ms = self.settings.request_timeout_ms
             return time.monotonic() + default_ms / 1e3 if default_ms else None
         if type(timeout_us) is not int or timeout_us <= 0:
             raise BadRequest('"parameters.timeout" must be a positive integer (microseconds)')
+        if timeout_us < self.settings.guard_deadline_floor_ms * 1000:
+            labels[3] = CLIENT_DEADLINE
         return time.monotonic() + timeout_us / 1e6
 
     def _observe(

@@ -8,15 +8,35 @@ from dataclasses import dataclass, field
 
 from monitors.export import MonitorCounts
 
+# The model label of a request for a name the registry does not know: label values come from the
+# repository only, so no client can add series to the metrics or keys to these counters.
+UNKNOWN_MODEL = "_unknown"
+# What the request counter records for a client that left before sending its whole body
+# (nginx's "client closed request"): not a failure of the gateway.
+CLIENT_CLOSED = "499"
+
 
 class Traffic:
-    """Request counts by (model, version, role, code) and in-flight requests by model."""
+    """Request counts by (model, version, role, code), in-flight requests by model, and the 504s
+    of requests whose client chose a deadline below the guards' floor, by (model, version).
+    Every key is a name from the registry (or ``UNKNOWN_MODEL``) or a fixed value."""
 
-    __slots__ = ("inflight", "requests")
+    __slots__ = ("client_timeouts", "inflight", "requests")
 
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str, str, str]] = Counter()
         self.inflight: Counter[str] = Counter()
+        self.client_timeouts: Counter[tuple[str, str]] = Counter()
+
+
+def judged(role: str, code: str) -> bool:
+    """Whether a request counts for a rollout guard: the policy routed it (not pinned to a
+    version by the client, not the default route) and its outcome says something about the
+    version (2xx, or a 5xx: not a client error, not a client that left)."""
+    return role not in _UNROUTED and code[0] in "25"
+
+
+_UNROUTED = frozenset({"pinned", "default", "unknown"})
 
 
 @dataclass(slots=True)

@@ -264,34 +264,36 @@ def test_dashboard_covers_every_exported_family() -> None:
 
 @dataclass
 class Load:
-    """Background traffic: v1 (routed, primary of a shadow policy) gets inputs with DRIFTED
-    columns shifted, v2 (pinned) gets undrifted inputs, until ``stop`` is set."""
+    """Background traffic through a sticky A/B policy: v1 gets inputs with
+    DRIFTED columns shifted, v2 undrifted inputs, until ``stop`` is set. (Pinned requests would
+    not do: they bypass the policy and the monitors.)"""
 
     url: str
     shift: np.ndarray  # added to every row sent to v1
+    users: dict[str, str]  # version -> an x-user-id the sticky A/B policy sends to it
     stop: threading.Event = field(default_factory=threading.Event)
     rows: dict[str, int] = field(default_factory=lambda: {"1": 0, "2": 0})
     failures: list[str] = field(default_factory=list)
 
     def run(self) -> None:
-        paths = {"1": "/v2/models/fraud/infer", "2": "/v2/models/fraud/versions/2/infer"}
         seed = 1000
-        with httpx.Client(base_url=self.url, timeout=10.0) as client:
+        with httpx.Client(timeout=10.0) as client:
             while not self.stop.is_set():
-                for version, path in paths.items():
+                for version, user in self.users.items():
                     seed += 1
                     rows = sample_inputs("fraud", BATCH, seed)["input"]
                     if version == "1":
                         rows = (rows + self.shift).astype(np.float32)
-                    tensor = {"name": "input", "shape": list(rows.shape), "datatype": "FP32"}
-                    body = {"inputs": [{**tensor, "data": rows.ravel().tolist()}]}
                     try:
-                        response = client.post(path, json=body)
+                        response = infer(self.url, rows, {"x-user-id": user}, client)
                     except httpx.HTTPError as exc:
-                        self.failures.append(f"{path}: {exc!r}")
+                        self.failures.append(f"{version}: {exc!r}")
                         return
                     if response.status_code != 200:
-                        self.failures.append(f"{path}: {response.status_code} {response.text}")
+                        self.failures.append(f"{version}: {response.status_code} {response.text}")
+                        return
+                    if response.json()["model_version"] != version:
+                        self.failures.append(f"user {user} went to {response.text}")
                         return
                     self.rows[version] += BATCH
                 # Enough to keep every rate() positive without starving the gateway of CPU.
@@ -372,6 +374,34 @@ def prometheus(tmp: Path, target: str) -> Iterator[Callable[[], str]]:
                 process.wait()
 
 
+def put_policy(url: str, policy: dict[str, Any]) -> None:
+    body = {"policy": policy, "reason": "prometheus integration test"}
+    put = httpx.put(f"{url}/admin/routes/fraud", headers=ADMIN, json=body)
+    assert put.status_code == 200, put.text
+
+
+def infer(
+    url: str, rows: np.ndarray, headers: dict[str, str], client: httpx.Client | None = None
+) -> httpx.Response:
+    tensor = {"name": "input", "shape": list(rows.shape), "datatype": "FP32"}
+    body = {"inputs": [{**tensor, "data": rows.ravel().tolist()}]}
+    post = httpx.post if client is None else client.post
+    return post(f"{url}/v2/models/fraud/infer", json=body, headers=headers)
+
+
+def users_by_version(url: str) -> dict[str, str]:
+    """One x-user-id per version of fraud under the sticky A/B policy, found by asking."""
+    rows = sample_inputs("fraud", 1, 1)["input"]
+    users: dict[str, str] = {}
+    for n in range(64):  # each user goes to v1 with probability 1/2: 2^-63 to miss a version
+        response = infer(url, rows, {"x-user-id": f"user-{n}"})
+        assert response.status_code == 200, response.text
+        users.setdefault(response.json()["model_version"], f"user-{n}")
+        if len(users) == 2:
+            return dict(sorted(users.items()))
+    raise AssertionError(f"64 users all went to {users}")
+
+
 @pytest.fixture(scope="module")
 def stack(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tool("promtool")
@@ -387,21 +417,19 @@ def stack(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         httpx.Client(timeout=10.0) as client,
     ):
         gateway.wait_until_ready()
-        policy = {
-            "strategy": "single",
-            "version": "1",
-            "shadow": {"versions": ["2"], "sample": 1.0},
-        }
-        put = httpx.put(
-            f"{gateway.url}/admin/routes/fraud",
-            headers=ADMIN,
-            json={"policy": policy, "reason": "prometheus integration test"},
-        )
-        assert put.status_code == 200, put.text
+        # First a shadow policy, so that the shadow families have series; then the A/B policy
+        # the load runs under.
+        copies = {"versions": ["2"], "sample": 1.0}
+        put_policy(gateway.url, {"strategy": "single", "version": "1", "shadow": copies})
+        for seed in range(20):
+            rows = sample_inputs("fraud", BATCH, seed)["input"]
+            assert infer(gateway.url, rows, {}).status_code == 200
+        ab = {"strategy": "ab", "arms": {"1": 0.5, "2": 0.5}, "sticky": "header:x-user-id"}
+        put_policy(gateway.url, ab)
         # A rejected input gives a 4xx series, as in any real deployment.
         bad = httpx.post(f"{gateway.url}/v2/models/fraud/infer", content=b"not json")
         assert bad.status_code == 400
-        load = Load(gateway.url, shift)
+        load = Load(gateway.url, shift, users_by_version(gateway.url))
         thread = threading.Thread(target=load.run, name="load", daemon=True)
         thread.start()
         try:

@@ -304,6 +304,65 @@ def test_guards_are_validated_and_their_endpoint_is_guarded(gateway: GatewayServ
     )
 
 
+# -- what a client cannot make a guard do -------------------------------------------------------
+HEALTHY_CANARY = {"strategy": "canary", "baseline": "1", "candidate": "2", "seed": 5}
+
+
+def evaluations(server: GatewayServer) -> float:
+    return sum(
+        v
+        for labels, v in samples(server, "turnout_guard_evaluations_total")
+        if labels.get("model") == "fraud"
+    )
+
+
+async def send_all(url: str, bodies: Sequence[bytes]) -> list[int]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        return [(await client.post(url, content=body)).status_code for body in bodies]
+
+
+def judge_after(server: GatewayServer, bodies: Sequence[bytes], path: str) -> dict[str, Any]:
+    """Send ``bodies`` to ``path``, then wait for three more guard evaluations; the policy."""
+    statuses = asyncio.run(send_all(server.url + path, bodies))
+    start = evaluations(server)
+    deadline = time.monotonic() + 20
+    while evaluations(server) < start + 3:
+        assert time.monotonic() < deadline, "the guards stopped evaluating"
+        time.sleep(0.05)
+    policy: dict[str, Any] = httpx.get(server.url + "/admin/routes/fraud", headers=ADMIN).json()
+    policy["statuses"] = statuses
+    return policy
+
+
+def test_requests_pinned_to_the_candidate_do_not_walk_it_to_promotion(
+    gateway: GatewayServer,
+) -> None:
+    guards = {"window_s": 10, "min_requests": 25, "interval_s": 0.5, "advance_after_s": 0.5}
+    guards |= {"max_error_ratio": 0.5}
+    revision = put_policy(gateway, {**HEALTHY_CANARY, "steps": [0.1, 1.0], "guards": guards})
+    policy = judge_after(gateway, BODIES[:200], "/v2/models/fraud/versions/2/infer")
+    assert set(policy["statuses"]) == {200}
+    # 200 good answers from the candidate, yet not one request the policy routed: no step
+    assert policy["revision"] == revision
+    assert policy["policy"]["weight"] == 0.1
+    report = httpx.get(gateway.url + "/admin/routes/fraud/guards", headers=ADMIN).json()
+    assert report["verdict"] == "insufficient"
+
+
+def test_deadlines_a_client_chose_do_not_roll_the_candidate_back(gateway: GatewayServer) -> None:
+    guards = {"window_s": 10, "min_requests": 20, "interval_s": 0.5, "max_error_ratio": 0.01}
+    revision = put_policy(gateway, {**HEALTHY_CANARY, "weight": 0.5, "guards": guards})
+    before = server_count(gateway, "2", "504")
+    hurried = [
+        orjson.dumps({**orjson.loads(body), "parameters": {"timeout": 1}}) for body in BODIES[:200]
+    ]
+    policy = judge_after(gateway, hurried, "/v2/models/fraud/infer")
+    assert set(policy["statuses"]) == {504}
+    assert server_count(gateway, "2", "504") - before > 50  # counted, as what the caller saw
+    assert policy["revision"] == revision
+    assert policy["policy"]["strategy"] == "canary"
+
+
 # -- a fleet --------------------------------------------------------------------------------------
 @pytest.mark.system
 def test_two_replicas_sharing_redis_roll_back_once(repo: Path, prefix: str) -> None:

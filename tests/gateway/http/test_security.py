@@ -243,6 +243,40 @@ def test_a_valid_key_in_either_header_is_let_in(
         assert r.status_code == expected, (path, r.text)
 
 
+def request_series(gateway: GatewayServer) -> dict[tuple[str, ...], float]:
+    """Every ``turnout_requests_total`` and in-flight sample, by metric and labels."""
+    found = {}
+    for line in call(gateway, "GET", "/metrics").text.splitlines():
+        m = re.fullmatch(r"(turnout_requests_total|turnout_requests_in_flight)\{(.*)\} (\S+)", line)
+        if m:
+            found[(m.group(1), *sorted(re.findall(r'\w+="[^"]*"', m.group(2))))] = float(m.group(3))
+    return found
+
+
+def test_model_names_from_urls_never_become_label_values(gateway: GatewayServer) -> None:
+    before = request_series(gateway)
+    for i in range(2_000):  # a bogus name per request, keyed and anonymous
+        headers = WITH_KEY if i % 2 else {}
+        r = call(gateway, "POST", f"/v2/models/bogus-{i}/infer", headers=headers, content=b"{}")
+        assert r.status_code == (404 if i % 2 else 401), r.text
+    after = request_series(gateway)
+    assert not [k for k in after if any("bogus" in label for label in k)]
+    # the keyed 1,000 land in one bucket; the refused 1,000 were never counted
+    added = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+    unknown = ("turnout_requests_total", 'code="404"', 'model="_unknown"')
+    assert {k: v for k, v in added.items() if k[0] == "turnout_requests_total"} == {
+        (*unknown, 'role="unknown"', 'version=""'): 1_000.0
+    }
+
+
+def test_a_refused_request_counts_nothing(gateway: GatewayServer) -> None:
+    before = request_series(gateway)
+    for _ in range(50):
+        r = call(gateway, "POST", "/v2/models/fraud/infer", content=fraud_body())
+        assert r.status_code == 401, r.text
+    assert request_series(gateway) == before
+
+
 def test_health_and_server_metadata_stay_open(gateway: GatewayServer) -> None:
     for path in OPEN:
         assert call(gateway, "GET", path).status_code == 200, path
