@@ -10,7 +10,6 @@ With one worker and no Redis there is nothing to read and the views are the proc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -20,6 +19,7 @@ from typing import Literal
 
 import orjson
 
+from gateway.background.tasks import stop_task
 from gateway.serving.registry import Registry
 from gateway.serving.traffic import Traffic, View
 from monitors.export import MonitorCounts
@@ -93,13 +93,10 @@ class CountsExchange:
 
     def start(self) -> None:
         if self.shared:
-            self._task = asyncio.create_task(self._publish_loop())
+            self._task = asyncio.create_task(self._publish_loop(), name="fleet publish")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def _publish_loop(self) -> None:
         while True:

@@ -17,7 +17,6 @@ step is judged on its own traffic. Drift comes from the monitors' own window.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from gateway.background.shadow import ShadowRunner
+from gateway.background.tasks import stop_task
 from gateway.errors import GatewayError, NotFound
 from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, Traffic, judged
@@ -119,13 +119,10 @@ class GuardEvaluator:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._task = asyncio.create_task(self._run(), name="guards")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def _run(self) -> None:
         while True:

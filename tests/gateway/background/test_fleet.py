@@ -42,20 +42,10 @@ def started(servers: Sequence[InProcessServer | Server]) -> None:
         s.wait_until_ready()
 
 
-# The tests on ``fleet`` do not read the fleet's counters, so its replicas publish them once, at
-# start. Publishing every test period, a replica's shutdown hung about one time in two: redis-py
-# can swallow the cancellation of a task in the middle of a command, and CountsExchange.stop()
-# waits without a bound for its publish loop, which then never ends (uvicorn's 30 s graceful
-# timeout, then a kill). Remove once the exchange stops within a bound.
-ONE_PUBLISH = {"TURNOUT_PUBLISH_S": "3600"}
-
-
 @pytest.fixture
 def fleet(demo_repo: Path, prefix: str) -> Iterator[list[InProcessServer]]:
     servers = [
-        InProcessServer(
-            demo_repo, args=["--redis-url", REDIS_URL, "--redis-prefix", prefix], env=ONE_PUBLISH
-        )
+        InProcessServer(demo_repo, args=["--redis-url", REDIS_URL, "--redis-prefix", prefix])
         for _ in range(3)
     ]
     try:

@@ -1,0 +1,27 @@
+"""Stopping a background loop within a bound."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+log = logging.getLogger("turnout.tasks")
+
+
+async def stop_task(task: asyncio.Task[None] | None, *, timeout_s: float = 5.0) -> None:
+    """Cancel ``task`` and wait until it ends, at most ``timeout_s``. The cancellation is repeated
+    every 0.1 s: a cancellation that arrives in the middle of a command can be swallowed
+    (redis-py has done so), and a loop that survived it would otherwise hold shutdown forever."""
+    if task is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not task.done():
+        left = deadline - loop.time()
+        if left <= 0:
+            log.error("%s did not stop within %s s; leaving it", task.get_name(), timeout_s)
+            return
+        task.cancel()
+        await asyncio.wait({task}, timeout=min(0.1, left))
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s ended with an error", task.get_name(), exc_info=task.exception())
