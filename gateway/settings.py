@@ -178,13 +178,6 @@ class Settings:
                 f"{ENV_PREFIX}LEASE_TTL_S must exceed {ENV_PREFIX}GUARD_TICK_S, or the guard "
                 "lease lapses between two ticks of its holder"
             )
-        for who, grant in self.admin_token_grants.items():
-            empty = grant.models is not None and not grant.models
-            if who not in self.admin_tokens or grant.role not in ROLES or empty:
-                raise SettingsError(
-                    f"{ENV_PREFIX}ADMIN_TOKENS: the grant of {who!r} needs a token, a role "
-                    f"({', '.join(ROLES)}) and, when scoped, at least one model"
-                )
         if self.graph_optimization not in get_args(GraphOptimization):
             choices = ", ".join(get_args(GraphOptimization))
             raise SettingsError(f"{ENV_PREFIX}GRAPH_OPTIMIZATION must be one of {choices}")
