@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
 from gateway.background.shadow import ShadowRunner
+from gateway.http.access import Access, AdminRoute
 from gateway.http.admin import Admin
 from gateway.http.auth import TokenAuth, key_check
 from gateway.http.endpoints import Endpoints
@@ -84,8 +85,15 @@ def create_app(settings: Settings) -> Gateway:
     )
     shadows = ShadowRunner(registry, settings.max_shadow_inflight, busy=backlog.busy)
     auth = TokenAuth(settings.admin_tokens, settings.admin_token_expiry)
+    access = Access(auth, settings.admin_token_grants)
     traffic = Traffic()
     keys = key_check(settings.api_keys, settings.api_key_expiry)
+    # Feedback takes its own keys when they are configured, else the API keys.
+    feedback_keys = (
+        key_check(settings.feedback_keys, settings.feedback_key_expiry, what="feedback key")
+        if settings.feedback_keys
+        else keys
+    )
     exchange = CountsExchange(
         store,
         registry,
@@ -105,9 +113,9 @@ def create_app(settings: Settings) -> Gateway:
         tick_s=settings.guard_tick_s,
         lease_ttl_s=settings.lease_ttl_s,
     )
-    ep = Endpoints(settings, registry, table, auth, keys, exchange)
+    ep = Endpoints(settings, registry, table, access, keys, exchange, feedback_keys)
     inference = Inference(settings, registry, table, shadows, traffic, keys)
-    admin = Admin(auth, registry, table, shadows, guards, monitors=settings.monitors)
+    admin = Admin(access, registry, table, shadows, guards, monitors=settings.monitors)
     metrics_registry = CollectorRegistry(auto_describe=False)
     collector = GatewayCollector(registry, table, shadows, guard_metrics)
     metrics_registry.register(collector)
@@ -151,7 +159,8 @@ def create_app(settings: Settings) -> Gateway:
             executor.shutdown(wait=True)
 
     async def openapi(request: Request) -> Response:
-        return json_response(openapi_document(api_keys=bool(settings.api_keys)))
+        document = openapi_document(bool(settings.api_keys), bool(settings.feedback_keys))
+        return json_response(document)
 
     async def metrics(request: Request) -> Response:
         # The process group's counts: the same figures whichever worker answers the scrape.
@@ -170,17 +179,17 @@ def create_app(settings: Settings) -> Gateway:
         Route("/v2/models/{model}/versions/{version}", ep.model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/ready", ep.model_ready, methods=["GET"]),
         Route("/v2/models/{model}/feedback", ep.feedback, methods=["POST"]),
-        Route("/v2/repository/index", ep.repository_index, methods=["POST"]),
-        Route("/v2/repository/models/{model}/load", ep.repository_load, methods=["POST"]),
-        Route("/v2/repository/models/{model}/unload", ep.repository_unload, methods=["POST"]),
-        Route("/admin/routes", admin.list_routes, methods=["GET"]),
-        Route("/admin/routes/{model}", admin.get_route, methods=["GET"]),
-        Route("/admin/routes/{model}", admin.put_route, methods=["PUT"]),
-        Route("/admin/routes/{model}", admin.delete_route, methods=["DELETE"]),
-        Route("/admin/routes/{model}/actions/{action}", admin.action, methods=["POST"]),
-        Route("/admin/routes/{model}/report", admin.report, methods=["GET"]),
-        Route("/admin/routes/{model}/guards", admin.guards_view, methods=["GET"]),
-        Route("/admin/audit", admin.audit, methods=["GET"]),
+        AdminRoute("POST", "/v2/repository/index", ep.repository_index),
+        AdminRoute("POST", "/v2/repository/models/{model}/load", ep.repository_load),
+        AdminRoute("POST", "/v2/repository/models/{model}/unload", ep.repository_unload),
+        AdminRoute("GET", "/admin/routes", admin.list_routes),
+        AdminRoute("GET", "/admin/routes/{model}", admin.get_route),
+        AdminRoute("PUT", "/admin/routes/{model}", admin.put_route),
+        AdminRoute("DELETE", "/admin/routes/{model}", admin.delete_route),
+        AdminRoute("POST", "/admin/routes/{model}/actions/{action}", admin.action),
+        AdminRoute("GET", "/admin/routes/{model}/report", admin.report),
+        AdminRoute("GET", "/admin/routes/{model}/guards", admin.guards_view),
+        AdminRoute("GET", "/admin/audit", admin.audit),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/drift", ep.drift, methods=["GET"]),

@@ -19,7 +19,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.http.codec import encode_error
 from gateway.serving.backlog import STATE_KEY
-from gateway.settings import Settings, SettingsError, parse_credentials
+from gateway.settings import Settings, SettingsError, parse_admin_tokens, parse_credentials
 
 _LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 # Control characters (C0, DEL, C1 including the one-byte CSI) and Unicode line separators, as
@@ -33,7 +33,11 @@ _ESCAPES = {
     0x2028: "\\u2028",
     0x2029: "\\u2029",
 }
-_CREDENTIAL_FLAGS = {"admin_token": "TURNOUT_ADMIN_TOKENS", "api_key": "TURNOUT_API_KEYS"}
+_CREDENTIAL_FLAGS = {
+    "admin_token": "TURNOUT_ADMIN_TOKENS",
+    "api_key": "TURNOUT_API_KEYS",
+    "feedback_key": "TURNOUT_FEEDBACK_KEYS",
+}
 
 
 class SafeFormatter(logging.Formatter):
@@ -152,9 +156,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--admin-token",
         action="append",
-        metavar="NAME=TOKEN[@EXPIRY]",
+        metavar="NAME[:ROLE[:MODEL+MODEL]]=TOKEN[@EXPIRY]",
         default=[],
-        help="admin bearer token (repeatable); EXPIRY is ISO 8601 with a zone",
+        help="admin bearer token (repeatable); ROLE viewer, operator or admin (the default), "
+        "optionally for the models named; EXPIRY is ISO 8601 with a zone",
     )
     serve.add_argument(
         "--api-key",
@@ -162,6 +167,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=KEY[@EXPIRY]",
         default=[],
         help="require a key for inference, model metadata, drift and feedback (repeatable)",
+    )
+    serve.add_argument(
+        "--feedback-key",
+        action="append",
+        metavar="NAME=KEY[@EXPIRY]",
+        default=[],
+        help="require one of these keys, not an API key, for feedback (repeatable)",
     )
     serve.add_argument("--redis-url", help="share routing state through Redis")
     serve.add_argument("--redis-prefix", help="key prefix in Redis (default turnout:)")
@@ -265,8 +277,9 @@ def _settings(args: argparse.Namespace, environ: Mapping[str, str] | None) -> Se
     for key, variable in _CREDENTIAL_FLAGS.items():
         flags: list[str] = getattr(args, key)
         # Validate each flag on its own so a malformed one is named, then pass them on together.
+        parse = parse_admin_tokens if key == "admin_token" else parse_credentials
         for flag in flags:
-            parse_credentials("--" + key.replace("_", "-"), flag)
+            parse("--" + key.replace("_", "-"), flag)
         if flags:
             overrides[variable] = ",".join(flags)
     return Settings.from_env(environ, overrides=overrides)
@@ -306,7 +319,8 @@ def _warn_about_credentials(settings: Settings) -> None:
         log.warning("no admin tokens configured: the admin and repository APIs refuse every call")
     now = datetime.now(UTC)
     for kind, expiry in [("admin token", settings.admin_token_expiry),
-                         ("API key", settings.api_key_expiry)]:  # fmt: skip
+                         ("API key", settings.api_key_expiry),
+                         ("feedback key", settings.feedback_key_expiry)]:  # fmt: skip
         for name in sorted(n for n, when in expiry.items() if when <= now):
             log.warning("%s %r expired at %s: it is refused", kind, name, expiry[name].isoformat())
     if settings.api_keys:
@@ -314,6 +328,8 @@ def _warn_about_credentials(settings: Settings) -> None:
             "%d API key(s): inference, model metadata, drift and feedback need one",
             len(settings.api_keys),
         )
+    if settings.feedback_keys:
+        log.info("%d feedback key(s): feedback needs one", len(settings.feedback_keys))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Literal, get_args
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
+# Admin token roles, in order: each role may do what the roles before it may (gateway.http.access).
+Role = Literal["viewer", "operator", "admin"]
+ROLES: tuple[Role, ...] = get_args(Role)
 
 ENV_PREFIX = "TURNOUT_"
 
@@ -29,9 +32,16 @@ class Settings:
     # token name -> when it stops working (``NAME=TOKEN@2026-12-31T00:00:00Z``); read from the
     # same variable as the tokens, as are ``api_key_expiry`` from ``TURNOUT_API_KEYS``.
     admin_token_expiry: Mapping[str, datetime] = field(default_factory=dict)
+    # token name -> its role and model scope (``NAME:ROLE[:MODEL+MODEL]=TOKEN``), read from the
+    # same variable; a token without an entry is an unscoped ``admin``.
+    admin_token_grants: Mapping[str, Grant] = field(default_factory=dict)
     # key name -> key for the inference API; none configured means the API is open.
     api_keys: Mapping[str, str] = field(default_factory=dict)
     api_key_expiry: Mapping[str, datetime] = field(default_factory=dict)
+    # key name -> key for feedback; when any is configured, feedback needs one of these (an API
+    # key is not enough); none means feedback takes an API key, as inference does.
+    feedback_keys: Mapping[str, str] = field(default_factory=dict)
+    feedback_key_expiry: Mapping[str, datetime] = field(default_factory=dict)
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     graph_optimization: GraphOptimization = "all"
@@ -89,7 +99,12 @@ class Settings:
         for f in fields(cls):
             name = ENV_PREFIX + f.name.upper()
             raw = env.get(name)
-            if raw is None or raw == "" or f.name in _EXPIRY_OF.values():
+            if raw is None or raw == "" or f.name in _DERIVED:
+                continue
+            if f.name == "admin_tokens":
+                tokens, expiry, grants = parse_admin_tokens(name, raw)
+                values.update(admin_tokens=tokens, admin_token_expiry=expiry)
+                values["admin_token_grants"] = grants
                 continue
             if f.name in _EXPIRY_OF:
                 values[f.name], values[_EXPIRY_OF[f.name]] = parse_credentials(name, raw)
@@ -106,12 +121,15 @@ class Settings:
         out: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or f.name in _EXPIRY_OF.values():
+            if value is None or f.name in _DERIVED:
                 continue
             if f.name in _EXPIRY_OF:
                 expiry = getattr(self, _EXPIRY_OF[f.name])
+                grants = self.admin_token_grants if f.name == "admin_tokens" else {}
                 value = ",".join(
-                    f"{k}={v}" + (f"@{expiry[k].isoformat()}" if k in expiry else "")
+                    (grants[k].label(k) if k in grants else k)
+                    + f"={v}"
+                    + (f"@{expiry[k].isoformat()}" if k in expiry else "")
                     for k, v in value.items()
                 )
             out[ENV_PREFIX + f.name.upper()] = str(value)
@@ -165,11 +183,27 @@ class Settings:
             raise SettingsError(f"{ENV_PREFIX}GRAPH_OPTIMIZATION must be one of {choices}")
 
 
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What an admin token may do: its role, and the models it may act on (None: every model)."""
+
+    role: Role = "admin"
+    models: frozenset[str] | None = None
+
+    def label(self, name: str) -> str:
+        """``NAME:ROLE[:MODEL+MODEL]``, as written in ``TURNOUT_ADMIN_TOKENS``."""
+        scope = "" if self.models is None else ":" + "+".join(sorted(self.models))
+        return f"{name}:{self.role}{scope}"
+
+
 # Credential settings and the field holding their expiry times.
 _EXPIRY_OF: Mapping[str, str] = {
     "admin_tokens": "admin_token_expiry",
     "api_keys": "api_key_expiry",
+    "feedback_keys": "feedback_key_expiry",
 }
+# Fields read from another field's variable.
+_DERIVED = {*_EXPIRY_OF.values(), "admin_token_grants"}
 
 
 def parse_credentials(name: str, raw: str) -> tuple[dict[str, str], dict[str, datetime]]:
@@ -194,6 +228,50 @@ def parse_credentials(name: str, raw: str) -> tuple[dict[str, str], dict[str, da
             raise SettingsError(f"{name}: token name {who!r} given twice")
         secrets[who] = secret
     return secrets, expiry
+
+
+def parse_admin_tokens(
+    name: str, raw: str
+) -> tuple[dict[str, str], dict[str, datetime], dict[str, Grant]]:
+    """``NAME[:ROLE[:MODEL+MODEL]]=TOKEN[@EXPIRY],...`` -> tokens, expiry times and grants, each
+    keyed by the bare NAME (what the audit trail records). ``NAME=TOKEN`` is an unscoped admin."""
+    labelled, labelled_expiry = parse_credentials(name, raw)
+    tokens: dict[str, str] = {}
+    expiry: dict[str, datetime] = {}
+    grants: dict[str, Grant] = {}
+    for label, secret in labelled.items():
+        who, grant = _grant(name, label)
+        if who in tokens:
+            raise SettingsError(f"{name}: token name {who!r} given twice")
+        tokens[who] = secret
+        if label in labelled_expiry:
+            expiry[who] = labelled_expiry[label]
+        if grant is not None:
+            grants[who] = grant
+    return tokens, expiry, grants
+
+
+def _grant(name: str, label: str) -> tuple[str, Grant | None]:
+    """``NAME[:ROLE[:MODEL+MODEL]]`` -> (NAME, its grant, None for a bare name)."""
+    who, colon, rest = label.partition(":")
+    if not colon:
+        return who, None
+    role, scoped, scope = rest.partition(":")
+    if not who:
+        raise SettingsError(f"{name}: an entry {label!r} has no token name before ':'")
+    if role not in ROLES:
+        raise SettingsError(
+            f"{name}: the role of {who!r} must be one of {', '.join(ROLES)} (got {role!r})"
+        )
+    if not scoped:
+        return who, Grant(role)
+    models = scope.split("+")
+    if not all(m and m == m.strip() and ":" not in m for m in models):
+        raise SettingsError(
+            f"{name}: the models of {who!r} must be names joined by '+', such as fraud+risk "
+            f"(got {scope!r})"
+        )
+    return who, Grant(role, frozenset(models))
 
 
 def parse_tokens(name: str, raw: str) -> dict[str, str]:

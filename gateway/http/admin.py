@@ -13,7 +13,7 @@ from starlette.responses import Response
 from gateway.background.guards import GuardEvaluator
 from gateway.background.shadow import ShadowRunner
 from gateway.errors import BadRequest, NotFound
-from gateway.http.auth import TokenAuth
+from gateway.http.access import Access
 from gateway.http.fields import integer
 from gateway.http.responses import json_response, read_json_object
 from gateway.serving.registry import Registry
@@ -31,7 +31,7 @@ _MAX_REVISION = (1 << 63) - 1  # Redis counters are signed 64-bit
 class Admin:
     def __init__(
         self,
-        auth: TokenAuth,
+        access: Access,
         registry: Registry,
         table: RouteTable,
         shadows: ShadowRunner,
@@ -39,7 +39,7 @@ class Admin:
         *,
         monitors: bool = True,
     ) -> None:
-        self.auth = auth
+        self.access = access
         self.monitors = monitors
         self.registry = registry
         self.table = table
@@ -48,26 +48,26 @@ class Admin:
 
     # -- reads ----------------------------------------------------------------------------------
     async def list_routes(self, request: Request) -> Response:
-        self.auth.authenticate(request.headers.get("authorization"))
+        self.access.require(request)
         revision, records = await self.table.store.routes()
         return json_response(
             {"revision": revision, "routes": {m: _describe(r) for m, r in sorted(records.items())}}
         )
 
     async def get_route(self, request: Request) -> Response:
-        self.auth.authenticate(request.headers.get("authorization"))
+        self.access.require(request)
         record = await self._record(request.path_params["model"])
         return _with_etag(_describe(record), record.revision)
 
     async def audit(self, request: Request) -> Response:
-        self.auth.authenticate(request.headers.get("authorization"))
         model = request.query_params.get("model") or None
+        self.access.require(request, model)
         limit = integer("limit", request.query_params.get("limit", "100"), 10_000, minimum=1)
         entries = await self.table.store.audit(model, limit)
         return json_response({"entries": [dataclasses.asdict(e) for e in entries]})
 
     async def report(self, request: Request) -> Response:
-        self.auth.authenticate(request.headers.get("authorization"))
+        self.access.require(request)
         model = request.path_params["model"]
         route = self.table.get(model)
         if route is None:
@@ -79,12 +79,12 @@ class Admin:
     async def guards_view(self, request: Request) -> Response:
         """GET /admin/routes/{model}/guards: the verdict on this replica's current windows, the
         figures and thresholds behind it, and the last action any guard took on the model."""
-        self.auth.authenticate(request.headers.get("authorization"))
+        self.access.require(request)
         return json_response(await self.guards.view(request.path_params["model"]))
 
     # -- writes ---------------------------------------------------------------------------------
     async def put_route(self, request: Request) -> Response:
-        who = self.auth.authenticate(request.headers.get("authorization"))
+        who = self.access.require(request)
         model = self._model(request)
         body = await read_json_object(request, _ADMIN_BODY_LIMIT)
         reason = _reason(body)
@@ -120,7 +120,7 @@ class Admin:
         return _with_etag(_describe(record), record.revision)
 
     async def delete_route(self, request: Request) -> Response:
-        who = self.auth.authenticate(request.headers.get("authorization"))
+        who = self.access.require(request)
         model = self._model(request)
         reason = _reason(await read_json_object(request, _ADMIN_BODY_LIMIT))
         current = await self._record(model)
@@ -131,7 +131,7 @@ class Admin:
         return json_response({"model": model, "deleted": True})
 
     async def action(self, request: Request) -> Response:
-        who = self.auth.authenticate(request.headers.get("authorization"))
+        who = self.access.require(request)
         model = self._model(request)
         action: Action = request.path_params["action"]
         if action not in ACTIONS:

@@ -79,8 +79,9 @@ class OpenAccess:
 class ApiKeys:
     """A key in ``X-API-Key``, else in ``Authorization: Bearer``."""
 
-    def __init__(self, auth: TokenAuth) -> None:
+    def __init__(self, auth: TokenAuth, what: str = "API key") -> None:
         self._auth = auth
+        self._what = what
 
     def check(self, headers: Mapping[str, str]) -> str | None:
         key = headers.get(API_KEY_HEADER)
@@ -88,7 +89,7 @@ class ApiKeys:
             return self._auth.verify(key.strip())
         if headers.get("authorization") is None:
             raise Unauthorized(
-                "missing API key: send 'X-API-Key: <key>' or 'Authorization: Bearer <key>'"
+                f"missing {self._what}: send 'X-API-Key: <key>' or 'Authorization: Bearer <key>'"
             )
         return self._auth.authenticate(headers.get("authorization"))
 
@@ -97,8 +98,10 @@ def key_check(
     keys: Mapping[str, str],
     expiry: Mapping[str, datetime] | None = None,
     clock: Callable[[], float] = time.time,
+    what: str = "API key",
 ) -> KeyCheck:
-    """The inference API's guard: open without keys, else keys required."""
+    """The inference API's guard (or feedback's, with ``what="feedback key"``): open without
+    keys, else keys required."""
     if not keys:
         return OpenAccess()
-    return ApiKeys(TokenAuth(keys, expiry, clock=clock, what="API key"))
+    return ApiKeys(TokenAuth(keys, expiry, clock=clock, what=what), what)

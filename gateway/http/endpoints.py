@@ -12,7 +12,8 @@ from starlette.responses import Response
 
 from gateway.background.fleet import CountsExchange
 from gateway.errors import BadRequest, Conflict, NotFound, NotReady
-from gateway.http.auth import KeyCheck, OpenAccess, TokenAuth
+from gateway.http.access import Access
+from gateway.http.auth import KeyCheck, OpenAccess
 from gateway.http.responses import json_response, read_json_object
 from gateway.serving.registry import Loaded, Registry
 from gateway.settings import Settings
@@ -32,17 +33,20 @@ class Endpoints:
         settings: Settings,
         registry: Registry,
         table: RouteTable,
-        auth: TokenAuth,
+        access: Access,
         keys: KeyCheck | None = None,
         exchange: CountsExchange | None = None,
+        feedback_keys: KeyCheck | None = None,
     ) -> None:
         self.exchange = exchange
         # API keys guard inference, model metadata, drift and feedback; health stays open.
         self.keys: KeyCheck = keys or OpenAccess()
+        # Feedback's own keys when configured (rewards steer policies), else the API keys.
+        self.feedback_keys: KeyCheck = feedback_keys or self.keys
         self.settings = settings
         self.registry = registry
         self.table = table
-        self.auth = auth
+        self.access = access
 
     # -- health and metadata ---------------------------------------------------------------
     async def live(self, request: Request) -> Response:
@@ -117,7 +121,7 @@ class Endpoints:
         }
 
     async def feedback(self, request: Request) -> Response:
-        self.keys.check(request.headers)
+        self.feedback_keys.check(request.headers)
         model = request.path_params["model"]
         body = await read_json_object(request)
         request_id, reward = body.get("id"), body.get("reward")
@@ -132,7 +136,7 @@ class Endpoints:
 
     # -- repository extension (admin) --------------------------------------------------------
     async def repository_index(self, request: Request) -> Response:
-        self.auth.authenticate(request.headers.get("authorization"))
+        self.access.require(request)
         body = await read_json_object(request)
         if type(body.get("ready", False)) is not bool:
             raise BadRequest("'ready' must be true or false")
@@ -142,7 +146,7 @@ class Endpoints:
         return json_response(entries)
 
     async def repository_load(self, request: Request) -> Response:
-        self.auth.authenticate(request.headers.get("authorization"))
+        self.access.require(request)
         model = request.path_params["model"]
         versions = self._versions_parameter(await read_json_object(request))
         await self.registry.load(model, versions)
@@ -158,7 +162,7 @@ class Endpoints:
         return json_response({"name": model, "versions": entries})
 
     async def repository_unload(self, request: Request) -> Response:
-        self.auth.authenticate(request.headers.get("authorization"))
+        self.access.require(request)
         model = request.path_params["model"]
         versions = self._versions_parameter(await read_json_object(request))
         route = self.table.get(model)

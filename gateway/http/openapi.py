@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.http.access import REQUIRED
+
 _DATATYPES = [
     "BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
     "FP16", "FP32", "FP64", "BYTES",
@@ -44,6 +46,7 @@ _KEYED = [
     "/v2/models/{model}/versions/{version}/drift",
     "/v2/models/{model}/feedback",
 ]
+_FEEDBACK = ["/v2/models/{model}/feedback"]  # with feedback keys (--feedback-key): its own keys
 _KEY_SCHEMES = {
     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
     "apiKeyBearer": {"type": "http", "scheme": "bearer", "description": "an API key"},
@@ -113,8 +116,9 @@ _REPO_BODY = {
 }
 
 
-def openapi_document(api_keys: bool = False) -> dict[str, Any]:
-    """The document; ``api_keys`` says whether this gateway requires them for inference."""
+def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dict[str, Any]:
+    """The document; ``api_keys`` says whether this gateway requires them for inference,
+    ``feedback_keys`` whether feedback needs keys of its own."""
     tensor = {
         "type": "object",
         "required": ["name", "shape", "datatype"],
@@ -354,10 +358,16 @@ def openapi_document(api_keys: bool = False) -> dict[str, Any]:
                          "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"}},
                                         {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}]},
     }  # fmt: skip
+    for (method, path), role in REQUIRED.items():  # copies, as below
+        item = paths[path] = dict(paths[path])
+        op = item[method.lower()]
+        responses = {**op["responses"], "403": _ERROR}
+        item[method.lower()] = {**op, "x-turnout-role": role, "responses": responses}
     schemes: dict[str, Any] = {"bearer": {"type": "http", "scheme": "bearer"}}
-    if api_keys:
+    keyed = [*(_KEYED if api_keys else []), *(_FEEDBACK if feedback_keys and not api_keys else [])]
+    if keyed:
         schemes.update(_KEY_SCHEMES)
-        for path in _KEYED:
+        for path in keyed:
             item = paths[path] = dict(paths[path])
             for method in ("get", "post"):
                 if method in item:  # copies: the operation objects are shared module constants
