@@ -149,6 +149,7 @@ def create_app(settings: Settings) -> Gateway:
             await store.close()
             await registry.close()
             executor.shutdown(wait=True)
+            inference.close()
 
     async def openapi(request: Request) -> Response:
         return json_response(openapi_document(api_keys=bool(settings.api_keys)))
