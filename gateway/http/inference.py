@@ -46,12 +46,12 @@ _JSON = [(b"content-type", b"application/json")]
 _BINARY = [(b"content-type", b"application/octet-stream")]
 # labels[3] of a request whose own ``timeout`` parameter is below the guards' floor
 CLIENT_DEADLINE = "client"
-# Bodies of at least this many bytes are parsed and decoded on the decode pool, so the event loop
-# keeps answering others meanwhile; smaller ones take under a few ms and stay on the loop.
+# Bodies of at least this many bytes are large: parsed and decoded on the decode pool, so the
+# event loop keeps answering others meanwhile (smaller ones take under a few ms on the loop), and
+# at most LARGE_REQUESTS of them are served at once (from parse to response; others wait with
+# their bodies read). docs/deploy.md sizes the body cap with it.
 OFFLOADED_BODY = 1 << 20
-# Threads of the decode pool: also how many large bodies are parsed at once (docs/deploy.md
-# sizes the body cap with it).
-DECODE_THREADS = 2
+LARGE_REQUESTS = 2
 
 
 class RequestHeaders(Headers):
@@ -109,7 +109,8 @@ class Inference:
         self.keys = keys
         # Chosen once: with monitors off the hot path calls a function that does nothing.
         self.observe: Observe = self._observe if settings.monitors else _unobserved
-        self.decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="turnout-decode")
+        self.decoder = ThreadPoolExecutor(LARGE_REQUESTS, thread_name_prefix="turnout-decode")
+        self.large = asyncio.Semaphore(LARGE_REQUESTS)
 
     def close(self) -> None:
         self.decoder.shutdown(wait=True)
@@ -139,9 +140,15 @@ class Inference:
         failure: Response | None = None
         try:
             body = await read_body(receive, headers, self.settings.max_body_bytes)
-            content, json_length, observed = await self._infer(
-                headers, body, model, pinned, start, labels
-            )
+            if len(body) < OFFLOADED_BODY:
+                content, json_length, observed = await self._infer(
+                    headers, body, model, pinned, start, labels
+                )
+            else:
+                async with self.large:
+                    content, json_length, observed = await self._infer(
+                        headers, body, model, pinned, start, labels
+                    )
             code = "200"
         except ClientDisconnect:
             code = CLIENT_CLOSED
