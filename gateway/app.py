@@ -157,6 +157,7 @@ def create_app(settings: Settings) -> Gateway:
             await store.close()
             await registry.close()
             executor.shutdown(wait=True)
+            inference.close()
 
     async def openapi(request: Request) -> Response:
         document = openapi_document(bool(settings.api_keys), bool(settings.feedback_keys))

@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -71,22 +72,95 @@ class _HeadTooLarge(Exception):
     ``send_400_response`` turns into the 431."""
 
 
+# What a connection is doing, for its timeouts: waiting for a request's head (since it opened or
+# since its previous response), receiving a body, or neither (the app has the request, or
+# uvicorn's keep-alive timer has the idle connection).
+_HEAD, _BODY, _OTHER = 0, 1, 2
+
+
 class HeadLimitedHttpTools(HttpToolsProtocol):
-    """httptools with a cap on the request head (request line and headers): llhttp has none, so
-    one client could make a worker buffer gigabytes of headers. The cap is uvicorn's
-    ``h11_max_incomplete_event_size`` (which h11 honours and httptools ignores).
+    """httptools with a cap on the request head (request line and headers) and timeouts on what
+    the client sends. llhttp has no cap, so one client could make a worker buffer gigabytes of
+    headers. The cap is uvicorn's ``h11_max_incomplete_event_size`` (which h11 honours and
+    httptools ignores).
 
     A head still incomplete after a read is measured in raw bytes, so one header that never
     ends is refused within one read; a complete head is measured once, from the request line
     and headers uvicorn parsed. (Measuring in the per-header callbacks instead cost 9 % of a
     light model's throughput: two Python calls per header.)
+
+    uvicorn times out only idle keep-alive connections. Here a connection must also send a whole
+    head within ``head_timeout_s`` of opening (or of its first byte after a response), and a body
+    must not go ``body_timeout_s`` without a byte; either is answered 408 and closed, which frees
+    the body received so far (the app's read sees a disconnect). The callbacks only note the time;
+    one sweep per server, every quarter of the shorter timeout (at most 1 s), closes the late
+    connections: a timer per request cost more than the cap on the light model.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        head_timeout_s: float = 10.0,
+        body_timeout_s: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._raw = 0  # bytes received while the current head is incomplete
         self._in_head = True
         self._refusing = False
+        self.head_timeout_s, self.body_timeout_s = head_timeout_s, body_timeout_s
+        self._phase = _HEAD
+        self._since = 0.0  # loop time the phase began, or of the body's last byte
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._since = self.loop.time()
+        state = self.server_state
+        if not getattr(state, "turnout_sweeping", False):
+            state.turnout_sweeping = True  # type: ignore[attr-defined]
+            self.loop.call_later(self._sweep_period(), self._sweep)
+
+    def _sweep_period(self) -> float:
+        return min(1.0, self.head_timeout_s / 4, self.body_timeout_s / 4)
+
+    def _sweep(self) -> None:
+        """Close the server's connections whose head or body is late; runs while any is open."""
+        now = self.loop.time()
+        for conn in list(self.connections):
+            if isinstance(conn, HeadLimitedHttpTools) and not conn.transport.is_closing():
+                conn._expire(now)
+        state = self.server_state
+        if self.connections:
+            self.loop.call_later(self._sweep_period(), self._sweep)
+        else:
+            state.turnout_sweeping = False  # type: ignore[attr-defined]
+
+    def _expire(self, now: float) -> None:
+        if self._phase == _HEAD and now - self._since > self.head_timeout_s:
+            if self._raw:
+                self._timed_out(f"the request head did not arrive within {self.head_timeout_s} s")
+            else:
+                self.transport.close()  # nothing sent: nothing to answer
+        elif self._phase == _BODY and now - self._since > self.body_timeout_s:
+            self._timed_out(f"the request body sent nothing for {self.body_timeout_s} s")
+
+    def _timed_out(self, message: str) -> None:
+        client = self.client[0] if self.client else "-"
+        self.logger.info("closed a connection from %s: %s", client, message)
+        self._close_with(b"408 Request Timeout", message)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._phase != _HEAD:  # the first byte after a response
+            self._phase, self._since = _HEAD, self.loop.time()
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self._since = self.loop.time()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._phase = _OTHER  # idle: uvicorn's keep-alive timer
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
@@ -99,6 +173,7 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._phase, self._since = _BODY, self.loop.time()
         limit = self.config.h11_max_incomplete_event_size
         if limit is not None:
             headers = self.headers
@@ -111,6 +186,7 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head, self._raw = True, 0
+        self._phase = _OTHER
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         # Count the request for the app's Backlog (gateway.serving.backlog). Should a uvicorn
@@ -133,11 +209,15 @@ class HeadLimitedHttpTools(HttpToolsProtocol):
             return
         client = self.client[0] if self.client else "-"
         self.logger.info("refused a request head over %d bytes from %s", limit, client)
-        body = encode_error(f"request line and headers exceed the limit of {limit} bytes")
+        message = f"request line and headers exceed the limit of {limit} bytes"
+        self._close_with(b"431 Request Header Fields Too Large", message)
+
+    def _close_with(self, status: bytes, message: str) -> None:
+        """Answer ``{"error": message}`` outside any request cycle, and hang up."""
+        body = encode_error(message)
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, len(body), body)
         )
         self.transport.close()
 
@@ -221,11 +301,25 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--inter-op-threads", type=int)
     serve.add_argument("--graph-optimization", choices=["disable", "basic", "extended", "all"])
     serve.add_argument("--execution-threads", type=int)
-    serve.add_argument("--max-body-bytes", type=int)
+    serve.add_argument("--max-body-bytes", type=int, help="413 above (default 16 MiB)")
+    serve.add_argument(
+        "--max-decoded-bytes",
+        type=int,
+        help="decoded tensor bytes per request (default 128 MiB); 413 above",
+    )
     serve.add_argument("--max-tensor-elements", type=int)
     serve.add_argument("--max-batch-rows", type=int, help="rows per request (default 65536)")
     serve.add_argument(
         "--max-header-bytes", type=int, help="request line and headers (default 65536); 431 above"
+    )
+    serve.add_argument(
+        "--head-timeout-s", type=float, help="to send a whole request head (default 10); 408"
+    )
+    serve.add_argument(
+        "--body-timeout-s", type=float, help="a body may send nothing this long (default 30); 408"
+    )
+    serve.add_argument(
+        "--keep-alive-timeout-s", type=float, help="idle connections are closed (default 5)"
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -260,8 +354,13 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop",
-        "http": HeadLimitedHttpTools,
+        "http": partial(
+            HeadLimitedHttpTools,
+            head_timeout_s=settings.head_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+        ),
         "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
         "log_level": settings.log_level,
         "access_log": False,
         "timeout_graceful_shutdown": 30,

@@ -46,12 +46,22 @@ class Settings:
     inter_op_threads: int = 1
     graph_optimization: GraphOptimization = "all"
     execution_threads: int = 2
-    max_body_bytes: int = 64 * 1024 * 1024
+    # Sized for the reference pod (2 GiB): docs/deploy.md has the arithmetic.
+    max_body_bytes: int = 16 * 1024 * 1024
+    # Bytes one request's tensors may take decoded (strings: UTF-8 bytes plus 64 each), checked
+    # before they are allocated (413 beyond).
+    max_decoded_bytes: int = 128 * 1024 * 1024
     max_tensor_elements: int = 1 << 24
     # Rows (first axis of inputs whose first axis is dynamic) in one request.
     max_batch_rows: int = 1 << 16
     # Request line plus headers, enforced while they are read (431 beyond).
     max_header_bytes: int = 64 * 1024
+    # Seconds a connection may take to send a whole request head; a body may go without sending
+    # a byte; an idle keep-alive connection waits for its next request. The server closes it then
+    # (a late head or a stalled body is answered 408 first).
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_timeout_s: float = 5.0
     redis_url: str | None = None
     redis_prefix: str = "turnout:"
     # How long an inference id stays joinable with feedback (bandit rewards, A/B outcomes).
@@ -170,7 +180,9 @@ class Settings:
             )
         if self.max_header_bytes < 1024:
             raise SettingsError(f"{ENV_PREFIX}MAX_HEADER_BYTES must be at least 1024")
-        for name in ("flush_s", "guard_tick_s", "lease_ttl_s", "publish_s"):
+        if self.max_decoded_bytes < 1024:
+            raise SettingsError(f"{ENV_PREFIX}MAX_DECODED_BYTES must be at least 1024")
+        for name in _SECONDS:
             if not 0.0 < getattr(self, name) <= 3600.0:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be in (0, 3600] seconds")
         if self.lease_ttl_s <= self.guard_tick_s:
@@ -195,6 +207,17 @@ class Grant:
         scope = "" if self.models is None else ":" + "+".join(sorted(self.models))
         return f"{name}:{self.role}{scope}"
 
+
+# Settings in seconds, as floats.
+_SECONDS = (
+    "flush_s",
+    "guard_tick_s",
+    "lease_ttl_s",
+    "publish_s",
+    "head_timeout_s",
+    "body_timeout_s",
+    "keep_alive_timeout_s",
+)
 
 # Credential settings and the field holding their expiry times.
 _EXPIRY_OF: Mapping[str, str] = {
@@ -304,7 +327,7 @@ def _cast(env_name: str, field_name: str, raw: str) -> object:
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         raise SettingsError(f"{env_name} must be true or false, got {raw!r}")
-    if field_name in ("flush_s", "guard_tick_s", "lease_ttl_s", "publish_s"):
+    if field_name in _SECONDS:
         try:
             return float(raw)
         except ValueError:

@@ -23,7 +23,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from gateway.errors import BadRequest, GatewayError
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
 from gateway.http.fields import integer
 from gateway.serving.types import NUMPY_DTYPES, ModelVersion, TensorSpec
 
@@ -54,6 +54,13 @@ _DATATYPE_OF: Final = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 # value): 2**128 - 2**103 for FP32, 65520 for FP16. Any float64 fits FP64.
 _OVERFLOW: Final = {"FP16": 65520.0, "FP32": float(2**128 - 2**103)}
 _SMALL: Final = 256  # elements: below this, Python's min and max beat numpy's call overhead
+# What one string (or JSON container) costs decoded besides its UTF-8 bytes: a Python str is 49
+# bytes of header (sys.getsizeof("")) and its slot in a list or object array 8 more.
+STRING_OVERHEAD: Final = 64
+# JSON parts at least this long are counted before they are parsed (a few µs of byte counts);
+# smaller ones cannot hold enough strings to matter.
+_COUNTED_JSON: Final = 1 << 16
+DEFAULT_BUDGET: Final = 128 << 20
 
 
 # The per-request types below are slots dataclasses but not frozen: a frozen one takes 1.3 µs to
@@ -105,8 +112,13 @@ class Envelope:
     parameters: dict[str, Any]
 
 
-def parse_request(body: bytes, header_length: int | None) -> Envelope:
-    """Parse the JSON part of a body (all of it, or its first ``header_length`` bytes)."""
+def parse_request(body: bytes, header_length: int | None, budget: int = DEFAULT_BUDGET) -> Envelope:
+    """Parse the JSON part of a body (all of it, or its first ``header_length`` bytes).
+
+    Before a large JSON part is parsed its strings and containers are counted from the raw bytes
+    (each ``"`` pair is a string, each ``[`` or ``{`` a container): parsed, each takes at least
+    ``STRING_OVERHEAD`` bytes, and a request whose count alone exceeds ``budget`` is refused
+    with 413 before any of that memory is taken."""
     if header_length is None:
         end = len(body)
     elif 0 <= header_length <= len(body):
@@ -115,6 +127,8 @@ def parse_request(body: bytes, header_length: int | None) -> Envelope:
         raise BadRequest(
             f"{INFERENCE_HEADER} is {header_length} but the body is only {len(body)} bytes"
         )
+    if end >= _COUNTED_JSON:
+        _check_json_objects(body, end, budget)
     try:
         doc = _loads(body if end == len(body) else memoryview(body)[:end])
     except orjson.JSONDecodeError as exc:
@@ -129,16 +143,24 @@ def parse_request(body: bytes, header_length: int | None) -> Envelope:
 
 
 def decode_inputs(
-    envelope: Envelope, model: ModelVersion, max_elements: int = 1 << 24, max_rows: int = 1 << 16
+    envelope: Envelope,
+    model: ModelVersion,
+    max_elements: int = 1 << 24,
+    max_rows: int = 1 << 16,
+    budget: int = DEFAULT_BUDGET,
 ) -> InferRequest:
     """Decode and check the tensors of a parsed request against ``model``'s specs.
 
     ``max_elements`` bounds each input's element count and ``max_rows`` the first axis of each
     input whose first axis the model leaves dynamic (the batch); both are checked on the declared
-    shape before anything is allocated.
+    shape before anything is allocated. ``budget`` bounds the bytes of all the request's decoded
+    tensors together: elements times the element size, and a string its UTF-8 bytes plus
+    ``STRING_OVERHEAD``. Fixed-size tensors are charged from their declared shapes before any is
+    decoded; strings are charged as they are met, before their array is built. Over it: 413
+    naming the tensor that crossed it.
     """
     try:
-        return _decode(envelope, model, max_elements, max_rows)
+        return _decode(envelope, model, max_elements, max_rows, budget)
     except GatewayError:
         raise
     except (ValueError, TypeError, OverflowError, struct.error) as exc:
@@ -152,10 +174,12 @@ def decode_request(
     model: ModelVersion,
     max_elements: int = 1 << 24,
     max_rows: int = 1 << 16,
+    budget: int = DEFAULT_BUDGET,
 ) -> InferRequest:
     """``parse_request`` then ``decode_inputs``: a JSON body, or a JSON header of
     ``header_length`` bytes followed by binary tensors."""
-    return decode_inputs(parse_request(body, header_length), model, max_elements, max_rows)
+    envelope = parse_request(body, header_length, budget)
+    return decode_inputs(envelope, model, max_elements, max_rows, budget)
 
 
 def output_names(request: InferRequest, model: ModelVersion) -> list[str]:
@@ -217,7 +241,7 @@ def encode_error(message: str) -> bytes:
 
 
 def _decode(
-    envelope: Envelope, model: ModelVersion, max_elements: int, max_rows: int
+    envelope: Envelope, model: ModelVersion, max_elements: int, max_rows: int, budget: int
 ) -> InferRequest:
     doc, parameters = envelope.doc, envelope.parameters
     binary_output = parameters.get("binary_data_output", False)
@@ -225,13 +249,55 @@ def _decode(
         raise BadRequest('"parameters.binary_data_output" must be true or false')
     outputs = _requested_outputs(doc.get("outputs"), model, binary_output)
     headers = _input_headers(doc.get("inputs"), model, envelope.binary, max_elements, max_rows)
+    spent = _Spent(budget)
+    for h in headers:  # every fixed cost first: nothing is decoded for a request over budget
+        spent.charge(h.spec.name, h.count * (_fixed_size(h.spec) or STRING_OVERHEAD))
     return InferRequest(
         id=envelope.id,
-        inputs=_input_arrays(headers, envelope.body, envelope.end),
+        inputs=_input_arrays(headers, envelope.body, envelope.end, spent),
         parameters=parameters,
         outputs=outputs,
         binary_output=binary_output,
     )
+
+
+class _Spent:
+    """The decoded bytes charged to one request so far."""
+
+    __slots__ = ("budget", "total")
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.total = budget, 0
+
+    def charge(self, name: str, size: int) -> None:
+        self.total += size
+        if self.total > self.budget:
+            raise PayloadTooLarge(
+                f"input {name!r} takes the request's decoded tensors to at least {self.total} "
+                f"bytes, above the budget of {self.budget} bytes per request (strings count "
+                f"their UTF-8 bytes plus {STRING_OVERHEAD} each); send fewer elements"
+            )
+
+
+def _fixed_size(spec: TensorSpec) -> int:
+    """Bytes per element of a fixed-size datatype; 0 for BYTES."""
+    return 0 if spec.datatype == "BYTES" else spec.dtype.itemsize
+
+
+def _check_json_objects(body: bytes, end: int, budget: int) -> None:
+    # By slices: each count holds the GIL, and this runs beside the event loop on large bodies.
+    quotes = containers = 0
+    for start in range(0, end, _COUNTED_JSON):
+        stop = min(start + _COUNTED_JSON, end)
+        quotes += body.count(b'"', start, stop)
+        containers += body.count(b"[", start, stop) + body.count(b"{", start, stop)
+    objects = quotes // 2 + containers
+    if objects * STRING_OVERHEAD > budget:
+        raise PayloadTooLarge(
+            f"the request's JSON holds about {objects} strings, arrays and objects; parsed they "
+            f"take at least {objects * STRING_OVERHEAD} bytes, above the budget of {budget} "
+            "bytes per request (send large tensors in binary, or fewer elements)"
+        )
 
 
 def _loads(data: bytes | memoryview) -> Any:
@@ -381,7 +447,9 @@ def _check_binary_size(
         )
 
 
-def _input_arrays(headers: list[_Input], body: bytes, start: int) -> dict[str, np.ndarray]:
+def _input_arrays(
+    headers: list[_Input], body: bytes, start: int, spent: _Spent
+) -> dict[str, np.ndarray]:
     expected = sum(h.binary_size for h in headers if h.binary_size is not None)
     if len(body) - start != expected:
         raise BadRequest(
@@ -392,14 +460,14 @@ def _input_arrays(headers: list[_Input], body: bytes, start: int) -> dict[str, n
     offset = start
     for h in headers:
         if h.binary_size is None:
-            arrays[h.spec.name] = _from_json(h)
+            arrays[h.spec.name] = _from_json(h, spent)
         else:
-            arrays[h.spec.name] = _from_binary(h, body, offset, offset + h.binary_size)
+            arrays[h.spec.name] = _from_binary(h, body, offset, offset + h.binary_size, spent)
             offset += h.binary_size
     return arrays
 
 
-def _from_json(h: _Input) -> np.ndarray:
+def _from_json(h: _Input, spent: _Spent) -> np.ndarray:
     spec, name = h.spec, h.spec.name
     assert h.data is not None
     flat = _flatten(h.data, h.shape, name)
@@ -418,6 +486,8 @@ def _from_json(h: _Input) -> np.ndarray:
             f"got {_JSON_NAMES.get(type(sample), 'value')} {_show(sample)}"
         )
     if spec.datatype == "BYTES":
+        # orjson refuses lone surrogates, so every str here encodes
+        spent.charge(name, sum(map(len, map(str.encode, flat))))
         arr = np.empty(h.count, dtype=object)
         arr[:] = flat
     elif spec.datatype == "BOOL":
@@ -476,9 +546,11 @@ def _floats(flat: list[Any], spec: TensorSpec) -> np.ndarray:
     return np.array(flat, dtype=spec.dtype)
 
 
-def _from_binary(h: _Input, body: bytes, start: int, end: int) -> np.ndarray:
+def _from_binary(h: _Input, body: bytes, start: int, end: int, spent: _Spent) -> np.ndarray:
     spec, name = h.spec, h.spec.name
     if spec.datatype == "BYTES":
+        # the length prefixes aside, the section is the strings' bytes (checked as they are read)
+        spent.charge(name, max(0, end - start - 4 * h.count))
         return _strings_from_binary(body, start, end, h.count, name).reshape(h.shape)
     if h.count == 0:
         return np.empty(h.shape, dtype=spec.dtype)

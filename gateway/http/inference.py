@@ -11,10 +11,12 @@ mapping in ``gateway.http.responses``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -44,6 +46,12 @@ _JSON = [(b"content-type", b"application/json")]
 _BINARY = [(b"content-type", b"application/octet-stream")]
 # labels[3] of a request whose own ``timeout`` parameter is below the guards' floor
 CLIENT_DEADLINE = "client"
+# Bodies of at least this many bytes are large: parsed and decoded on the decode pool, so the
+# event loop keeps answering others meanwhile (smaller ones take under a few ms on the loop), and
+# at most LARGE_REQUESTS of them are served at once (from parse to response; others wait with
+# their bodies read). docs/deploy.md sizes the body cap with it.
+OFFLOADED_BODY = 1 << 20
+LARGE_REQUESTS = 2
 
 
 class RequestHeaders(Headers):
@@ -101,6 +109,11 @@ class Inference:
         self.keys = keys
         # Chosen once: with monitors off the hot path calls a function that does nothing.
         self.observe: Observe = self._observe if settings.monitors else _unobserved
+        self.decoder = ThreadPoolExecutor(LARGE_REQUESTS, thread_name_prefix="turnout-decode")
+        self.large = asyncio.Semaphore(LARGE_REQUESTS)
+
+    def close(self) -> None:
+        self.decoder.shutdown(wait=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """As a starlette route endpoint: the path parameters are already matched."""
@@ -127,9 +140,15 @@ class Inference:
         failure: Response | None = None
         try:
             body = await read_body(receive, headers, self.settings.max_body_bytes)
-            content, json_length, observed = await self._infer(
-                headers, body, model, pinned, start, labels
-            )
+            if len(body) < OFFLOADED_BODY:
+                content, json_length, observed = await self._infer(
+                    headers, body, model, pinned, start, labels
+                )
+            else:
+                async with self.large:
+                    content, json_length, observed = await self._infer(
+                        headers, body, model, pinned, start, labels
+                    )
             code = "200"
         except ClientDisconnect:
             code = CLIENT_CLOSED
@@ -171,9 +190,16 @@ class Inference:
         labels: list[str],
     ) -> tuple[bytes, int | None, Observation]:
         """The response body, its JSON header length (None: all JSON) and what to observe."""
-        envelope = codec.parse_request(
-            body, codec.parse_header_length(headers.get("inference-header-content-length"))
-        )
+        settings = self.settings
+        budget = settings.max_decoded_bytes
+        header_length = codec.parse_header_length(headers.get("inference-header-content-length"))
+        offload = len(body) >= OFFLOADED_BODY
+        if offload:
+            envelope = await asyncio.get_running_loop().run_in_executor(
+                self.decoder, codec.parse_request, body, header_length, budget
+            )
+        else:
+            envelope = codec.parse_request(body, header_length, budget)
         route = decision = None
         role = "pinned"
         if pinned is None and self.settings.version_override:
@@ -196,9 +222,13 @@ class Inference:
             raise
         info = loaded.info
         labels[1], labels[2] = info.version, role
-        decoded = codec.decode_inputs(
-            envelope, info, self.settings.max_tensor_elements, self.settings.max_batch_rows
-        )
+        limits = (settings.max_tensor_elements, settings.max_batch_rows, budget)
+        if offload:
+            decoded = await asyncio.get_running_loop().run_in_executor(
+                self.decoder, codec.decode_inputs, envelope, info, *limits
+            )
+        else:
+            decoded = codec.decode_inputs(envelope, info, *limits)
         deadline = self._deadline(decoded.parameters, labels)
         with loaded:
             model_start = time.perf_counter()

@@ -32,6 +32,9 @@ def gateway(demo_repo: Path) -> Iterator[InProcessServer]:
         "--max-tensor-elements", str(MAX_ELEMENTS),
         "--max-batch-rows", str(MAX_ROWS),
         "--max-header-bytes", str(MAX_HEADER),
+        # past the 16 MB bodies below, which test the other limits (test_request_budget.py
+        # tests this one)
+        "--max-decoded-bytes", str(1 << 30),
     ]  # fmt: skip
     with InProcessServer(demo_repo, args=args) as s:
         yield s
@@ -59,7 +62,9 @@ def still_serving(gateway: GatewayServer) -> None:
 
 def test_the_defaults_are_sane() -> None:
     s = Settings(model_repository=Path("/m"))
-    assert s.max_body_bytes == 64 * 1024 * 1024
+    assert s.max_body_bytes == 16 * 1024 * 1024
+    assert s.max_decoded_bytes == 128 * 1024 * 1024
+    assert (s.head_timeout_s, s.body_timeout_s, s.keep_alive_timeout_s) == (10.0, 30.0, 5.0)
     assert s.max_tensor_elements == 1 << 24
     assert s.max_batch_rows == 1 << 16
     assert s.max_header_bytes == 64 * 1024
