@@ -20,7 +20,8 @@ from gateway.demo import sample_inputs
 from tests.support.models import write_expanding, write_slow_fraud
 from tests.support.server import GatewayServer, InProcessServer, until
 
-DEFAULT_DEADLINE_MS = 400  # far below the slow version's 16-row run (about 1 s alone)
+DEFAULT_DEADLINE_MS = 400  # far below the slow version's BUSY_ROWS run
+BUSY_ROWS = 256  # about 2.5 s for the slow version on one core (70 ms for one row)
 RESPONSE_CAP = 1 << 20
 ROW_CAP = 4
 
@@ -56,7 +57,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Iterat
         json.dumps({"max_rows_per_request": ROW_CAP})
     )
     slow = root / "fraud" / "5"
-    write_slow_fraud(slow)
+    write_slow_fraud(slow, layers=50)  # fewer layers than the default: it loads in seconds
     (slow / "config.json").write_text(json.dumps({"enabled": False}))
     write_expanding(root / "expanding" / "1")
     args = [
@@ -90,10 +91,10 @@ SLOW_PATH = "/v2/models/fraud/versions/5/infer"
 
 
 def start_busy(gateway: GatewayServer) -> socket.socket:
-    """A 16-row request that holds the slow version's session (about a second), its deadline
-    long; returns once it runs."""
+    """A request that holds the slow version's session for seconds, its deadline long; returns
+    once it runs."""
     busy = socket.create_connection(("127.0.0.1", gateway.port))
-    busy.sendall(raw_request(SLOW_PATH, fraud_body(16, timeout_us=60_000_000)))
+    busy.sendall(raw_request(SLOW_PATH, fraud_body(BUSY_ROWS, timeout_us=60_000_000)))
     until(lambda: metric(gateway, 'turnout_requests_in_flight{model="fraud"}') == 1)
     return busy
 
@@ -120,8 +121,8 @@ def test_queued_requests_of_clients_that_left_are_dropped_unrun(gateway: Gateway
     assert metric(gateway, f"turnout_queue_depth{SLOW}") == 0
     with busy:
         assert read_status(busy) == 200
-    # Only the busy request ran: its 16 rows, none of the five that left.
-    until(lambda: metric(gateway, f"turnout_batch_rows_total{SLOW}") == rows + 16)
+    # Only the busy request ran: its rows, none of the five that left.
+    until(lambda: metric(gateway, f"turnout_batch_rows_total{SLOW}") == rows + BUSY_ROWS)
 
 
 def test_a_request_without_a_deadline_gets_the_default_one(gateway: GatewayServer) -> None:
@@ -132,7 +133,7 @@ def test_a_request_without_a_deadline_gets_the_default_one(gateway: GatewayServe
         late = httpx.post(gateway.url + SLOW_PATH, content=fraud_body(1), timeout=60)
         assert late.status_code == 504 and "deadline" in late.json()["error"]
         assert read_status(busy) == 200
-    until(lambda: metric(gateway, f"turnout_batch_rows_total{SLOW}") == rows + 16)
+    until(lambda: metric(gateway, f"turnout_batch_rows_total{SLOW}") == rows + BUSY_ROWS)
 
 
 def test_the_default_deadline_is_30_seconds(tmp_path: Path) -> None:
