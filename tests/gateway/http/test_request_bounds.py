@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 
 from gateway.cli import serve_settings
 from gateway.demo import sample_inputs
+from gateway.http.codec import output_bytes
 from tests.support.models import write_expanding, write_slow_fraud
 from tests.support.server import GatewayServer, InProcessServer, until
 
@@ -169,3 +171,14 @@ def test_the_outputs_of_one_request_are_capped_before_encoding(gateway: GatewayS
     # A client's choice, not the version's fault: counted as 413, which guards never judge.
     refused = 'turnout_requests_total{code="413",model="expanding",role="default",version="1"}'
     assert metric(gateway, refused) == 2
+
+
+def test_output_bytes_counts_elements_and_string_bytes() -> None:
+    numbers = {"a": np.zeros((3, 5), np.float32), "b": np.zeros(2, np.int64)}
+    assert output_bytes(numbers, 1 << 20) == 3 * 5 * 4 + 2 * 8
+    # A string: its UTF-8 bytes and the 4 of its length prefix; bytes as they are.
+    strings = {"s": np.array(["ab", "é", b"xyz"], dtype=object)}
+    assert output_bytes(strings, 1 << 20) == (4 + 2) + (4 + 2) + (4 + 3)
+    # Strings are counted only until the limit is passed: a lower bound, found early.
+    many = {"s": np.full(1_000_000, "x" * 100, dtype=object)}
+    assert output_bytes(many, 1000) > 1000
