@@ -55,9 +55,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Iterat
     one request at a time, and a model whose output size is an input value."""
     root = tmp_path_factory.mktemp("bounds") / "models"
     shutil.copytree(demo_repo / "fraud" / "1", root / "fraud" / "1")
-    (root / "fraud" / "1" / "config.json").write_text(
-        json.dumps({"max_rows_per_request": ROW_CAP})
-    )
+    (root / "fraud" / "1" / "config.json").write_text(json.dumps({"max_rows_per_request": ROW_CAP}))
     slow = root / "fraud" / "5"
     write_slow_fraud(slow, layers=50)  # fewer layers than the default: it loads in seconds
     (slow / "config.json").write_text(json.dumps({"enabled": False}))
@@ -174,7 +172,7 @@ def test_the_outputs_of_one_request_are_capped_before_encoding(gateway: GatewayS
 
 
 def test_output_bytes_counts_elements_and_string_bytes() -> None:
-    numbers = {"a": np.zeros((3, 5), np.float32), "b": np.zeros(2, np.int64)}
+    numbers: dict[str, np.ndarray] = {"a": np.zeros((3, 5), np.float32), "b": np.zeros(2, np.int64)}
     assert output_bytes(numbers, 1 << 20) == 3 * 5 * 4 + 2 * 8
     # A string: its UTF-8 bytes and the 4 of its length prefix; bytes as they are.
     strings = {"s": np.array(["ab", "é", b"xyz"], dtype=object)}
