@@ -286,7 +286,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, help="rows per merged run (default 64)")
     serve.add_argument("--max-queue-delay-us", type=int, help="wait for a fuller batch (default 0)")
     serve.add_argument("--max-queue", type=int, help="requests waiting per version; beyond: 429")
-    serve.add_argument("--request-timeout-ms", type=int, help="default deadline (default: none)")
+    serve.add_argument(
+        "--request-timeout-ms", type=int, help="default deadline (default 30000; 0: none)"
+    )
     serve.add_argument(
         "--guard-deadline-floor-ms",
         type=int,
@@ -309,6 +311,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-tensor-elements", type=int)
     serve.add_argument("--max-batch-rows", type=int, help="rows per request (default 65536)")
+    serve.add_argument(
+        "--max-response-bytes", type=int, help="outputs of one request (default 16 MiB); 413 above"
+    )
     serve.add_argument(
         "--max-header-bytes", type=int, help="request line and headers (default 65536); 431 above"
     )

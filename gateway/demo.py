@@ -81,6 +81,7 @@ class _Artifact:
     description: str
     seed: int
     reference: Float32 | None  # rows of the first input
+    config: dict[str, Any] | None = None  # the version's config.json
 
 
 # --- input distributions -------------------------------------------------------------------
@@ -364,7 +365,9 @@ def _artifacts(heavy: bool) -> list[_Artifact]:
     ]
     if heavy:
         desc = "Deep MLP, about 0.5 ms of compute per sample on one core, for load tests."
-        out.append(_Artifact("heavy", "1", _heavy(401), desc, 401, _reference("heavy")))
+        # One request holds the session for at most about half a second (docs/model-repository.md).
+        config = {"max_rows_per_request": 1024}
+        out.append(_Artifact("heavy", "1", _heavy(401), desc, 401, _reference("heavy"), config))
     return out
 
 
@@ -405,5 +408,7 @@ def write_demo_repository(root: Path, *, heavy: bool = True) -> list[Path]:
         }
         text = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
         _write(folder / "metadata.json", text.encode())
+        if artifact.config is not None:
+            _write(folder / "config.json", (json.dumps(artifact.config) + "\n").encode())
         folders.append(folder)
     return folders

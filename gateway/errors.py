@@ -11,6 +11,7 @@ body ``{"error": message}``. Nothing here imports starlette.
     ├── PreconditionFailed (412)
     ├── PayloadTooLarge (413)
     ├── Overloaded (429)          queue full; carries Retry-After
+    ├── ClientGone (499)          the client left while its request waited; nothing is sent
     ├── ModelError (500)          the model failed on a well-formed request
     ├── LoadError (500)           a version could not load; the registry shows it as the reason
     ├── NotReady (503)            model not loaded yet, store unavailable
@@ -66,6 +67,13 @@ class Overloaded(GatewayError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ClientGone(GatewayError):
+    """The client closed the connection while its request waited (nginx's 499): no answer is
+    sent, and the request is counted as the client's doing, not the gateway's."""
+
+    status = 499
 
 
 class ModelError(GatewayError):

@@ -54,6 +54,10 @@ class Settings:
     max_tensor_elements: int = 1 << 24
     # Rows (first axis of inputs whose first axis is dynamic) in one request.
     max_batch_rows: int = 1 << 16
+    # The outputs of one request as tensors (elements × size, strings by their bytes), checked
+    # before they are encoded (413 beyond). A JSON response takes up to ~4× this (a float32 as
+    # text), so the default keeps it within the request body cap.
+    max_response_bytes: int = 16 * 1024 * 1024
     # Request line plus headers, enforced while they are read (431 beyond).
     max_header_bytes: int = 64 * 1024
     # Seconds a connection may take to send a whole request head; a body may go without sending
@@ -78,8 +82,9 @@ class Settings:
     # Requests estimated to run in less than this run on the event loop thread when the version
     # is idle (no thread hop); 0 turns it off.
     inline_threshold_us: int = 100
-    # Deadline of a request without a "timeout" parameter, in milliseconds (0: none).
-    request_timeout_ms: int = 0
+    # Deadline of a request without a "timeout" parameter, in milliseconds (0: none). Under the
+    # pod's 45 s termination grace and common load balancers' 60 s idle timeouts.
+    request_timeout_ms: int = 30_000
     # A request whose own "timeout" is below this, in milliseconds, and that times out, is not
     # held against the version by the rollout guards (a client could fail a canary on purpose).
     guard_deadline_floor_ms: int = 1000
@@ -178,6 +183,8 @@ class Settings:
             raise SettingsError(
                 f"{ENV_PREFIX}MAX_TENSOR_ELEMENTS and {ENV_PREFIX}MAX_BATCH_ROWS must be positive"
             )
+        if self.max_response_bytes < 1024:
+            raise SettingsError(f"{ENV_PREFIX}MAX_RESPONSE_BYTES must be at least 1024")
         if self.max_header_bytes < 1024:
             raise SettingsError(f"{ENV_PREFIX}MAX_HEADER_BYTES must be at least 1024")
         if self.max_decoded_bytes < 1024:

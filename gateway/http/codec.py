@@ -232,6 +232,32 @@ def encode_response(
     return b"".join([header, *chunks]), len(header)
 
 
+def output_bytes(outputs: Mapping[str, np.ndarray], limit: int) -> int:
+    """The outputs' size as tensors: elements × element size, a BYTES element its UTF-8 bytes
+    plus the 4 of its length prefix in the binary encoding. Strings are counted only until the
+    total passes ``limit`` (the answer is then a lower bound), so a huge string output costs no
+    more than ``limit / 4`` elements."""
+    total = 0
+    strings = []
+    for array in outputs.values():
+        if array.dtype.kind == "O":
+            strings.append(array)
+            total += 4 * array.size
+        else:
+            total += array.nbytes
+    for array in strings:
+        for element in array.flat:
+            if total > limit:
+                return total
+            if type(element) is str:
+                total += (
+                    len(element) if element.isascii() else len(element.encode("utf-8", "replace"))
+                )
+            else:
+                total += len(element)
+    return total
+
+
 def encode_error(message: str) -> bytes:
     # "replace" keeps a message with lone surrogates encodable.
     return orjson.dumps({"error": message.encode("utf-8", "replace").decode("utf-8")})

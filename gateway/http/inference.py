@@ -25,7 +25,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gateway.background.shadow import ShadowRunner
-from gateway.errors import BadRequest, NotFound, NotReady, Timeout, Unauthorized
+from gateway.errors import (
+    BadRequest,
+    ClientGone,
+    NotFound,
+    NotReady,
+    PayloadTooLarge,
+    Timeout,
+    Unauthorized,
+)
 from gateway.http import codec
 from gateway.http.auth import KeyCheck
 from gateway.http.responses import Receive, handler_for, read_body
@@ -142,15 +150,15 @@ class Inference:
             body = await read_body(receive, headers, self.settings.max_body_bytes)
             if len(body) < OFFLOADED_BODY:
                 content, json_length, observed = await self._infer(
-                    headers, body, model, pinned, start, labels
+                    headers, body, receive, model, pinned, start, labels
                 )
             else:
                 async with self.large:
                     content, json_length, observed = await self._infer(
-                        headers, body, model, pinned, start, labels
+                        headers, body, receive, model, pinned, start, labels
                     )
             code = "200"
-        except ClientDisconnect:
+        except (ClientDisconnect, ClientGone):
             code = CLIENT_CLOSED
             return
         except Exception as exc:
@@ -184,6 +192,7 @@ class Inference:
         self,
         headers: Headers,
         body: bytes,
+        receive: Receive,
         model: str,
         pinned: str | None,
         start: float,
@@ -233,9 +242,20 @@ class Inference:
         with loaded:
             model_start = time.perf_counter()
             outputs = await loaded.runtime.run(
-                decoded.inputs, codec.output_names(decoded, info), deadline=deadline
+                decoded.inputs,
+                codec.output_names(decoded, info),
+                deadline=deadline,
+                receive=receive,
             )
             model_s = time.perf_counter() - model_start
+        size = codec.output_bytes(outputs, self.settings.max_response_bytes)
+        if size > self.settings.max_response_bytes:
+            raise PayloadTooLarge(
+                f"the outputs of model {info.model!r} version {info.version} for this request "
+                f"take at least {size} bytes, above the limit of "
+                f"{self.settings.max_response_bytes} per response (--max-response-bytes); "
+                "send fewer rows, or inputs that ask for less"
+            )
         # 128 random bits as 32 hex digits, as uuid4().hex, at a quarter of its cost (0.5 µs)
         request_id = decoded.id if decoded.id is not None else os.urandom(16).hex()
         parameters = None

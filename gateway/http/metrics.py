@@ -74,6 +74,11 @@ class GatewayCollector(Collector):
             "Requests answered 504: their deadline passed before they ran",
             labels=labels,
         )
+        abandoned = CounterMetricFamily(
+            "turnout_abandoned",
+            "Requests dropped from the queue unrun: their client left (answered 499)",
+            labels=labels,
+        )
         inline = CounterMetricFamily(
             "turnout_inline_runs",
             "Runs made on the event loop thread (light requests, alone or merged: no thread hop)",
@@ -92,9 +97,10 @@ class GatewayCollector(Collector):
             rows.add_metric(key, stats.rows)
             rejected.add_metric(key, stats.rejected)
             timed_out.add_metric(key, stats.timed_out)
+            abandoned.add_metric(key, stats.abandoned)
             inline.add_metric(key, stats.inline)
             depth.add_metric(key, runtime.queue_depth)
-        yield from (batches, rows, rejected, timed_out, inline, depth)
+        yield from (batches, rows, rejected, timed_out, abandoned, inline, depth)
 
     def _traffic(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(

@@ -6,6 +6,7 @@ Merging assumes the model is row-independent along axis 0; a model that is not c
 ``{"enabled": false}`` in its ``config.json`` (it then keeps the queue limit and deadlines).
 A request never fails because of what it was merged with: when a merged run fails, each of its
 requests runs again alone, so only the ones that fail by themselves get the error.
+A request whose caller leaves while it waits in the queue is dropped before it runs.
 """
 
 from __future__ import annotations
@@ -26,8 +27,16 @@ from typing import Protocol
 
 import numpy as np
 
-from gateway.errors import GatewayError, ModelError, NotReady, Overloaded, Timeout
-from gateway.serving.types import TensorSpec
+from gateway.errors import (
+    BadRequest,
+    ClientGone,
+    GatewayError,
+    ModelError,
+    NotReady,
+    Overloaded,
+    Timeout,
+)
+from gateway.serving.types import Receive, TensorSpec
 
 log = logging.getLogger("turnout.batcher")
 
@@ -50,6 +59,8 @@ class BatchConfig:
     max_queue_delay_us: int = 0  # how long the oldest request may wait for a batch to fill
     max_queue: int = 256  # requests waiting (not running) before Overloaded
     max_concurrent_batches: int = 1
+    # rows (first axis) one request may have; None: only the gateway's --max-batch-rows
+    max_rows_per_request: int | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -57,6 +68,8 @@ class BatchConfig:
             if f.name == "enabled":
                 if not isinstance(value, bool):
                     raise ValueError(f"'enabled' must be true or false, got {value!r}")
+                continue
+            if f.name == "max_rows_per_request" and value is None:
                 continue
             least = 0 if f.name == "max_queue_delay_us" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -102,6 +115,7 @@ class BatchStats:
     failed: int = 0  # requests failed by a model error (their own: see ``isolated``)
     isolated: int = 0  # merged runs that failed and were rerun one request at a time
     cancelled: int = 0  # abandoned by the caller
+    abandoned: int = 0  # dropped from the queue unrun: the client left (ClientGone, 499)
     inline: int = 0  # inner runs on the event loop: light requests, alone or merged
 
 
@@ -115,6 +129,7 @@ class _Request:
     future: asyncio.Future[Arrays]
     enqueued: float = field(default_factory=time.monotonic)
     timer: asyncio.TimerHandle | None = None
+    watch: asyncio.Task[None] | None = None  # waits for the client to leave while queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,15 +199,24 @@ class BatchingRuntime:
         outputs: Sequence[str],
         *,
         deadline: float | None = None,
+        receive: Receive | None = None,
     ) -> Arrays:
         """``deadline`` is an absolute ``time.monotonic()`` value: past it the request fails
-        with Timeout, and is not run if its batch has not started."""
+        with Timeout, and is not run if its batch has not started. ``receive``, the request's
+        ASGI receive once its body is read, is watched only while the request waits in the
+        queue: when the client leaves, the request fails with ClientGone and is not run."""
         if self._closed:
             raise NotReady(f"{self.name} is unloading")
         if deadline is not None and deadline <= time.monotonic():
             self.stats.timed_out += 1
             raise Timeout(f"deadline passed before {self.name} could run the request")
         rows = _rows(inputs)
+        cap = self.config.max_rows_per_request
+        if cap is not None and rows > cap:
+            raise BadRequest(
+                f"{rows} rows, above the limit of {cap} per request of {self.name} "
+                "(max_rows_per_request in its config.json)"
+            )
         if (
             rows <= self._inline_rows
             and not self._queue
@@ -221,11 +245,13 @@ class BatchingRuntime:
         self.stats.requests += 1
         if rows <= self._inline_rows and self._busy():
             # Requests wait for the loop behind this one: pump once they have been queued too,
-            # and run what merges here on the loop (see _launch).
+            # and run what merges here on the loop (see _launch). Not watched: it waits one turn.
             if self._soon is None:
                 self._soon = loop.call_soon(self._pump)
         else:
             self._pump()
+            if receive is not None and request in self._queue:
+                request.watch = loop.create_task(self._watch(request, receive))
         return await request.future
 
     def cheap(self, inputs: Mapping[str, np.ndarray]) -> bool:
@@ -278,9 +304,25 @@ class BatchingRuntime:
             self.stats.timed_out += 1
             request.future.set_exception(Timeout(f"deadline passed before {self.name} answered"))
 
+    async def _watch(self, request: _Request, receive: Receive) -> None:
+        """Until the client leaves: then drop the request if it still waits, and answer it."""
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a server whose receive fails: the request just is not watched
+            return
+        if request.future.done():
+            return
+        if request in self._queue:  # else its batch has started: the result is dropped
+            del self._queue[request]
+            self.stats.abandoned += 1
+        request.future.set_exception(ClientGone(f"the client left before {self.name} answered"))
+
     def _settled(self, request: _Request, future: asyncio.Future[Arrays]) -> None:
         if request.timer is not None:
             request.timer.cancel()
+        if request.watch is not None:
+            request.watch.cancel()
         self._queue.pop(request, None)
         if future.cancelled():
             self.stats.cancelled += 1

@@ -16,7 +16,13 @@ import onnxruntime as ort
 
 from gateway.errors import LoadError, ModelError, Timeout
 from gateway.serving.repository import external_data_inside
-from gateway.serving.types import NUMPY_DTYPES, ONNX_TO_DATATYPE, ModelVersion, TensorSpec
+from gateway.serving.types import (
+    NUMPY_DTYPES,
+    ONNX_TO_DATATYPE,
+    ModelVersion,
+    Receive,
+    TensorSpec,
+)
 from gateway.settings import Settings
 
 _OPT_LEVELS = {
@@ -58,6 +64,7 @@ class SessionRuntime:
         outputs: Sequence[str],
         *,
         deadline: float | None = None,
+        receive: Receive | None = None,  # not watched: nothing queues here
     ) -> dict[str, np.ndarray]:
         if deadline is not None and time.monotonic() >= deadline:
             raise Timeout("the request's deadline passed before it could run")

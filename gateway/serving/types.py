@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +26,10 @@ NUMPY_DTYPES: Mapping[str, np.dtype[Any]] = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(object),
 }
+
+# ASGI ``receive``: once the request's body is read, its next message is ``http.disconnect``
+# when the client leaves.
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 
 # onnxruntime's type strings -> protocol datatype.
 ONNX_TO_DATATYPE: Mapping[str, str] = {
@@ -98,9 +102,11 @@ class Runtime(Protocol):
         outputs: Sequence[str],
         *,
         deadline: float | None = None,
+        receive: Receive | None = None,
     ) -> dict[str, np.ndarray]:
         """Run off the event loop. ``deadline`` (``time.monotonic()``): answer Timeout and do
-        not run when it passes first."""
+        not run when it passes first. ``receive`` (the request's ASGI receive): answer
+        ClientGone and do not run when it says the client left first."""
         ...
 
     def run_sync(

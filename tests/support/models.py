@@ -120,3 +120,21 @@ def write_external_data_scorer(folder: Path, location: str, target: Path | None 
     path = folder / "model.onnx"
     onnx.save(model, path)
     return path
+
+
+def write_expanding(folder: Path) -> Path:
+    """size INT64 [1] -> values FP32 [-1], ``size`` ones: a model whose output shape depends on
+    an input's value, so a request of a few dozen bytes can ask for any number of elements."""
+    node = helper.make_node(
+        "ConstantOfShape",
+        ["size"],
+        ["values"],
+        value=numpy_helper.from_array(np.array([1.0], np.float32)),
+    )
+    graph = helper.make_graph(
+        [node],
+        "expanding",
+        [helper.make_tensor_value_info("size", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["n"])],
+    )
+    return _save(graph, folder)

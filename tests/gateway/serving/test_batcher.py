@@ -441,9 +441,11 @@ def test_config_file_overrides_defaults(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     defaults = BatchConfig(max_queue=10)
     assert BatchConfig.from_file(path, defaults) == defaults  # no file
-    path.write_text(json.dumps({"max_batch_size": 8, "max_queue_delay_us": 500}))
+    path.write_text(
+        json.dumps({"max_batch_size": 8, "max_queue_delay_us": 500, "max_rows_per_request": 4})
+    )
     assert BatchConfig.from_file(path, defaults) == BatchConfig(
-        max_batch_size=8, max_queue_delay_us=500, max_queue=10
+        max_batch_size=8, max_queue_delay_us=500, max_queue=10, max_rows_per_request=4
     )
 
 
@@ -457,6 +459,7 @@ def test_config_file_overrides_defaults(tmp_path: Path) -> None:
         ('{"max_queue_delay_us": -1}', "'max_queue_delay_us' must be a non-negative"),
         ('{"max_queue_delay_us": 1.5}', "'max_queue_delay_us'"),
         ('{"enabled": "yes"}', "'enabled' must be true or false"),
+        ('{"max_rows_per_request": 0}', "'max_rows_per_request' must be a positive integer"),
         ("[1, 2]", "must hold a JSON object"),
         ("{", "not valid JSON"),
     ],
@@ -468,6 +471,7 @@ def test_config_file_overrides_defaults(tmp_path: Path) -> None:
         "negative-delay",
         "float-delay",
         "string-bool",
+        "zero-rows",
         "not-object",
         "bad-json",
     ],
