@@ -183,10 +183,14 @@ class Inference:
         await send({"type": "http.response.start", "status": 200, "headers": response_headers})
         await send({"type": "http.response.body", "body": content})
         # After the answer is on its way: the request that fills the monitor's buffer does not
-        # wait for the flush. Requests pinned to a version by the client do not feed the
-        # monitors, whose latency and drift windows the rollout guards judge.
-        if labels[2] != "pinned":
+        # wait for the flush. While a model's policy has guards, requests pinned to a version by
+        # the client do not feed the monitors, whose latency and drift windows the guards judge.
+        if labels[2] != "pinned" or not self._guarded(model):
             self.observe(*observed)
+
+    def _guarded(self, model: str) -> bool:
+        route = self.table.get(model)
+        return route is not None and route.doc.guards is not None
 
     async def _infer(
         self,
