@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from gateway.background.guards import GuardEvaluator
 from gateway.background.shadow import ShadowRunner
-from gateway.errors import BadRequest, NotFound
+from gateway.errors import BadRequest, NotFound, cut
 from gateway.http.auth import TokenAuth
 from gateway.http.fields import integer
 from gateway.http.responses import json_response, read_json_object
@@ -78,7 +78,7 @@ class Admin:
         model = request.path_params["model"]
         route = self.table.get(model)
         if route is None:
-            raise NotFound(f"model {model!r} has no routing policy")
+            raise NotFound(f"model {cut(model)!r} has no routing policy")
         await self.table.flush()
         stats = await self.table.store.stats(model, route.revision)
         return json_response({**_report(route, stats), "shadows": self.shadows.report(model)})
@@ -98,7 +98,7 @@ class Admin:
         unknown = sorted(set(body) - {"policy", "reason"})
         if unknown:
             raise BadRequest(
-                f"{', '.join(unknown)}: unknown field (expected 'policy' and 'reason')"
+                f"{cut(', '.join(unknown))}: unknown field (expected 'policy' and 'reason')"
             )
         if "policy" not in body:
             raise BadRequest("policy: required")
@@ -142,7 +142,7 @@ class Admin:
         model = self._model(request)
         action: Action = request.path_params["action"]
         if action not in ACTIONS:
-            raise NotFound(f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
+            raise NotFound(f"unknown action {cut(action)!r} (one of {', '.join(ACTIONS)})")
         reason = _reason(await read_json_object(request, _ADMIN_BODY_LIMIT))
         current = await self._record(model)
         expected = _if_match(request)
@@ -173,14 +173,14 @@ class Admin:
     def _model(self, request: Request) -> str:
         model: str = request.path_params["model"]
         if not self.registry.known(model):
-            raise NotFound(f"unknown model {model!r}")
+            raise NotFound(f"unknown model {cut(model)!r}")
         return model
 
     async def _record(self, model: str) -> RouteRecord:
         _, records = await self.table.store.routes()
         record: RouteRecord | None = records.get(model)
         if record is None:
-            raise NotFound(f"model {model!r} has no routing policy")
+            raise NotFound(f"model {cut(model)!r} has no routing policy")
         return record
 
 

@@ -173,7 +173,9 @@ return 1
 
 # A page of a trail and where it stands, read in one step.
 # KEYS: audit or audit:<model>, audit_seq; ARGV: the trail's field in audit_seq, cursor ('' =
-# the newest entry), limit. Returns {entries ever appended, length, start index, entries}.
+# the newest entry), limit. Returns {entries ever appended, length, start index, the entries
+# joined by newlines}: one string parses in microseconds where a thousand took the client
+# ~5 ms of the event loop, and JSON from orjson (or spliced from it) holds no raw newline.
 AUDIT_PAGE = """
 local length = redis.call('LLEN', KEYS[1])
 local total = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or length)
@@ -185,7 +187,7 @@ local entries = {}
 if tonumber(ARGV[3]) > 0 then
   entries = redis.call('LRANGE', KEYS[1], start, start + tonumber(ARGV[3]) - 1)
 end
-return {total, length, start, entries}
+return {total, length, start, table.concat(entries, '\\n')}
 """
 
 # KEYS: lease:<name>; ARGV: holder, ttl in ms. Take a free lease or extend one's own.
@@ -336,7 +338,8 @@ class RedisStore:
         keys = [key, self._key("audit_seq")]
         args = [model or "", "" if cursor is None else cursor, max(limit, 0)]
         with _translated():
-            total, length, start, raw = await self._page(keys=keys, args=args)
+            total, length, start, joined = await self._page(keys=keys, args=args)
+        raw = joined.split(b"\n") if joined else []
         return page_of(raw, int(total), int(length), int(start), max_bytes)
 
     async def add_stats(self, deltas: Mapping[tuple[str, int, str], ArmStats], batch: str) -> None:
