@@ -39,6 +39,7 @@ def refused_total(gateway: InProcessServer) -> dict[str, float]:
     return {reason: float(n) for reason, n in found}
 
 
+@pytest.mark.slow  # 60 MB of request lines: ~25 s here
 def test_a_thousand_refusals_with_60_kb_paths_log_a_bounded_number_of_short_lines(
     gateway: InProcessServer,
 ) -> None:
