@@ -24,6 +24,21 @@ StaleRevision -> 412, StoreUnavailable -> 503.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
+# Why a credential was refused: the label set of turnout_refused_total, fixed by the code.
+RefusalReason = Literal["missing", "malformed", "invalid", "expired", "disabled"]
+REFUSAL_REASONS: tuple[RefusalReason, ...] = get_args(RefusalReason)
+SHOWN_CHARS = 200  # of a client's value in a message or a log line
+
+
+def cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` (a client's value, or a message quoting one) as a message or log line shows it:
+    the first ``limit`` characters, then a marker saying how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more characters]"
+
 
 class GatewayError(Exception):
     status: int = 500
@@ -39,6 +54,10 @@ class BadRequest(GatewayError):
 
 class Unauthorized(GatewayError):
     status = 401
+
+    def __init__(self, message: str, reason: RefusalReason) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Forbidden(GatewayError):

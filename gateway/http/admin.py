@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from gateway.background.guards import GuardEvaluator
 from gateway.background.shadow import ShadowRunner
-from gateway.errors import BadRequest, NotFound
+from gateway.errors import BadRequest, NotFound, cut
 from gateway.http.access import Access
 from gateway.http.fields import integer
 from gateway.http.responses import json_response, read_json_object
@@ -25,6 +25,7 @@ from router.state.store import RouteRecord
 from router.state.table import Route, RouteTable
 
 _ADMIN_BODY_LIMIT = 1 << 20
+MAX_AUDIT_PAGE = 1000  # entries per audit page (``limit``)
 _MAX_REVISION = (1 << 63) - 1  # Redis counters are signed 64-bit
 
 
@@ -60,18 +61,24 @@ class Admin:
         return _with_etag(_describe(record), record.revision)
 
     async def audit(self, request: Request) -> Response:
-        model = request.query_params.get("model") or None
+        query = request.query_params
+        model = query.get("model") or None
         self.access.require(request, model)
-        limit = integer("limit", request.query_params.get("limit", "100"), 10_000, minimum=1)
-        entries = await self.table.store.audit(model, limit)
-        return json_response({"entries": [dataclasses.asdict(e) for e in entries]})
+        limit = integer("limit", query.get("limit", "100"), MAX_AUDIT_PAGE, minimum=1)
+        raw_cursor = query.get("cursor")
+        cursor = None if raw_cursor is None else integer("cursor", raw_cursor, _MAX_REVISION, 1)
+        page = await self.table.store.audit_page(model, limit, cursor)
+        # The stored JSON as it is: no decode and re-encode of up to a MiB on the event loop.
+        following = b"null" if page.next is None else b'"%d"' % page.next
+        body = b'{"entries":[' + b",".join(page.entries) + b'],"next":' + following + b"}"
+        return Response(body, media_type="application/json")
 
     async def report(self, request: Request) -> Response:
         self.access.require(request)
         model = request.path_params["model"]
         route = self.table.get(model)
         if route is None:
-            raise NotFound(f"model {model!r} has no routing policy")
+            raise NotFound(f"model {cut(model)!r} has no routing policy")
         await self.table.flush()
         stats = await self.table.store.stats(model, route.revision)
         return json_response({**_report(route, stats), "shadows": self.shadows.report(model)})
@@ -91,7 +98,7 @@ class Admin:
         unknown = sorted(set(body) - {"policy", "reason"})
         if unknown:
             raise BadRequest(
-                f"{', '.join(unknown)}: unknown field (expected 'policy' and 'reason')"
+                f"{cut(', '.join(unknown))}: unknown field (expected 'policy' and 'reason')"
             )
         if "policy" not in body:
             raise BadRequest("policy: required")
@@ -135,7 +142,7 @@ class Admin:
         model = self._model(request)
         action: Action = request.path_params["action"]
         if action not in ACTIONS:
-            raise NotFound(f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
+            raise NotFound(f"unknown action {cut(action)!r} (one of {', '.join(ACTIONS)})")
         reason = _reason(await read_json_object(request, _ADMIN_BODY_LIMIT))
         current = await self._record(model)
         expected = _if_match(request)
@@ -166,14 +173,14 @@ class Admin:
     def _model(self, request: Request) -> str:
         model: str = request.path_params["model"]
         if not self.registry.known(model):
-            raise NotFound(f"unknown model {model!r}")
+            raise NotFound(f"unknown model {cut(model)!r}")
         return model
 
     async def _record(self, model: str) -> RouteRecord:
         _, records = await self.table.store.routes()
         record: RouteRecord | None = records.get(model)
         if record is None:
-            raise NotFound(f"model {model!r} has no routing policy")
+            raise NotFound(f"model {cut(model)!r} has no routing policy")
         return record
 
 

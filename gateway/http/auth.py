@@ -35,12 +35,12 @@ class TokenAuth:
     def authenticate(self, authorization: str | None) -> str:
         """Return the name of the token presented in an ``Authorization: Bearer`` header."""
         if not self._tokens:
-            raise Unauthorized(self._disabled)
+            raise Unauthorized(self._disabled, "disabled")
         if authorization is None:
-            raise Unauthorized(f"missing {self._what}")
+            raise Unauthorized(f"missing {self._what}", "missing")
         scheme, _, presented = authorization.partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
-            raise Unauthorized("expected 'Authorization: Bearer <token>'")
+            raise Unauthorized("expected 'Authorization: Bearer <token>'", "malformed")
         return self.verify(presented.strip())
 
     def verify(self, presented: str) -> str:
@@ -52,9 +52,9 @@ class TokenAuth:
             if hmac.compare_digest(candidate, token) and who is None:
                 who, until = name, expires
         if who is None:
-            raise Unauthorized(f"invalid {self._what}")
+            raise Unauthorized(f"invalid {self._what}", "invalid")
         if self._clock() >= until:
-            raise Unauthorized(f"{self._what} expired")
+            raise Unauthorized(f"{self._what} expired", "expired")
         return who
 
     def expired(self) -> list[str]:
@@ -89,7 +89,8 @@ class ApiKeys:
             return self._auth.verify(key.strip())
         if headers.get("authorization") is None:
             raise Unauthorized(
-                f"missing {self._what}: send 'X-API-Key: <key>' or 'Authorization: Bearer <key>'"
+                f"missing {self._what}: send 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
+                "missing",
             )
         return self._auth.authenticate(headers.get("authorization"))
 

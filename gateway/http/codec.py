@@ -23,7 +23,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, cut
 from gateway.http.fields import integer
 from gateway.serving.types import NUMPY_DTYPES, ModelVersion, TensorSpec
 
@@ -703,5 +703,4 @@ _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring = 3, 6, 4, 60
 
 def _show(value: Any, limit: int = 60) -> str:
     """repr of a client-supplied value, cut short so one message cannot echo a whole body."""
-    text = _REPR.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return cut(_REPR.repr(value), limit)

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, cut
 
 _MAX_DIGITS = 19  # any value past this exceeds every maximum we accept (2**63 has 19 digits)
 
@@ -13,8 +13,9 @@ def integer(field: str, raw: str, maximum: int, minimum: int = 0) -> int:
     """``raw`` as an int in [minimum, maximum]: ASCII digits only, surrounding spaces allowed."""
     text = raw.strip()
     if not text or len(text) > _MAX_DIGITS or not (text.isascii() and text.isdigit()):
-        shown = raw if len(raw) <= 40 else raw[:37] + "..."
-        raise BadRequest(f"{field}: must be an integer in [{minimum}, {maximum}], got {shown!r}")
+        raise BadRequest(
+            f"{field}: must be an integer in [{minimum}, {maximum}], got {cut(raw, 40)!r}"
+        )
     value = int(text)
     if not minimum <= value <= maximum:
         raise BadRequest(f"{field}: must be an integer in [{minimum}, {maximum}], got {value}")

@@ -19,6 +19,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from gateway.background.shadow import ShadowRunner
+from gateway.http.refusals import REFUSALS
 from gateway.serving.batcher import BatchingRuntime
 from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, View
@@ -55,6 +56,19 @@ class GatewayCollector(Collector):
         yield from self._batching()
         if self.guards is not None:
             yield from self._guards(self.guards)
+        yield self._refused()
+
+    def _refused(self) -> Metric:
+        """This process's refused credentials, by reason (a fixed set; gateway.errors)."""
+        refused = CounterMetricFamily(
+            "turnout_refused",
+            "Requests refused for their credentials (401), by reason; logged at most 10 a "
+            "reason per 10 s",
+            labels=["reason"],
+        )
+        for reason, count in sorted(REFUSALS.counts.items()):
+            refused.add_metric([reason], count)
+        return refused
 
     def _batching(self) -> Iterator[Metric]:
         labels = ["model", "version"]

@@ -354,9 +354,11 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
         },
         "/admin/routes/{model}/guards": {**_get("Rollout guards: the verdict on this replica's windows, the figures and thresholds behind it, the last guard action", _ref("Guards"), 401, 404, 503, security=_ADMIN), "parameters": [_MODEL]},
         "/admin/routes/{model}/report": {**_get("Per-version counts, feedback, SRM check, sequential test, shadow divergence", {"type": "object"}, 401, 404, 503, security=_ADMIN), "parameters": [_MODEL]},
-        "/admin/audit": {**_get("The audit trail, newest first", {"type": "object", "properties": {"entries": {"type": "array", "items": _ref("AuditEntry")}}}, 400, 401, 503, security=_ADMIN),
+        "/admin/audit": {**_get("The audit trail, newest first, a page at a time (up to `limit` entries and about 1 MiB); `next` is the cursor of the following page, null after the last",
+                                {"type": "object", "required": ["entries", "next"], "properties": {"entries": {"type": "array", "items": _ref("AuditEntry")}, "next": {"type": "string", "nullable": True}}}, 400, 401, 503, security=_ADMIN),
                          "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"}},
-                                        {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}]},
+                                        {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                                        {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}, "description": "`next` of the previous page (opaque)"}]},
     }  # fmt: skip
     for (method, path), role in REQUIRED.items():  # copies, as below
         item = paths[path] = dict(paths[path])

@@ -23,9 +23,11 @@ from gateway.errors import (
     PayloadTooLarge,
     PreconditionFailed,
     Unauthorized,
+    cut,
 )
 from gateway.http import codec
 from gateway.http.fields import integer
+from gateway.http.refusals import REFUSALS
 from router.policy.policies import ActionConflict, PolicyError
 from router.state.store import StaleRevision, StoreUnavailable
 from router.state.table import UnknownInference
@@ -34,6 +36,7 @@ log = logging.getLogger("turnout")
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 _MAX_CONTENT_LENGTH = 1 << 62  # beyond any body cap: compared with the cap next
+ROUTER_MESSAGE_CHARS = 1000
 
 
 def json_response(content: Any, status: int = 200) -> Response:
@@ -93,14 +96,17 @@ async def gateway_error(request: Request, exc: Exception) -> Response:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     elif isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
+    path = cut(request.url.path)
     if exc.status >= 500:
-        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        log.warning("%s %s -> %d: %s", request.method, path, exc.status, exc.message)
     elif isinstance(exc, Unauthorized):
         # The reason only: never the header, which may hold a real token sent to the wrong place.
         client = request.client.host if request.client else "-"
-        log.info("refused %s %s from %s: %s", request.method, request.url.path, client, exc.message)
+        REFUSALS.refused(
+            exc.reason, f"refused {request.method} {path} from {client}: {exc.message}"
+        )
     else:
-        log.debug("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        log.debug("%s %s -> %d: %s", request.method, path, exc.status, exc.message)
     return error_response(exc.status, exc.message, headers)
 
 
@@ -113,11 +119,12 @@ def _stale(exc: Exception) -> GatewayError:
 
 
 # The router's errors as the gateway's (the router stands below the gateway and cannot raise
-# these itself). Most specific first, as in HANDLERS.
+# these itself). Most specific first, as in HANDLERS. Their messages may quote a client's values
+# (a document's unknown field names, an inference id) and the router cannot cut them: cut here.
 ROUTER_ERRORS: dict[type[Exception], Callable[[Exception], GatewayError]] = {
-    ActionConflict: lambda exc: Conflict(str(exc)),
-    PolicyError: lambda exc: BadRequest(str(exc)),
-    UnknownInference: lambda exc: NotFound(str(exc)),
+    ActionConflict: lambda exc: Conflict(cut(str(exc), ROUTER_MESSAGE_CHARS)),
+    PolicyError: lambda exc: BadRequest(cut(str(exc), ROUTER_MESSAGE_CHARS)),
+    UnknownInference: lambda exc: NotFound(cut(str(exc), ROUTER_MESSAGE_CHARS)),
     StaleRevision: _stale,
     StoreUnavailable: lambda exc: NotReady(f"routing state store unavailable: {exc}"),
 }
@@ -132,19 +139,19 @@ async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = str(exc.detail)
     if exc.status_code in (404, 405):  # starlette's bare "Not Found" says nothing useful
-        message = f"{message}: no route for {request.method} {request.url.path}"
+        message = f"{message}: no route for {request.method} {cut(request.url.path)}"
     return error_response(exc.status_code, message, dict(exc.headers or {}))
 
 
 async def too_deep(request: Request, exc: Exception) -> Response:
     """A client's JSON nested hundreds of levels (orjson accepts 1024) met code that recurses
     over it, such as a repr in a validation message: the client's mistake, not a fault."""
-    log.warning("%s %s -> 400: nested too deeply (%s)", request.method, request.url.path, exc)
+    log.warning("%s %s -> 400: nested too deeply (%s)", request.method, cut(request.url.path), exc)
     return error_response(400, "request JSON is nested too deeply to process")
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    log.exception("unexpected error on %s %s", request.method, cut(request.url.path), exc_info=exc)
     return error_response(500, "internal server error")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Literal
 
-from gateway.errors import BadRequest, LoadError, NotFound, NotReady
+from gateway.errors import BadRequest, LoadError, NotFound, NotReady, cut
 from gateway.serving.monitoring import reference_input
 from gateway.serving.repository import (
     check_model_name,
@@ -99,16 +99,18 @@ class Registry:
         status = self._status.get((model, version))
         if status is None:
             if versions is None and not self.known(model):
-                raise NotFound(f"unknown model {model!r}")
-            raise NotFound(f"unknown version {version!r} of model {model!r}")
-        raise NotReady(f"model {model!r} version {version} is not ready ({status.state.lower()})")
+                raise NotFound(f"unknown model {cut(model)!r}")
+            raise NotFound(f"unknown version {cut(version)!r} of model {cut(model)!r}")
+        raise NotReady(
+            f"model {cut(model)!r} version {version} is not ready ({status.state.lower()})"
+        )
 
     def latest(self, model: str) -> Loaded:
         loaded = self._latest.get(model)
         if loaded is None:
             if self.known(model):
-                raise NotReady(f"model {model!r} has no ready version")
-            raise NotFound(f"unknown model {model!r}")
+                raise NotReady(f"model {cut(model)!r} has no ready version")
+            raise NotFound(f"unknown model {cut(model)!r}")
         return loaded
 
     def artifacts(self, model: str, versions: Iterable[str]) -> dict[str, str]:
@@ -159,13 +161,13 @@ class Registry:
         on_disk = list_versions(self.root, model)
         if versions is None:
             if not on_disk and not self.known(model):
-                raise NotFound(f"model {model!r} is not in the repository")
+                raise NotFound(f"model {cut(model)!r} is not in the repository")
             targets, gone = on_disk, [v for v in self.ready_versions(model) if v not in on_disk]
         else:
             for v in versions:
                 check_version_name(v)
                 if v not in on_disk:
-                    raise NotFound(f"model {model!r} has no version {v} in the repository")
+                    raise NotFound(f"model {cut(model)!r} has no version {v} in the repository")
             targets, gone = versions, []
         failures: list[str] = []
         async with self._lock(model):
@@ -180,18 +182,18 @@ class Registry:
                     if self._status[key].state in ("FAILED", "UNAVAILABLE"):
                         del self._status[key]
         if failures:
-            raise BadRequest(f"failed to load model {model!r}: {'; '.join(failures)}")
+            raise BadRequest(f"failed to load model {cut(model)!r}: {'; '.join(failures)}")
 
     async def unload(self, model: str, versions: list[str] | None = None) -> None:
         """Stop routing to the versions, wait for their in-flight requests, then free them."""
         check_model_name(model)
         if not self.known(model):
-            raise NotFound(f"unknown model {model!r}")
+            raise NotFound(f"unknown model {cut(model)!r}")
         if versions is not None:
             for v in versions:
                 check_version_name(v)
                 if (model, v) not in self._status:
-                    raise NotFound(f"unknown version {v!r} of model {model!r}")
+                    raise NotFound(f"unknown version {cut(v)!r} of model {cut(model)!r}")
         async with self._lock(model):
             await self._unload(model, versions or self.ready_versions(model))
 

@@ -24,6 +24,10 @@ Canary: ``steps`` (default 0.05, 0.25, 0.5, 1.0), ``weight`` (default the first 
 ``parameter:<name>``) and ``salt`` (a string; changing it reshuffles sticky assignment, e.g.
 for a new experiment on the same versions). Bandit: ``algorithm`` (default thompson),
 ``min_share`` (default 0), ``epsilon`` (epsilon_greedy only, default 0.1).
+
+Sizes are capped (each routed request and each audit entry carries the document): at most
+``MAX_STEPS`` steps, ``MAX_ARMS`` arms, ``MAX_SHADOWS`` shadow versions, version names of
+``MAX_VERSION_CHARS`` and ``sticky``/``salt`` of ``MAX_STICKY_CHARS`` characters.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ PolicyJson = dict[str, Any]
 Action = Literal["advance", "pause", "resume", "promote", "rollback", "switch"]
 ACTIONS: tuple[Action, ...] = get_args(Action)
 DEFAULT_STEPS = (0.05, 0.25, 0.5, 1.0)
+# Caps on what a document may hold: every request routed by it and every audit entry carries it.
+MAX_STEPS = 32  # canary steps
+MAX_ARMS = 32  # A/B and bandit arms
+MAX_SHADOWS = 16  # shadow versions
+MAX_VERSION_CHARS = 64  # a version name
+MAX_STICKY_CHARS = 256  # sticky and salt
 _COMMON = ("strategy", "shadow", "guards", "seed")
 # What a guard's breach leads to: the action's audit name (None: no change) and the document.
 Change = tuple[str | None, "PolicyDoc"]
@@ -408,6 +418,7 @@ def _parse_canary(raw: Mapping[str, Any], loaded: frozenset[str] | None) -> Poli
     raw_steps = raw.get("steps", list(DEFAULT_STEPS))
     if not isinstance(raw_steps, list) or not raw_steps:
         raise PolicyError("steps", "must be a non-empty list of weights")
+    _at_most(raw_steps, MAX_STEPS, "steps", "steps")
     steps = [_number(s, f"steps.{i}") for i, s in enumerate(raw_steps)]
     for i, s in enumerate(steps):
         if not 0.0 < s <= 1.0:
@@ -429,6 +440,7 @@ def _parse_ab(raw: Mapping[str, Any], loaded: frozenset[str] | None) -> PolicyDo
     arms = raw.get("arms")
     if not isinstance(arms, Mapping) or len(arms) < 2:
         raise PolicyError("arms", 'must map at least two versions to weights: {"1": 0.5, ...}')
+    _at_most(arms, MAX_ARMS, "arms", "arms")
     weights: list[tuple[str, float]] = []
     for version in arms:
         _version(version, f"arms.{version}", loaded)
@@ -444,6 +456,7 @@ def _parse_bandit(raw: Mapping[str, Any], loaded: frozenset[str] | None) -> Poli
     arms = raw.get("arms")
     if not isinstance(arms, list) or len(arms) < 2:
         raise PolicyError("arms", 'must list at least two versions: ["1", "2"]')
+    _at_most(arms, MAX_ARMS, "arms", "arms")
     for i, version in enumerate(arms):
         _version(version, f"arms.{i}", loaded)
     if len(set(arms)) != len(arms):
@@ -482,6 +495,7 @@ def _shadow(raw: Any, primary: frozenset[str], loaded: frozenset[str] | None) ->
     versions = raw.get("versions")
     if not isinstance(versions, list) or not versions:
         raise PolicyError("shadow.versions", "must be a non-empty list of versions")
+    _at_most(versions, MAX_SHADOWS, "shadow.versions", "versions")
     for i, version in enumerate(versions):
         field = f"shadow.versions.{i}"
         _version(version, field, loaded)
@@ -496,6 +510,8 @@ def _sticky(raw: Mapping[str, Any]) -> tuple[str | None, str | None]:
     for field in ("sticky", "salt"):
         if field in raw and not isinstance(raw[field], str):
             raise PolicyError(field, f"must be a string, got {raw[field]!r}")
+        if field in raw and len(raw[field]) > MAX_STICKY_CHARS:
+            raise PolicyError(field, f"at most {MAX_STICKY_CHARS} characters")
     salt: str | None = raw.get("salt")
     if "sticky" not in raw:
         return None, salt
@@ -528,9 +544,16 @@ def _against_first(arms: list[str]) -> tuple[Subject, ...]:
 def _version(value: Any, field: str, loaded: frozenset[str] | None) -> str:
     if not isinstance(value, str) or not value:
         raise PolicyError(field, f"must be a non-empty version string, got {value!r}")
+    if len(value) > MAX_VERSION_CHARS:
+        raise PolicyError(field, f"a version name has at most {MAX_VERSION_CHARS} characters")
     if loaded is not None and value not in loaded:
         raise PolicyError(field, f"version {value!r} is not loaded (loaded: {sorted(loaded)})")
     return value
+
+
+def _at_most(items: Collection[Any], cap: int, field: str, what: str) -> None:
+    if len(items) > cap:
+        raise PolicyError(field, f"at most {cap} {what}, got {len(items)}")
 
 
 def _number(value: Any, field: str) -> float:

@@ -23,6 +23,10 @@ from typing import Any, Protocol
 import orjson
 
 AUDIT_CAP = 100_000
+# An audit page stops once its entries pass this many bytes (always at least one entry), so one
+# read never holds the event loop for long however large the entries are.
+AUDIT_PAGE_BYTES = 1 << 20
+MAX_WHO_CHARS = 200  # an audit entry's ``who`` is cut to this (token names come from settings)
 # How long a store remembers that a stats batch was applied. A batch whose write timed out is
 # resent, with the same id, once the store answers again; the first copy, if it was applied,
 # ran no later than that. Ten minutes covers any resend after the store came back.
@@ -66,6 +70,35 @@ class AuditEntry:
     after: dict[str, Any] | None
     artifacts: dict[str, str]  # version -> sha256
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    """Audit entries as stored (JSON objects, newest first) and the cursor of the page after
+    (None: this is the last). Entries of a trail are numbered 1, 2, ... as they are appended; a
+    cursor is the number of the first entry of its page, so pages do not shift when entries are
+    appended between reads."""
+
+    entries: list[bytes]
+    next: int | None
+
+
+def page_of(
+    raw: Sequence[bytes], total: int, length: int, start: int, max_bytes: int | None
+) -> AuditPage:
+    """The page of ``raw``, the entries of a trail from index ``start`` (newest first), cut at
+    ``max_bytes``; the trail holds ``length`` entries of the ``total`` ever appended to it."""
+    kept = len(raw)
+    if max_bytes is not None:
+        size = 0
+        for i, entry in enumerate(raw):
+            size += len(entry)
+            if i and size > max_bytes:
+                kept = i
+                break
+    end = start + kept
+    following = total - end
+    return AuditPage(list(raw[:kept]), following if end < length and following > 0 else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +155,17 @@ class StateStore(Protocol):
 
     async def audit(self, model: str | None = None, limit: int = 100) -> list[AuditEntry]:
         """Newest first; all models when ``model`` is None."""
+        ...
+
+    async def audit_page(
+        self,
+        model: str | None,
+        limit: int,
+        cursor: int | None = None,
+        max_bytes: int | None = AUDIT_PAGE_BYTES,
+    ) -> AuditPage:
+        """Up to ``limit`` entries of the trail (all models when ``model`` is None) from
+        ``cursor`` (None: the newest), stopping past ``max_bytes``."""
         ...
 
     async def restore(
@@ -195,7 +239,7 @@ def audit_body(
     """The JSON object of an audit entry without revision, at and before (the store adds them)."""
     return orjson.dumps(
         {
-            "who": who,
+            "who": who[:MAX_WHO_CHARS],
             "model": model,
             "action": action,
             "reason": reason,
@@ -252,6 +296,7 @@ class MemoryStore:
         self._docs: dict[str, tuple[int, bytes]] = {}  # model -> (revision, JSON doc)
         self._audit: deque[bytes] = deque(maxlen=AUDIT_CAP)
         self._model_audit: dict[str, deque[bytes]] = {}
+        self._appended: dict[str, int] = {}  # "" (global) or model -> entries ever appended
         self._stats: dict[tuple[str, int], dict[str, ArmStats]] = {}
         self._batches: OrderedDict[str, float] = OrderedDict()  # applied batch -> forget after
         self._assignments: dict[str, tuple[float, Assignment]] = {}  # id -> (deadline, value)
@@ -298,15 +343,33 @@ class MemoryStore:
             self._docs.pop(model, None)
         else:
             self._docs[model] = (revision, after)
-        self._audit.append(entry)
-        self._model_audit.setdefault(model, deque(maxlen=AUDIT_CAP)).append(entry)
+        self._append(model, entry)
         self._changed.set()
         self._changed = asyncio.Event()
         return None if after is None else RouteRecord(model, orjson.loads(after), revision)
 
     async def audit(self, model: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        page = await self.audit_page(model, limit, max_bytes=None)
+        return [decode_entry(raw) for raw in page.entries]
+
+    async def audit_page(
+        self,
+        model: str | None,
+        limit: int,
+        cursor: int | None = None,
+        max_bytes: int | None = AUDIT_PAGE_BYTES,
+    ) -> AuditPage:
         trail = self._audit if model is None else self._model_audit.get(model, deque())
-        return [decode_entry(raw) for raw in itertools.islice(reversed(trail), max(limit, 0))]
+        total = self._appended.get(model or "", 0)
+        start = 0 if cursor is None else max(0, total - cursor)
+        raw = list(itertools.islice(reversed(trail), start, start + max(limit, 0)))
+        return page_of(raw, total, len(trail), start, max_bytes)
+
+    def _append(self, model: str, entry: bytes) -> None:
+        self._audit.append(entry)
+        self._model_audit.setdefault(model, deque(maxlen=AUDIT_CAP)).append(entry)
+        for trail in ("", model):
+            self._appended[trail] = self._appended.get(trail, 0) + 1
 
     async def restore(
         self,
@@ -325,9 +388,7 @@ class MemoryStore:
         for record, doc in docs:
             self._docs[record.model] = (record.revision, doc)
             body = audit_body(who, record.model, "restore", reason, doc, {}, None)
-            entry = audit_entry(record.revision, now, None, body)
-            self._audit.append(entry)
-            self._model_audit.setdefault(record.model, deque(maxlen=AUDIT_CAP)).append(entry)
+            self._append(record.model, audit_entry(record.revision, now, None, body))
             totals = stats.get(record.model, {}).items()
             self._add({(record.model, record.revision, v): t for v, t in totals})
         self._changed.set()

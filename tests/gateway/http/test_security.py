@@ -457,10 +457,16 @@ def test_the_formatter_keeps_one_record_per_line() -> None:
 
 
 def audit(gateway: GatewayServer) -> list[dict[str, Any]]:
-    r = call(gateway, "GET", "/admin/audit?limit=10000", headers=ADMIN)
-    assert r.status_code == 200, r.text
-    entries: list[dict[str, Any]] = r.json()["entries"]
-    return entries
+    """The whole trail, page after page."""
+    entries: list[dict[str, Any]] = []
+    query = "?limit=1000"
+    while True:
+        r = call(gateway, "GET", "/admin/audit" + query, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        entries += r.json()["entries"]
+        if r.json()["next"] is None:
+            return entries
+        query = f"?limit=1000&cursor={r.json()['next']}"
 
 
 @pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])

@@ -162,6 +162,39 @@ def test_validation_errors_name_the_field(doc: Any, field: str) -> None:
     assert str(info.value).startswith(f"{field}: ")
 
 
+# Issue 14, finding 10: every list and string in a document is capped (each request routed by
+# the document and each audit entry carries it). Parsed without the loaded versions, so only the
+# cap can refuse these.
+MANY = [str(i) for i in range(1, 34)]
+STEPS_33 = [i / 33 for i in range(1, 34)]
+CAPPED: list[tuple[str, Any, str]] = [
+    ("steps", {**CANARY, "weight": STEPS_33[0], "steps": STEPS_33}, "steps"),
+    ("ab-arms", {**AB, "arms": dict.fromkeys(MANY, 1 / 33)}, "arms"),
+    ("bandit-arms", {**BANDIT, "arms": MANY}, "arms"),
+    ("shadows", {**SINGLE, "version": "0", "shadow": {"versions": MANY[:17]}}, "shadow.versions"),
+    ("version", {**SINGLE, "version": "v" * 65}, "version"),
+    ("salt", {**AB, "salt": "s" * 257}, "salt"),
+    ("sticky", {**AB, "sticky": "header:" + "h" * 250}, "sticky"),
+]
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"), [(d, f) for _, d, f in CAPPED], ids=[i for i, *_ in CAPPED]
+)
+def test_document_sizes_are_capped(doc: Any, field: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_policy(doc)
+    assert info.value.field == field, info.value
+    assert "at most" in info.value.message
+
+
+def test_documents_at_the_caps_parse() -> None:
+    parse_policy({**CANARY, "weight": STEPS_33[1], "steps": STEPS_33[1:]})
+    parse_policy({**BANDIT, "arms": MANY[:32], "min_share": 0.0})
+    parse_policy({**SINGLE, "version": "0", "shadow": {"versions": MANY[:16]}})
+    parse_policy({**AB, "arms": {"v" * 64: 0.5, "2": 0.5}, "salt": "s" * 256})
+
+
 def test_unknown_field_error_lists_the_allowed_ones() -> None:
     with pytest.raises(PolicyError, match="allowed: strategy, shadow, guards, seed, version"):
         parse_policy({**SINGLE, "weight": 1}, LOADED)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -195,6 +196,79 @@ async def test_audit_entries_are_complete_newest_first_filtered_and_limited(
     assert [e.revision for e in await store.audit(limit=2)] == [3, 2]
     assert [e.revision for e in await store.audit("fraud", limit=1)] == [3]
     assert await store.audit(limit=0) == []
+
+
+async def walk(
+    store: StateStore, model: str | None, limit: int, between: Callable[[], Awaitable[Any]]
+) -> list[int]:
+    """Every page of a trail from the newest, calling ``between`` after each page."""
+    revisions: list[int] = []
+    cursor = None
+    while True:
+        page = await store.audit_page(model, limit, cursor)
+        revisions += [orjson.loads(e)["revision"] for e in page.entries]
+        if page.next is None:
+            return revisions
+        cursor = page.next
+        await between()
+
+
+async def test_audit_pages_walk_a_trail_longer_than_a_page_while_entries_are_appended(
+    store: StateStore,
+) -> None:
+    """Issue 14, finding 10: the audit trail is read a page at a time, and a cursor does not
+    shift when entries are appended between pages (no entry repeated or skipped)."""
+    for i in range(25):
+        await put(store, ("fraud", "risk")[i % 2], CANARY | {"weight": i / 100})
+    appended = 0
+
+    async def append() -> None:
+        nonlocal appended
+        appended += 1
+        await put(store, "fraud", CANARY | {"weight": 0.5 + appended / 100})
+
+    assert await walk(store, None, 10, append) == list(range(25, 0, -1))
+    assert appended == 2  # two pages followed the first
+    fraud = list(range(27, 0, -1))  # every revision of fraud: odd up to 25, then 26 and 27
+    fraud = [r for r in fraud if r > 25 or r % 2 == 1]
+    assert await walk(store, "fraud", 4, append) == fraud
+    assert await walk(store, "risk", 100, append) == list(range(24, 0, -2))
+    page = await store.audit_page("unknown", 10)
+    assert (page.entries, page.next) == ([], None)
+
+
+async def test_a_redis_trail_written_before_paging_pages_from_its_length(
+    replicas: Replicas,
+) -> None:
+    """A trail an older gateway wrote has no audit_seq count: the count starts at its length."""
+    store = replicas.open()
+    if not isinstance(store, RedisStore):
+        pytest.skip("Redis only")
+    for _ in range(5):
+        await put(store, "fraud", CANARY)
+    raw = Redis.from_url(REDIS_URL)
+    await raw.delete(store._key("audit_seq"))
+    await raw.aclose()
+
+    async def nothing() -> None:
+        pass
+
+    assert await walk(store, "fraud", 2, nothing) == [5, 4, 3, 2, 1]
+    await put(store, "fraud", CANARY)
+    assert await walk(store, None, 2, nothing) == [6, 5, 4, 3, 2, 1]
+
+
+async def test_an_audit_page_stops_past_its_byte_budget(store: StateStore) -> None:
+    for i in range(6):
+        await put(store, "fraud", CANARY, reason=f"{i} " + "x" * 1000)
+    page = await store.audit_page(None, 100, max_bytes=3_000)
+    assert 1 <= len(page.entries) < 6 and sum(map(len, page.entries)) <= 3_000
+    assert page.next == 6 - len(page.entries)
+    rest = await store.audit_page(None, 100, page.next, max_bytes=10**6)
+    assert [orjson.loads(e)["revision"] for e in page.entries + rest.entries] == [6, 5, 4, 3, 2, 1]
+    # one entry larger than the budget still makes a page, so paging always moves on
+    (single,) = (await store.audit_page(None, 100, max_bytes=10)).entries
+    assert orjson.loads(single)["revision"] == 6
 
 
 async def test_a_store_behind_a_replica_takes_back_only_what_it_lost(replicas: Replicas) -> None:
