@@ -28,7 +28,7 @@ from gateway.http import codec
 from gateway.http.fields import integer
 from router.policy.policies import ActionConflict, PolicyError
 from router.state.store import StaleRevision, StoreUnavailable
-from router.state.table import UnknownInference
+from router.state.table import RewardConflict, UnknownInference
 
 log = logging.getLogger("turnout")
 
@@ -116,6 +116,7 @@ def _stale(exc: Exception) -> GatewayError:
 # these itself). Most specific first, as in HANDLERS.
 ROUTER_ERRORS: dict[type[Exception], Callable[[Exception], GatewayError]] = {
     ActionConflict: lambda exc: Conflict(str(exc)),
+    RewardConflict: lambda exc: Conflict(str(exc)),
     PolicyError: lambda exc: BadRequest(str(exc)),
     UnknownInference: lambda exc: NotFound(str(exc)),
     StaleRevision: _stale,
