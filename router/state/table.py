@@ -50,7 +50,7 @@ class RewardConflict(Exception):
 
     def __init__(self, request_id: str, taken: float, reward: float) -> None:
         super().__init__(
-            f"reward: inference {request_id!r} already took the reward {taken!r}; a different "
+            f"reward: inference {request_id!r} already took {taken!r}; a different "
             f"reward ({reward!r}) is refused (one reward per inference id)"
         )
 

@@ -125,7 +125,7 @@ async def test_a_different_reward_for_a_rewarded_id_is_a_conflict(replica: Repli
     await first.flush()
     await first.feedback("fraud", "req-0", 0.25)
     for table in (first, other):
-        with pytest.raises(RewardConflict, match=r"^reward: .*'req-0' already took the reward 0.25"):
+        with pytest.raises(RewardConflict, match=r"^reward: .*'req-0' already took 0.25"):
             await table.feedback("fraud", "req-0", 0.75)
     assert sum(n for n, _ in (await rewards(first)).values()) == 1
 
