@@ -82,6 +82,8 @@ def create_app(settings: Settings) -> Gateway:
         shared=settings.redis_url is not None,
         feedback_ttl_s=settings.feedback_ttl_s,
         flush_s=settings.flush_s,
+        feedback_max_entries=settings.feedback_max_entries,
+        feedback_max_bytes=settings.feedback_max_bytes,
     )
     shadows = ShadowRunner(registry, settings.max_shadow_inflight, busy=backlog.busy)
     auth = TokenAuth(settings.admin_tokens, settings.admin_token_expiry)

@@ -259,6 +259,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-prefix", help="key prefix in Redis (default turnout:)")
     serve.add_argument("--feedback-ttl-s", type=int, help="how long an inference id joins feedback")
     serve.add_argument(
+        "--feedback-max-entries", type=int, help="inference ids the feedback join keeps (1000000)"
+    )
+    serve.add_argument(
+        "--feedback-max-bytes", type=int, help="memory of the feedback join (134217728, 128 MiB)"
+    )
+    serve.add_argument(
         "--version-override",
         action="store_const",
         const="true",

@@ -70,6 +70,9 @@ class Settings:
     redis_prefix: str = "turnout:"
     # How long an inference id stays joinable with feedback (bandit rewards, A/B outcomes).
     feedback_ttl_s: int = 3600
+    # Bounds of the in-process feedback join (ids kept for the window); the oldest go first.
+    feedback_max_entries: int = 1_000_000
+    feedback_max_bytes: int = 128 << 20
     # Honour the X-Turnout-Version debug header that forces a version (off in production).
     version_override: bool = False
     # Shadow copies in flight per worker; beyond it copies are dropped (and counted), never queued.
@@ -173,6 +176,11 @@ class Settings:
         if self.feedback_ttl_s < 1 or self.max_shadow_inflight < 0:
             raise SettingsError(
                 f"{ENV_PREFIX}FEEDBACK_TTL_S and {ENV_PREFIX}MAX_SHADOW_INFLIGHT must be positive"
+            )
+        if self.feedback_max_entries < 1 or self.feedback_max_bytes < 1 << 20:
+            raise SettingsError(
+                f"{ENV_PREFIX}FEEDBACK_MAX_ENTRIES must be positive and "
+                f"{ENV_PREFIX}FEEDBACK_MAX_BYTES at least 1048576 (1 MiB)"
             )
         if self.workers > 1 and not self.redis_url:
             raise SettingsError(

@@ -26,6 +26,7 @@ import orjson
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, cut
 from gateway.http.fields import integer
 from gateway.serving.types import NUMPY_DTYPES, ModelVersion, TensorSpec
+from router.state.join import MAX_ID_CHARS
 
 INFERENCE_HEADER: Final = "Inference-Header-Content-Length"
 _MAX_HEADER_LENGTH = 1 << 62  # parse_request then holds it to the body's length
@@ -136,8 +137,13 @@ def parse_request(body: bytes, header_length: int | None, budget: int = DEFAULT_
     if type(doc) is not dict:
         raise BadRequest("the request must be a JSON object")
     request_id = doc.get("id")
-    if request_id is not None and type(request_id) is not str:
-        raise BadRequest(f'"id" must be a string, got {_show(request_id)}')
+    if request_id is not None:
+        if type(request_id) is not str:
+            raise BadRequest(f'"id" must be a string, got {_show(request_id)}')
+        if len(request_id) > MAX_ID_CHARS:  # ids are kept for the feedback join
+            raise BadRequest(
+                f'"id" must be at most {MAX_ID_CHARS} characters, got {len(request_id)}'
+            )
     parameters = _object(doc.get("parameters"), '"parameters"')
     return Envelope(doc, body, end, header_length is not None, request_id, parameters)
 

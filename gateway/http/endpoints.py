@@ -17,6 +17,7 @@ from gateway.http.auth import KeyCheck, OpenAccess
 from gateway.http.responses import json_response, read_json_object
 from gateway.serving.registry import Loaded, Registry
 from gateway.settings import Settings
+from router.state.join import MAX_ID_CHARS
 from router.state.table import RouteTable
 
 log = logging.getLogger("turnout.endpoints")
@@ -127,11 +128,22 @@ class Endpoints:
         request_id, reward = body.get("id"), body.get("reward")
         if not isinstance(request_id, str) or not request_id:
             raise BadRequest("id: required, the id of an inference response")
+        if len(request_id) > MAX_ID_CHARS:
+            raise BadRequest(
+                f"id: at most {MAX_ID_CHARS} characters (no inference has a longer one), "
+                f"got {len(request_id)}"
+            )
         if not isinstance(reward, int | float) or isinstance(reward, bool):
             raise BadRequest("reward: required, a number")
-        assignment = await self.table.feedback(model, request_id, float(reward))
+        assignment, duplicate = await self.table.feedback(model, request_id, float(reward))
         return json_response(
-            {"id": request_id, "model": model, "version": assignment.version, "reward": reward}
+            {
+                "id": request_id,
+                "model": model,
+                "version": assignment.version,
+                "reward": reward,
+                "duplicate": duplicate,
+            }
         )
 
     # -- repository extension (admin) --------------------------------------------------------

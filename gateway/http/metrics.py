@@ -23,6 +23,7 @@ from gateway.http.refusals import REFUSALS
 from gateway.serving.batcher import BatchingRuntime
 from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, View
+from router.state.join import EVICTION_REASONS
 from router.state.table import RouteTable
 
 # Latency buckets in seconds (upper bounds), from 100 µs to 10 s.
@@ -201,6 +202,29 @@ class GatewayCollector(Collector):
         )
         resets.add_metric([], self.table.store_resets)
         yield resets
+        yield from self._join()
+
+    def _join(self) -> Iterator[Metric]:
+        join = self.table.join
+        evictions = CounterMetricFamily(
+            "turnout_feedback_evictions",
+            "Inference ids the feedback join let go before their window ended: the entry cap "
+            "(entries), the byte cap (bytes), a new policy revision (policy)",
+            labels=["reason"],
+        )
+        for reason in EVICTION_REASONS:
+            evictions.add_metric([reason], join.evictions[reason])
+        yield evictions
+        entries = GaugeMetricFamily(
+            "turnout_feedback_join_entries", "Inference ids the feedback join holds"
+        )
+        entries.add_metric([], join.entries)
+        yield entries
+        size = GaugeMetricFamily(
+            "turnout_feedback_join_bytes", "Estimated memory of the feedback join's entries"
+        )
+        size.add_metric([], join.bytes)
+        yield size
 
     def _shadows(self) -> Iterator[Metric]:
         labels = ["model", "version", "shadow"]

@@ -30,7 +30,7 @@ from gateway.http.fields import integer
 from gateway.http.refusals import REFUSALS
 from router.policy.policies import ActionConflict, PolicyError
 from router.state.store import StaleRevision, StoreUnavailable
-from router.state.table import UnknownInference
+from router.state.table import RewardConflict, UnknownInference
 
 log = logging.getLogger("turnout")
 
@@ -123,6 +123,7 @@ def _stale(exc: Exception) -> GatewayError:
 # (a document's unknown field names, an inference id) and the router cannot cut them: cut here.
 ROUTER_ERRORS: dict[type[Exception], Callable[[Exception], GatewayError]] = {
     ActionConflict: lambda exc: Conflict(cut(str(exc), ROUTER_MESSAGE_CHARS)),
+    RewardConflict: lambda exc: Conflict(cut(str(exc), ROUTER_MESSAGE_CHARS)),
     PolicyError: lambda exc: BadRequest(cut(str(exc), ROUTER_MESSAGE_CHARS)),
     UnknownInference: lambda exc: NotFound(cut(str(exc), ROUTER_MESSAGE_CHARS)),
     StaleRevision: _stale,

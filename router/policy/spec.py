@@ -18,7 +18,10 @@ the rollout. A paused canary keeps its weights and refuses ``advance``; ``promot
 primary policy names (a blue-green standby included), so every action yields a valid document.
 
 Optional fields: any strategy may carry ``shadow``, ``seed`` (a non-negative int seeding the
-policy's generators, for tests and replays) and ``guards`` (router.policy.guard_spec).
+policy's generators, for tests and replays) and ``guards`` (router.policy.guard_spec). The
+strategies that take feedback (canary, A/B, bandit) may carry ``reward_range``: ``[low, high]``,
+the rewards accepted (default ``[0, 1]``; finite, low < high, magnitudes at most 1e9 so sums of
+squares stay exact enough; a bandit's within [0, 1], as its Beta posteriors need).
 Canary: ``steps`` (default 0.05, 0.25, 0.5, 1.0), ``weight`` (default the first step),
 ``paused``, ``sticky``. Canary and A/B: ``sticky`` (``header:<name>``, lower-cased, or
 ``parameter:<name>``) and ``salt`` (a string; changing it reshuffles sticky assignment, e.g.
@@ -54,6 +57,8 @@ MAX_SHADOWS = 16  # shadow versions
 MAX_VERSION_CHARS = 64  # a version name
 MAX_STICKY_CHARS = 256  # sticky and salt
 _COMMON = ("strategy", "shadow", "guards", "seed")
+DEFAULT_REWARD_RANGE = (0.0, 1.0)
+MAX_REWARD = 1e9
 # What a guard's breach leads to: the action's audit name (None: no change) and the document.
 Change = tuple[str | None, "PolicyDoc"]
 
@@ -88,6 +93,7 @@ class PolicyDoc:
     shadow: ShadowSpec | None = None
     guards: GuardSpec | None = None
     seed: int | None = None
+    reward_range: tuple[float, float] = DEFAULT_REWARD_RANGE  # strategies with feedback only
 
     def primary_versions(self) -> tuple[str, ...]:
         """The versions this document sends traffic to (shadows apart), in document order."""
@@ -150,6 +156,8 @@ class PolicyDoc:
             out["shadow"] = self.shadow.as_json()
         if self.guards is not None:
             out["guards"] = self.guards.as_doc()
+        if self.reward_range != DEFAULT_REWARD_RANGE:
+            out["reward_range"] = list(self.reward_range)
         return out
 
     # -- for subclasses ---------------------------------------------------------------------
@@ -380,9 +388,10 @@ def parse_policy(raw: Any, loaded_versions: Collection[str] | None = None) -> Po
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise PolicyError("strategy", f"must be one of {list(STRATEGIES)}, got {strategy!r}")
     kind = STRATEGIES[strategy]
-    unknown = [k for k in raw if k not in _COMMON and k not in kind.fields]
+    own_fields = (*kind.fields, "reward_range") if kind.feedback else kind.fields
+    unknown = [k for k in raw if k not in _COMMON and k not in own_fields]
     if unknown:
-        allowed = [*_COMMON, *kind.fields]
+        allowed = [*_COMMON, *own_fields]
         raise PolicyError(
             ", ".join(map(str, unknown)),
             f"unknown field for strategy {strategy!r} (allowed: {', '.join(allowed)})",
@@ -394,7 +403,10 @@ def parse_policy(raw: Any, loaded_versions: Collection[str] | None = None) -> Po
     primary = frozenset(own.primary_versions())
     shadow = _shadow(raw["shadow"], primary, loaded) if "shadow" in raw else None
     guards = GuardSpec.parse(raw["guards"]) if "guards" in raw else None
-    return dataclasses.replace(own, seed=seed, shadow=shadow, guards=guards)
+    rewards = _reward_range(raw["reward_range"], kind) if "reward_range" in raw else None
+    return dataclasses.replace(
+        own, seed=seed, shadow=shadow, guards=guards, reward_range=rewards or DEFAULT_REWARD_RANGE
+    )
 
 
 # -- validation, one parser per strategy --------------------------------------------------------
@@ -504,6 +516,23 @@ def _shadow(raw: Any, primary: frozenset[str], loaded: frozenset[str] | None) ->
     if len(set(versions)) != len(versions):
         raise PolicyError("shadow.versions", f"versions must be distinct, got {versions}")
     return ShadowSpec(tuple(versions), _fraction(raw, "sample", "shadow.", 1.0))
+
+
+def _reward_range(raw: Any, kind: type[PolicyDoc]) -> tuple[float, float]:
+    if not isinstance(raw, list) or len(raw) != 2:
+        raise PolicyError("reward_range", f"must be [low, high], got {raw!r}")
+    low, high = (_number(v, f"reward_range.{i}") for i, v in enumerate(raw))
+    if not -MAX_REWARD <= low < high <= MAX_REWARD:
+        raise PolicyError(
+            "reward_range", f"must have low < high, both within ±{MAX_REWARD:g}, got {raw!r}"
+        )
+    if kind is BanditDoc and not 0.0 <= low < high <= 1.0:
+        raise PolicyError(
+            "reward_range",
+            f"a bandit's rewards must lie within [0, 1] (its Beta posteriors count them as "
+            f"successes), got {raw!r}",
+        )
+    return low, high
 
 
 def _sticky(raw: Mapping[str, Any]) -> tuple[str | None, str | None]:

@@ -9,7 +9,8 @@ Keys, all under ``prefix``::
                            trail: the sequence number of its newest entry (audit paging cursors)
     stats:<rev>:<model>    hash: "<served|rewards|reward_sum|reward_sumsq>:<version>" -> total
     applied:<batch>        marks a stats batch as applied, with PX expiry (idempotent resends)
-    assign:<request id>    JSON assignment, with PX expiry
+    assign:<request id>    JSON assignment, with PX expiry (the feedback window)
+    reward:<request id>    the one reward the id took, with PX expiry (the feedback window)
     lease:<name>           the lease holder's id, with PX expiry
     members                set of processes that publish counters
     counts:<member>        hash: field -> a process's counters (opaque bytes), with PX expiry
@@ -27,6 +28,8 @@ was told "failed" must therefore refuse to run late, or be safe to run twice:
   This needs the replicas' clocks within the command timeout of Redis's (NTP does far better).
 - ``add_stats`` carries a batch id; the script applies a batch only if it can SET its marker
   (NX), so the caller resends an in-doubt batch with the same id and it counts once.
+- ``claim`` takes a reward and adds it to the totals in one script, only if the id has none:
+  an in-doubt claim that runs late is answered as the id's reward when the caller retries.
 """
 
 from __future__ import annotations
@@ -190,6 +193,20 @@ end
 return {total, length, start, table.concat(entries, '\\n')}
 """
 
+# KEYS: reward:<request id>, stats:<rev>:<model>
+# ARGV: reward, its square, ttl in ms, version. Returns the id's reward if it has one, else nil.
+CLAIM = """
+local taken = redis.call('GET', KEYS[1])
+if taken then
+  return taken
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('HINCRBY', KEYS[2], 'rewards:' .. ARGV[4], 1)
+redis.call('HINCRBYFLOAT', KEYS[2], 'reward_sum:' .. ARGV[4], ARGV[1])
+redis.call('HINCRBYFLOAT', KEYS[2], 'reward_sumsq:' .. ARGV[4], ARGV[2])
+return false
+"""
+
 # KEYS: lease:<name>; ARGV: holder, ttl in ms. Take a free lease or extend one's own.
 ACQUIRE_LEASE = """
 local current = redis.call('GET', KEYS[1])
@@ -256,6 +273,7 @@ class RedisStore:
         self._lease = self._redis.register_script(ACQUIRE_LEASE)
         self._restore = self._redis.register_script(RESTORE)
         self._page = self._redis.register_script(AUDIT_PAGE)
+        self._claim = self._redis.register_script(CLAIM)
         self._closed = False
 
     def _key(self, *parts: str) -> str:
@@ -410,6 +428,19 @@ class RedisStore:
         with _translated():
             raw = await self._redis.get(self._key("assign", request_id))
         return None if raw is None else decode_assignment(raw)
+
+    async def claim(
+        self, request_id: str, assignment: Assignment, reward: float, ttl_s: float
+    ) -> float | None:
+        keys = [
+            self._key("reward", request_id),
+            self._key("stats", str(assignment.revision), assignment.model),
+        ]
+        ttl_ms = max(1, round(ttl_s * 1000))
+        args: list[str | int] = [repr(reward), repr(reward * reward), ttl_ms, assignment.version]
+        with _translated():
+            taken = await self._claim(keys=keys, args=args)
+        return None if taken is None else float(taken)
 
     async def watch(self) -> AsyncIterator[int]:
         """Pub/sub wakes the watcher; the revision is always read back, and read anyway every

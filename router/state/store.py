@@ -1,6 +1,7 @@
-"""The routing state store: policy documents with revisions, the audit trail, arm statistics and
-inference assignments. Off the hot path: the gateway caches what it reads here and talks to the
-store from background tasks and admin calls only.
+"""The routing state store: policy documents with revisions, the audit trail, arm statistics,
+inference assignments and the one reward each inference id may take. Off the hot path: the
+gateway caches what it reads here and talks to the store from background tasks, admin calls and
+feedback only.
 
 Every change takes the next global revision and appends one audit entry in the same atomic step.
 The audit trail is append-only; the global trail and each model's trail keep their newest
@@ -18,7 +19,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
@@ -31,6 +32,7 @@ MAX_WHO_CHARS = 200  # an audit entry's ``who`` is cut to this (token names come
 # resent, with the same id, once the store answers again; the first copy, if it was applied,
 # ran no later than that. Ten minutes covers any resend after the store came back.
 BATCH_MEMORY_S = 600.0
+V = TypeVar("V")
 
 
 class StoreError(Exception):
@@ -199,6 +201,17 @@ class StateStore(Protocol):
 
     async def recall(self, request_id: str) -> Assignment | None: ...
 
+    async def claim(
+        self, request_id: str, assignment: Assignment, reward: float, ttl_s: float
+    ) -> float | None:
+        """Take ``reward`` as the one reward of ``request_id`` (for ``ttl_s`` seconds) and add it
+        to the totals of the assignment's (model, revision, version), in one atomic step, and
+        return None. When the id already has a reward, change nothing and return that reward.
+        Of concurrent claims across processes sharing the backend exactly one is taken. A claim
+        whose call failed (timed out) may still apply later; tried again, it returns its
+        reward, so a reward is counted once whatever the caller heard."""
+        ...
+
     def watch(self) -> AsyncIterator[int]:
         """Yield the current global revision first, then each new one (at least the latest of a
         burst). Never raises on backend loss: it retries and yields again once back. Ends
@@ -287,9 +300,39 @@ def decode_assignment(raw: bytes | str) -> Assignment:
     return Assignment(model, version, int(revision), float(propensity))
 
 
+class _Expiring(Generic[V]):
+    """A map whose entries vanish ``ttl_s`` seconds after they were put, as Redis's PX keys."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[float, V]] = {}  # key -> (deadline, value)
+        self._deadlines: list[tuple[float, str]] = []  # heap, so expiry costs O(log n)
+
+    def put(self, key: str, value: V, ttl_s: float) -> None:
+        now = time.monotonic()
+        self._expire(now)
+        self._kept[key] = (now + ttl_s, value)
+        heapq.heappush(self._deadlines, (now + ttl_s, key))
+
+    def get(self, key: str) -> V | None:
+        now = time.monotonic()
+        self._expire(now)
+        kept = self._kept.get(key)
+        return kept[1] if kept is not None and kept[0] > now else None
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, key = heapq.heappop(self._deadlines)
+            kept = self._kept.get(key)
+            if kept is not None and kept[0] == deadline:  # not put again since
+                del self._kept[key]
+
+
 class MemoryStore:
     """State of a single process. No method awaits between reading and writing its state, so
-    each one is atomic with respect to the other tasks on the event loop."""
+    each one is atomic with respect to the other tasks on the event loop. A gateway on this
+    store joins feedback and takes rewards in its route table's bounded join alone
+    (``RouteTable(shared=False)``); assignments and claims are kept here only for tables that
+    share one store as replicas share Redis (tests)."""
 
     def __init__(self) -> None:
         self._revision = 0
@@ -299,8 +342,8 @@ class MemoryStore:
         self._appended: dict[str, int] = {}  # "" (global) or model -> entries ever appended
         self._stats: dict[tuple[str, int], dict[str, ArmStats]] = {}
         self._batches: OrderedDict[str, float] = OrderedDict()  # applied batch -> forget after
-        self._assignments: dict[str, tuple[float, Assignment]] = {}  # id -> (deadline, value)
-        self._deadlines: list[tuple[float, str]] = []  # heap, so expiry costs O(log n)
+        self._assignments: _Expiring[Assignment] = _Expiring()
+        self._claims: _Expiring[float] = _Expiring()
         self._changed = asyncio.Event()  # replaced after each set: one event per change
         self._leases: dict[str, tuple[str, float]] = {}  # name -> (holder, monotonic deadline)
         self._counts: dict[str, tuple[float, dict[str, bytes]]] = {}  # member -> (deadline, blobs)
@@ -415,24 +458,22 @@ class MemoryStore:
         return dict(self._stats.get((model, revision), {}))
 
     async def remember(self, assignments: Mapping[str, Assignment], ttl_s: float) -> None:
-        now = time.monotonic()
-        self._expire(now)
         for request_id, assignment in assignments.items():
-            self._assignments[request_id] = (now + ttl_s, assignment)
-            heapq.heappush(self._deadlines, (now + ttl_s, request_id))
+            self._assignments.put(request_id, assignment, ttl_s)
 
     async def recall(self, request_id: str) -> Assignment | None:
-        now = time.monotonic()
-        self._expire(now)
-        kept = self._assignments.get(request_id)
-        return kept[1] if kept is not None and kept[0] > now else None
+        return self._assignments.get(request_id)
 
-    def _expire(self, now: float) -> None:
-        while self._deadlines and self._deadlines[0][0] <= now:
-            deadline, request_id = heapq.heappop(self._deadlines)
-            kept = self._assignments.get(request_id)
-            if kept is not None and kept[0] == deadline:  # not re-remembered since
-                del self._assignments[request_id]
+    async def claim(
+        self, request_id: str, assignment: Assignment, reward: float, ttl_s: float
+    ) -> float | None:
+        taken = self._claims.get(request_id)
+        if taken is not None:
+            return taken
+        self._claims.put(request_id, reward, ttl_s)
+        key = (assignment.model, assignment.revision, assignment.version)
+        self._add({key: ArmStats(0, 1, reward, reward * reward)})
+        return None
 
     async def watch(self) -> AsyncIterator[int]:
         last: int | None = None

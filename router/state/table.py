@@ -1,6 +1,6 @@
 """The replica's routing table: a local cache of every model's policy, kept in step with the
-state store by background tasks, plus the buffers (served counts, rewards, feedback assignments)
-that fold back into the store in batches.
+state store by background tasks, plus the buffers (served counts, rewards) that fold back into
+the store in batches and the feedback join (router.state.join).
 
 The request path (``route``, ``served``) reads and writes only local memory; it never waits on
 the store. One event loop thread owns the table, so buffers need no locks.
@@ -14,16 +14,15 @@ import logging
 import math
 import os
 import socket
-import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from router.policy.bandit import bandit_of, with_bandit
 from router.policy.policies import Decision, Policy, PolicyError, sticky_key
-from router.policy.spec import BanditDoc, PolicyDoc, parse_policy
+from router.policy.spec import PolicyDoc, parse_policy
+from router.state.join import FeedbackJoin
 from router.state.store import ArmStats, Assignment, RouteRecord, StateStore, StoreUnavailable
 
 log = logging.getLogger("turnout.router")
@@ -42,7 +41,18 @@ class Route:
 
 
 class UnknownInference(LookupError):
-    """Feedback for an id the gateway never served, or whose assignment expired."""
+    """Feedback for an id the gateway never served, whose assignment expired or was evicted, or
+    that was served under a policy revision since replaced."""
+
+
+class RewardConflict(Exception):
+    """Feedback for an id that already took a different reward: one reward per inference."""
+
+    def __init__(self, request_id: str, taken: float, reward: float) -> None:
+        super().__init__(
+            f"reward: inference {request_id!r} already took {taken!r}; a different "
+            f"reward ({reward!r}) is refused (one reward per inference id)"
+        )
 
 
 class RouteTable:
@@ -53,23 +63,21 @@ class RouteTable:
         shared: bool = True,
         feedback_ttl_s: float = 3600.0,
         flush_s: float = 0.2,
-        max_local_assignments: int = 1_000_000,
+        feedback_max_entries: int = 1_000_000,
+        feedback_max_bytes: int = 128 << 20,
         on_change: Callable[[Route | None, str], None] | None = None,
     ) -> None:
         self.store = store
-        # Assignments go to the store only when other processes may receive the feedback; a
-        # single process joins feedback from ``_recent`` alone (at most ``max_local`` of them).
+        # Shared: assignments also go to the store, where other processes may receive the
+        # feedback, and the store takes each id's one reward. Not shared: the join alone.
         self._shared = shared
         self.revision = 0
         self._routes: dict[str, Route] = {}
         self._served: dict[tuple[str, int, str], list[float]] = {}
         self._unsent: tuple[str, dict[tuple[str, int, str], ArmStats]] | None = None
-        self._pending: dict[str, Assignment] = {}
-        # request id -> (expiry, model, version, revision, propensity), oldest first
-        self._recent: OrderedDict[str, tuple[float, str, str, int, float]] = OrderedDict()
+        self.join = FeedbackJoin(feedback_ttl_s, feedback_max_entries, feedback_max_bytes)
         self._ttl = feedback_ttl_s
         self._flush_s = flush_s
-        self._max_local = max_local_assignments
         self._on_change = on_change
         self._tasks: list[asyncio.Task[None]] = []
         self._flushing = asyncio.Lock()
@@ -99,44 +107,58 @@ class RouteTable:
             cell = self._served[key] = [0.0, 0.0, 0.0, 0.0]
         cell[0] += 1
         if route.doc.feedback:
-            if self._shared:
-                self._pending[request_id] = Assignment(
-                    route.model, decision.version, route.revision, decision.propensity
-                )
-            # A plain tuple: an Assignment (frozen) per request cost 1 µs; built on feedback.
-            self._recent[request_id] = (
-                time.monotonic() + self._ttl,
-                route.model,
-                decision.version,
-                route.revision,
-                decision.propensity,
+            self.join.add(
+                route.model, route.revision, request_id, decision.version, decision.propensity
             )
-            if len(self._recent) > self._max_local:
-                self._recent.popitem(last=False)
 
     # -- feedback -------------------------------------------------------------------------------
-    async def feedback(self, model: str, request_id: str, reward: float) -> Assignment:
+    async def feedback(self, model: str, request_id: str, reward: float) -> tuple[Assignment, bool]:
+        """Credit ``reward`` to the version that served ``request_id``: (what served it, whether
+        the id had already taken this very reward, which then changes nothing). One reward per
+        id: a different one raises RewardConflict; with a shared store this holds fleet-wide
+        (StoreUnavailable when the store cannot say)."""
         if not math.isfinite(reward):
-            raise PolicyError("reward", "must be a finite number")
-        local = self._recent.get(request_id)
-        if local is not None and local[0] > time.monotonic():
-            assignment = Assignment(*local[1:])
+            raise PolicyError("reward", f"must be a finite number, got {reward}")
+        found = self.join.find(model, request_id)
+        if found is not None:
+            assignment, taken = found
+        elif self._shared and (recalled := await self.store.recall(request_id)) is not None:
+            assignment, taken = recalled, None
         else:
-            found = await self.store.recall(request_id)
-            if found is None:
-                raise UnknownInference(f"no inference {request_id!r} is known (or it expired)")
-            assignment = found
+            raise UnknownInference(
+                f"no inference {request_id!r} of model {model!r} is known: never served, past "
+                "the feedback window, evicted, or served under an earlier policy revision"
+            )
+        route = self._routes.get(model)
         if assignment.model != model:
             raise UnknownInference(f"inference {request_id!r} was not served by model {model!r}")
-        route = self._routes.get(model)
-        if route is not None and isinstance(route.doc, BanditDoc) and not 0.0 <= reward <= 1.0:
-            raise PolicyError("reward", f"a bandit reward must be in [0, 1], got {reward}")
-        key = (model, assignment.revision, assignment.version)
-        cell = self._served.setdefault(key, [0.0, 0.0, 0.0, 0.0])
-        cell[1] += 1
-        cell[2] += reward
-        cell[3] += reward * reward
-        return assignment
+        if route is None or route.revision != assignment.revision:
+            now = "no policy" if route is None else f"revision {route.revision}"
+            raise UnknownInference(
+                f"inference {request_id!r} was served under policy revision "
+                f"{assignment.revision} of {model!r}, which is now at {now}: feedback for it is "
+                "no longer taken"
+            )
+        low, high = route.doc.reward_range
+        if not low <= reward <= high:
+            raise PolicyError(
+                "reward", f"must be in [{low}, {high}] (the policy's reward_range), got {reward}"
+            )
+        if taken is None:
+            if self._shared:
+                taken = await self.store.claim(request_id, assignment, reward, self._ttl)
+            else:
+                key = (model, assignment.revision, assignment.version)
+                cell = self._served.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+                cell[1] += 1
+                cell[2] += reward
+                cell[3] += reward * reward
+            self.join.settle(model, request_id, reward if taken is None else taken)
+            if taken is None:
+                return assignment, False
+        if taken != reward:
+            raise RewardConflict(request_id, taken, reward)
+        return assignment, True
 
     # -- changes --------------------------------------------------------------------------------
     async def refresh(self) -> None:
@@ -155,6 +177,7 @@ class RouteTable:
                 return
         for model in [m for m in self._routes if m not in records]:
             del self._routes[model]
+            self.join.retire(model, None)
             self._notify(None, model)
         for model, record in records.items():
             current = self._routes.get(model)
@@ -217,6 +240,7 @@ class RouteTable:
         """Apply a change this replica just wrote, without waiting for the watcher."""
         if record is None:
             if self._routes.pop(model, None) is not None:
+                self.join.retire(model, None)
                 self._notify(None, model)
         elif model not in self._routes or self._routes[model].revision < record.revision:
             self._install(record)
@@ -232,6 +256,7 @@ class RouteTable:
             return
         route = Route(record.model, record.revision, doc, policy)
         self._routes[record.model] = route
+        self.join.retire(record.model, record.revision)
         self._notify(route, record.model)
 
     def _notify(self, route: Route | None, model: str) -> None:
@@ -297,12 +322,7 @@ class RouteTable:
                 raise
 
     async def _push(self) -> None:
-        now = time.monotonic()
-        while self._recent:
-            oldest = next(iter(self._recent.values()))
-            if oldest[0] > now:
-                break
-            self._recent.popitem(last=False)
+        self.join.expire()
         if self._unsent is not None:  # in doubt: the same batch again, under the same id
             await self.store.add_stats(self._unsent[1], batch=self._unsent[0])
             self._unsent = None
@@ -314,13 +334,11 @@ class RouteTable:
             self._unsent = (uuid.uuid4().hex, deltas)
             await self.store.add_stats(deltas, batch=self._unsent[0])
             self._unsent = None
-        if self._pending:
-            pending, self._pending = self._pending, {}
-            try:
-                await self.store.remember(pending, self._ttl)
-            except StoreUnavailable:
-                self._pending = {**pending, **self._pending}
-                raise
+        if self._shared:
+            unsent, mark = self.join.unsent()
+            if unsent:
+                await self.store.remember(unsent, self._ttl)
+            self.join.sent(mark)
 
     async def _fold_bandits(self) -> None:
         """Rebuild every bandit from the fleet's reward totals for its revision."""

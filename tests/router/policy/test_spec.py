@@ -148,6 +148,14 @@ INVALID: list[tuple[str, Any, str]] = [
     ("shadow-field", {**SINGLE, "shadow": {"versions": ["3"], "rate": 1}}, "shadow.rate"),
     ("seed-negative", {**SINGLE, "seed": -1}, "seed"),
     ("seed-float", {**SINGLE, "seed": 1.5}, "seed"),
+    ("rewards-single", {**SINGLE, "reward_range": [0, 1]}, "reward_range"),
+    ("rewards-shape", {**AB, "reward_range": [0, 1, 2]}, "reward_range"),
+    ("rewards-order", {**AB, "reward_range": [1, 0]}, "reward_range"),
+    ("rewards-empty", {**CANARY, "reward_range": [1, 1]}, "reward_range"),
+    ("rewards-huge", {**AB, "reward_range": [-1e308, 1e308]}, "reward_range"),
+    ("rewards-str", {**AB, "reward_range": ["0", 1]}, "reward_range.0"),
+    ("rewards-nan", {**AB, "reward_range": [0, math.nan]}, "reward_range.1"),
+    ("rewards-bandit", {**BANDIT, "reward_range": [0, 10]}, "reward_range"),
 ]
 
 
@@ -193,6 +201,16 @@ def test_documents_at_the_caps_parse() -> None:
     parse_policy({**BANDIT, "arms": MANY[:32], "min_share": 0.0})
     parse_policy({**SINGLE, "version": "0", "shadow": {"versions": MANY[:16]}})
     parse_policy({**AB, "arms": {"v" * 64: 0.5, "2": 0.5}, "salt": "s" * 256})
+
+
+def test_reward_range_defaults_to_unit_and_a_declared_one_round_trips() -> None:
+    assert parse_policy(AB, LOADED).reward_range == (0.0, 1.0)
+    assert "reward_range" not in parse_policy(AB, LOADED).as_json()
+    ab = parse_policy({**AB, "reward_range": [-5, 100]}, LOADED)
+    assert ab.reward_range == (-5.0, 100.0) and ab.as_json()["reward_range"] == [-5.0, 100.0]
+    assert parse_policy(ab.as_json(), LOADED) == ab
+    # a bandit's rewards are successes of its Beta posteriors: a sub-range of [0, 1] only
+    assert parse_policy({**BANDIT, "reward_range": [0, 0.5]}, LOADED).reward_range == (0.0, 0.5)
 
 
 def test_unknown_field_error_lists_the_allowed_ones() -> None:

@@ -391,6 +391,48 @@ async def test_assignments_are_recalled_until_they_expire(store: StateStore) -> 
     assert await store.recall("req-3") == served
 
 
+async def test_of_concurrent_claims_on_one_id_exactly_one_is_taken_and_counted(
+    replicas: Replicas,
+) -> None:
+    handles = [replicas.open() for _ in range(4)]
+    served = Assignment("fraud", "2", 7, 0.5)
+    rewards = [i / 20 for i in range(20)]
+    results = await asyncio.gather(
+        *(handles[i % 4].claim("req-1", served, r, ttl_s=30.0) for i, r in enumerate(rewards))
+    )
+    (won,) = [r for r, taken in zip(rewards, results, strict=True) if taken is None]
+    assert [taken for taken in results if taken is not None] == [won] * 19
+    assert await handles[0].claim("req-1", served, won, ttl_s=30.0) == won
+    assert await handles[1].stats("fraud", 7) == {"2": ArmStats(0, 1, won, won * won)}
+
+
+async def test_a_claim_lasts_the_feedback_window(replicas: Replicas) -> None:
+    store = replicas.open()
+    served = Assignment("fraud", "1", 3, 1.0)
+    assert await store.claim("req-1", served, 1.0, ttl_s=0.2) is None
+    assert await store.claim("req-1", served, 0.0, ttl_s=0.2) == 1.0
+    await asyncio.sleep(0.35)  # the assignment it joined is gone by now too
+    assert await store.claim("req-1", served, 0.0, ttl_s=0.2) is None
+
+
+async def test_redis_keys_of_an_inference_id_expire_with_the_feedback_window() -> None:
+    prefix = f"turnout-test-{uuid.uuid4().hex}:"
+    store, raw = RedisStore(REDIS_URL, prefix), Redis.from_url(REDIS_URL)
+    try:
+        if not await store.ping():
+            pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+        served = Assignment("fraud", "1", 3, 1.0)
+        await store.remember({"req-1": served}, ttl_s=3600.0)
+        await store.claim("req-1", served, 1.0, ttl_s=3600.0)
+        for key in ("assign:req-1", "reward:req-1"):
+            assert 3_500_000 < await raw.pttl(prefix + key) <= 3_600_000, key
+    finally:
+        async for key in raw.scan_iter(match=f"{prefix}*"):
+            await raw.delete(key)
+        await raw.aclose()
+        await store.close()
+
+
 async def follow(store: StateStore, seen: asyncio.Queue[tuple[int, float]]) -> None:
     async for revision in store.watch():
         seen.put_nowait((revision, time.monotonic()))
@@ -452,6 +494,7 @@ DEAD_CALLS: dict[str, Callable[[StateStore], Awaitable[object]]] = {
     "stats": lambda s: s.stats("fraud", 1),
     "remember": lambda s: s.remember({"r": Assignment("fraud", "1", 1, 1.0)}, 1.0),
     "recall": lambda s: s.recall("r"),
+    "claim": lambda s: s.claim("r", Assignment("fraud", "1", 1, 1.0), 1.0, 1.0),
 }
 
 
@@ -538,6 +581,26 @@ async def test_a_change_that_timed_out_on_a_hung_redis_is_not_applied_when_it_re
             assert [e.revision for e in await store.audit()] == [1]
             # a timely write still applies: the deadline refuses late writes only
             assert (await put(store, "fraud", CANARY, expected=1)).revision == 2
+        finally:
+            await store.close()
+
+
+async def test_a_claim_that_timed_out_on_a_hung_redis_counts_once_when_retried(
+    tmp_path: Path,
+) -> None:
+    with RedisServer(tmp_path) as server:
+        store = RedisStore(server.url, timeout_s=0.3)
+        served = Assignment("fraud", "2", 1, 0.5)
+        try:
+            # loads the script: the call on the hung server is then one EVALSHA that runs late
+            await store.claim("warm-up", Assignment("fraud", "2", 2, 0.5), 1.0, ttl_s=30.0)
+            server.pause()
+            with pytest.raises(StoreUnavailable):
+                await store.claim("req-1", served, 1.0, ttl_s=30.0)  # in doubt: runs on resume
+            server.resume()
+            await until_up(store)
+            assert await store.claim("req-1", served, 1.0, ttl_s=30.0) == 1.0  # the retry
+            assert await store.stats("fraud", 1) == {"2": ArmStats(0, 1, 1.0, 1.0)}
         finally:
             await store.close()
 

@@ -78,10 +78,10 @@ async def test_feedback_joins_the_served_version_once_per_reward_and_reaches_the
     for request_id, decision in decisions.items():
         table.served(route, decision, request_id)
     for request_id, decision in decisions.items():
-        assignment = await table.feedback(
+        assignment, duplicate = await table.feedback(
             "fraud", request_id, 1.0 if decision.version == "2" else 0
         )
-        assert assignment.version == decision.version
+        assert assignment.version == decision.version and not duplicate
     with pytest.raises(UnknownInference):
         await table.feedback("fraud", "never-served", 1.0)
     with pytest.raises(UnknownInference):
