@@ -42,6 +42,9 @@ class Settings:
     max_batch_rows: int = 1 << 16
     # Request line plus headers, enforced while they are read (431 beyond).
     max_header_bytes: int = 64 * 1024
+    # Per-principal rate limits and quotas, a JSON file (router.policy.limits; read and
+    # validated by gateway.http.limits.read_limits when the CLI starts): none, no limits.
+    limits: Path | None = None
     redis_url: str | None = None
     redis_prefix: str = "turnout:"
     # How long an inference id stays joinable with feedback (bandit rewards, A/B outcomes).
@@ -216,7 +219,7 @@ def _expiry(name: str, who: str, text: str) -> datetime:
 
 
 def _cast(env_name: str, field_name: str, raw: str) -> object:
-    if field_name in ("model_repository", "cache_dir"):
+    if field_name in ("model_repository", "cache_dir", "limits"):
         return Path(raw)
     if field_name in ("host", "redis_url", "redis_prefix", "log_level", "graph_optimization"):
         return raw

@@ -26,6 +26,8 @@ from gateway.background.shadow import ShadowRunner
 from gateway.errors import BadRequest, NotFound, NotReady, Timeout, Unauthorized
 from gateway.http import codec
 from gateway.http.auth import KeyCheck
+from gateway.http.clients import principal_of
+from gateway.http.limits import Limits, Ticket
 from gateway.http.responses import Receive, handler_for, read_body
 from gateway.serving.registry import Loaded, Registry
 from gateway.serving.traffic import CLIENT_CLOSED, UNKNOWN_MODEL, Traffic, judged
@@ -92,6 +94,7 @@ class Inference:
         shadows: ShadowRunner,
         traffic: Traffic,
         keys: KeyCheck,
+        limits: Limits,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -99,6 +102,7 @@ class Inference:
         self.shadows = shadows
         self.traffic = traffic
         self.keys = keys
+        self.limits = limits
         # Chosen once: with monitors off the hot path calls a function that does nothing.
         self.observe: Observe = self._observe if settings.monitors else _unobserved
 
@@ -113,11 +117,13 @@ class Inference:
         start = time.perf_counter()
         headers = RequestHeaders(scope=scope)
         try:
-            self.keys.check(headers)  # before anything is read or counted
+            principal = principal_of(self.keys.check(headers), scope)  # before anything is read
         except Unauthorized as exc:
             await (await handler_for(exc)(Request(scope, receive), exc))(scope, receive, send)
             return
         label = model if self.registry.known(model) else UNKNOWN_MODEL
+        gate = self.limits.gate  # None: no rate limits in force
+        ticket = None if gate is None else gate.ticket(principal, label)
         traffic = self.traffic
         traffic.inflight[label] += 1
         # model, version and role (filled in once routed), and CLIENT_DEADLINE when the client
@@ -126,9 +132,11 @@ class Inference:
         code = "500"
         failure: Response | None = None
         try:
+            if ticket is not None:
+                await ticket.before_body()
             body = await read_body(receive, headers, self.settings.max_body_bytes)
             content, json_length, observed = await self._infer(
-                headers, body, model, pinned, start, labels
+                headers, body, model, pinned, start, labels, principal, ticket
             )
             code = "200"
         except ClientDisconnect:
@@ -169,6 +177,8 @@ class Inference:
         pinned: str | None,
         start: float,
         labels: list[str],
+        principal: str,
+        ticket: Ticket | None,
     ) -> tuple[bytes, int | None, Observation]:
         """The response body, its JSON header length (None: all JSON) and what to observe."""
         envelope = codec.parse_request(
@@ -187,7 +197,7 @@ class Inference:
                     loaded = self.registry.latest(model)
                     role = "default"
                 else:
-                    decision = RouteTable.choose(route, headers, envelope.parameters)
+                    decision = RouteTable.choose(route, headers, envelope.parameters, principal)
                     loaded = self.registry.get(model, decision.version)
                     role = decision.arm_role
         except NotFound:
@@ -200,6 +210,8 @@ class Inference:
             envelope, info, self.settings.max_tensor_elements, self.settings.max_batch_rows
         )
         deadline = self._deadline(decoded.parameters, labels)
+        if ticket is not None:
+            await ticket.before_run(decoded.inputs, loaded)
         with loaded:
             model_start = time.perf_counter()
             outputs = await loaded.runtime.run(
