@@ -337,7 +337,12 @@ class ClientCollector(Collector):
             "each rate limit (the limit / the live replicas) on its own",
         )
         fallback.add_metric([], 1.0 if self.limits.fallback else 0.0)
-        yield fallback
+        replicas = GaugeMetricFamily(
+            "turnout_rate_limit_replicas",
+            "Live replicas last seen: in fallback, each enforces 1/this of every limit",
+        )
+        replicas.add_metric([], self.limits.replicas)
+        yield from (fallback, replicas)
         if self.limits.gate is None:
             return
         labels = ["client"]

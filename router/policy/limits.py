@@ -129,10 +129,10 @@ def parse_limits(raw: Any) -> LimitsDoc:
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
         raise PolicyError(unknown[0], f"unknown field (expected {', '.join(_SECTIONS)})")
-    default = _partial(raw.get("default") or {}, "default")
+    default = _partial(raw.get("default", {}), "default")
     sections: dict[str, dict[str, Partial]] = {}
     for section in ("models", "keys"):
-        entries = raw.get(section) or {}
+        entries = raw.get(section, {})
         if not isinstance(entries, dict):
             raise PolicyError(section, "must be an object of name -> rule")
         if len(entries) > MAX_RULES:
