@@ -343,3 +343,23 @@ def test_no_limits_no_client_series(server: InProcessServer) -> None:
     assert "turnout_client_" not in text
     assert "turnout_rate_limit_fallback 0.0" in text
     assert math.isfinite(metric_sum(server.url, "turnout_rate_limit_replicas"))
+
+
+# -- attribution in routing ----------------------------------------------------------------------
+@pytest.mark.parametrize("gateway", [None], indirect=True)
+def test_a_policy_can_split_by_principal(gateway: InProcessServer) -> None:
+    """``"sticky": "principal"``: every request of one API key goes to one arm. The chance that a
+    random (non-sticky) split keeps each of alpha's and
+    beta's 20 requests on one arm is 2 * 2**-20 each: the test cannot pass by luck. (Each
+    test has a gateway of its own: the policy is not removed.)"""
+    policy = {"strategy": "ab", "arms": {"1": 0.5, "2": 0.5}, "sticky": "principal"}
+    with httpx.Client(base_url=gateway.url, timeout=10) as client:
+        r = client.put("/admin/routes/fraud", headers=ADMIN, json={"policy": policy, "reason": "t"})
+        assert r.status_code == 200, r.text
+        assert r.json()["policy"]["sticky"] == "principal"
+        for headers in (ALPHA, BETA):
+            versions = {
+                client.post(INFER, content=ONE, headers=headers).json()["model_version"]
+                for _ in range(20)
+            }
+            assert len(versions) == 1, versions
