@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gateway.background.shadow import ShadowRunner
-from gateway.errors import BadRequest, NotFound, NotReady, Timeout, Unauthorized
+from gateway.errors import BadRequest, NotFound, NotReady, RateLimited, Timeout, Unauthorized
 from gateway.http import codec
 from gateway.http.auth import KeyCheck
 from gateway.http.clients import principal_of
@@ -46,6 +46,8 @@ _JSON = [(b"content-type", b"application/json")]
 _BINARY = [(b"content-type", b"application/octet-stream")]
 # labels[3] of a request whose own ``timeout`` parameter is below the guards' floor
 CLIENT_DEADLINE = "client"
+# labels[2] (role) of a request refused by its client's rate limit or quota
+LIMITED = "limited"
 
 
 class RequestHeaders(Headers):
@@ -145,7 +147,9 @@ class Inference:
         except Exception as exc:
             failure = await handler_for(exc)(Request(scope, receive), exc)
             code = str(failure.status_code)
-            if labels[3] and isinstance(exc, Timeout) and judged(labels[2], "504"):
+            if isinstance(exc, RateLimited):  # the client's own limit (SLO rules leave it out)
+                labels[2] = LIMITED
+            elif labels[3] and isinstance(exc, Timeout) and judged(labels[2], "504"):
                 traffic.client_timeouts[(labels[0], labels[1])] += 1
         finally:
             traffic.inflight[label] -= 1
