@@ -25,7 +25,8 @@ from gateway.http.admin import Admin
 from gateway.http.auth import TokenAuth, key_check
 from gateway.http.endpoints import Endpoints
 from gateway.http.inference import Inference, infer_target
-from gateway.http.metrics import GatewayCollector
+from gateway.http.limits import Limits, read_limits
+from gateway.http.metrics import ClientCollector, GatewayCollector
 from gateway.http.openapi import openapi_document
 from gateway.http.responses import HANDLERS, json_response
 from gateway.serving.backlog import STATE_KEY, Backlog
@@ -115,12 +116,20 @@ def create_app(settings: Settings) -> Gateway:
         tick_s=settings.guard_tick_s,
         lease_ttl_s=settings.lease_ttl_s,
     )
+    limits = Limits(
+        store,
+        settings.api_keys,
+        read_limits(settings.limits) if settings.limits is not None else None,
+        shared=settings.redis_url is not None,
+        period_s=settings.publish_s,
+    )
     ep = Endpoints(settings, registry, table, access, keys, exchange, feedback_keys)
-    inference = Inference(settings, registry, table, shadows, traffic, keys)
-    admin = Admin(access, registry, table, shadows, guards, monitors=settings.monitors)
+    inference = Inference(settings, registry, table, shadows, traffic, keys, limits)
+    admin = Admin(access, registry, table, shadows, guards, limits, monitors=settings.monitors)
     metrics_registry = CollectorRegistry(auto_describe=False)
     collector = GatewayCollector(registry, table, shadows, guard_metrics)
     metrics_registry.register(collector)
+    metrics_registry.register(ClientCollector(limits))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -132,6 +141,7 @@ def create_app(settings: Settings) -> Gateway:
             await table.synced.wait()
             guards.start()
             exchange.start()
+            limits.start()
             # Everything loaded so far (numba, scipy, sessions) lives as long as the process:
             # keep it out of the collector's full passes, which otherwise stall the loop for
             # 100+ ms under load.
@@ -154,6 +164,7 @@ def create_app(settings: Settings) -> Gateway:
                 await task
             await guards.stop()
             await exchange.stop()
+            await limits.stop()
             await table.stop()
             await shadows.close()
             await store.close()
@@ -193,6 +204,8 @@ def create_app(settings: Settings) -> Gateway:
         AdminRoute("GET", "/admin/routes/{model}/report", admin.report),
         AdminRoute("GET", "/admin/routes/{model}/guards", admin.guards_view),
         AdminRoute("GET", "/admin/audit", admin.audit),
+        AdminRoute("GET", "/admin/limits", admin.get_limits),
+        AdminRoute("PUT", "/admin/limits", admin.put_limits),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/drift", ep.drift, methods=["GET"]),

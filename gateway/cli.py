@@ -19,6 +19,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.http.codec import encode_error
+from gateway.http.limits import read_limits
 from gateway.serving.backlog import STATE_KEY
 from gateway.settings import Settings, SettingsError, parse_admin_tokens, parse_credentials
 
@@ -255,6 +256,11 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="require one of these keys, not an API key, for feedback (repeatable)",
     )
+    serve.add_argument(
+        "--limits",
+        metavar="FILE",
+        help="per-client rate limits and quotas (JSON; docs/configuration.md)",
+    )
     serve.add_argument("--redis-url", help="share routing state through Redis")
     serve.add_argument("--redis-prefix", help="key prefix in Redis (default turnout:)")
     serve.add_argument("--feedback-ttl-s", type=int, help="how long an inference id joins feedback")
@@ -392,7 +398,10 @@ def _settings(args: argparse.Namespace, environ: Mapping[str, str] | None) -> Se
             parse("--" + key.replace("_", "-"), flag)
         if flags:
             overrides[variable] = ",".join(flags)
-    return Settings.from_env(environ, overrides=overrides)
+    settings = Settings.from_env(environ, overrides=overrides)
+    if settings.limits is not None:
+        read_limits(settings.limits)  # fail at start, naming the field, not in each worker
+    return settings
 
 
 def _serve(args: argparse.Namespace) -> int:

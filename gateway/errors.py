@@ -11,6 +11,7 @@ body ``{"error": message}``. Nothing here imports starlette.
     ├── PreconditionFailed (412)
     ├── PayloadTooLarge (413)
     ├── Overloaded (429)          queue full; carries Retry-After
+    │   └── RateLimited (429)     over the client's rate limit or quota; RateLimit headers
     ├── ClientGone (499)          the client left while its request waited; nothing is sent
     ├── ModelError (500)          the model failed on a well-formed request
     ├── LoadError (500)           a version could not load; the registry shows it as the reason
@@ -93,6 +94,15 @@ class ClientGone(GatewayError):
     sent, and the request is counted as the client's doing, not the gateway's."""
 
     status = 499
+
+
+class RateLimited(Overloaded):
+    """Over the principal's limits (gateway.http.limits); ``headers`` are the IETF RateLimit
+    fields, ``retry_after_s`` a whole number of seconds."""
+
+    def __init__(self, message: str, retry_after_s: int, headers: dict[str, str]) -> None:
+        super().__init__(message, retry_after_s)
+        self.headers = headers
 
 
 class ModelError(GatewayError):

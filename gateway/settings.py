@@ -66,6 +66,9 @@ class Settings:
     head_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     keep_alive_timeout_s: float = 5.0
+    # Per-principal rate limits and quotas, a JSON file (router.policy.limits; read and
+    # validated by gateway.http.limits.read_limits when the CLI starts): none, no limits.
+    limits: Path | None = None
     redis_url: str | None = None
     redis_prefix: str = "turnout:"
     # How long an inference id stays joinable with feedback (bandit rewards, A/B outcomes).
@@ -332,7 +335,7 @@ def _expiry(name: str, who: str, text: str) -> datetime:
 
 
 def _cast(env_name: str, field_name: str, raw: str) -> object:
-    if field_name in ("model_repository", "cache_dir"):
+    if field_name in ("model_repository", "cache_dir", "limits"):
         return Path(raw)
     if field_name in ("host", "redis_url", "redis_prefix", "log_level", "graph_optimization"):
         return raw

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -116,7 +117,16 @@ async def _measure(
     async with contextlib.AsyncExitStack() as stack:
         apps: dict[str, Any] = {}
         for name, monitors in (("turnout", True), ("turnout-monitors", False)):
-            app = create_app(Settings(repo, monitors=monitors, admin_tokens={"bench": TOKEN}))
+            # TURNOUT_LIMITS=FILE: the cost of a rate-limits document (gateway.http.limits)
+            limits = os.environ.get("TURNOUT_LIMITS")
+            app = create_app(
+                Settings(
+                    repo,
+                    monitors=monitors,
+                    admin_tokens={"bench": TOKEN},
+                    limits=Path(limits) if limits else None,
+                )
+            )
             await stack.enter_async_context(app.router.lifespan_context(app))
             while not app.state.endpoints.registry.started:
                 await asyncio.sleep(0.05)

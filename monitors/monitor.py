@@ -115,6 +115,7 @@ class VersionMonitor:
         "_pending",
         "_pending_rows",
         "_window",
+        "bounds",
         "features",
         "fingerprint",
         "latency",
@@ -153,6 +154,8 @@ class VersionMonitor:
         self._pending: list[_Pending] = []
         self._pending_rows = 0
         self.skipped = 0  # requests not counted: a tensor's columns differ from the reference
+        # The reference inputs' per-feature (minimum, maximum), NaNs ignored; None without one.
+        self.bounds: tuple[np.ndarray, np.ndarray] | None = None
         self.fingerprint = fingerprint(
             self._window.window_s,
             None if features is None else features.profile,
@@ -197,7 +200,11 @@ class VersionMonitor:
             profile = BinProfile.fit(rows, names)
             outputs.append(Columns(tensor, profile, CountRing.allocate(n_slots, len(names))))
         latency = LatencyRing.allocate(n_slots, len(LATENCY_SERIES))
-        return cls(features, outputs, latency, window_s)
+        monitor = cls(features, outputs, latency, window_s)
+        if features is not None and inputs.dtype.kind in "biuf" and inputs.shape[0]:
+            with np.errstate(all="ignore"):
+                monitor.bounds = (np.nanmin(inputs, axis=0), np.nanmax(inputs, axis=0))
+        return monitor
 
     def observe(
         self,

@@ -1,4 +1,5 @@
-"""Write Turnout's Prometheus rules: SLO burn rates, burn-rate alerts, drift, shadow and liveness.
+"""Write Turnout's Prometheus rules: SLO burn rates, burn-rate alerts, drift, shadow, liveness and
+clients (the model-extraction signal).
 
     python deploy/prometheus/generate_rules.py > deploy/prometheus/rules/turnout.rules.yml
 
@@ -96,10 +97,15 @@ class Slo:
 
     def ratio(self, window: str, threshold: float) -> str:
         """PromQL: share of bad requests per model over ``window``."""
-        total = f"sum by (model) (rate(turnout_requests_total[{window}]))"
         if self.name == "availability":
-            # 429 is the gateway's own queue overflowing: the user sees a failure.
-            errors = f'sum by (model) (rate(turnout_requests_total{{code=~"5..|429"}}[{window}]))'
+            # 429 is the gateway's own queue overflowing: the user sees a failure. A client held
+            # to its own rate limit (role "limited") is neither an error nor service owed.
+            served = 'turnout_requests_total{role!="limited"}'
+            total = f"sum by (model) (rate({served}[{window}]))"
+            errors = (
+                "sum by (model) (rate(turnout_requests_total"
+                f'{{code=~"5..|429", role!="limited"}}[{window}]))'
+            )
             # `or 0 * total` keeps a 0 where no error exists, instead of no series at all.
             return f"(\n  {errors}\n  or\n  0 * {total}\n)\n/\n{total}"
         fast = f'turnout_request_duration_seconds_bucket{{le="{threshold}"}}'
@@ -272,6 +278,47 @@ def liveness_alerts(targets: Targets) -> list[Yaml]:
     ]
 
 
+# The extraction signal (gateway.http.clients; docs/operations.md#turnout-client-extraction).
+# In-distribution traffic puts a row outside a reference sample's [min, max] on one of k features
+# with probability about 2k / (n + 1) for n reference rows: a few percent for the demo's 32
+# features and 1,000 rows. A client above half is not sampling the data the model was made for.
+CLIENT_OUTSIDE_SHARE = Decimal("0.5")
+CLIENT_VOLUME_RATIO = 5
+CLIENT_MIN_RATE = Decimal("0.1")  # requests/s below which neither signal alerts
+
+
+def client_alerts(targets: Targets) -> list[Yaml]:
+    checked = "sum by (client) (rate(turnout_client_inputs_checked_total[30m]))"
+    return [
+        _alert(
+            "TurnoutClientInputsOutsideReference",
+            "sum by (client) (rate(turnout_client_inputs_outside_total[30m]))\n"
+            f"/\n{checked}\n> {CLIENT_OUTSIDE_SHARE}\n"
+            f"and\n{checked} > {CLIENT_MIN_RATE}",
+            "15m",
+            "warning",
+            "client {{ $labels.client }}: most inputs outside the reference range",
+            "{{ $value | humanizePercentage }} of client {{ $labels.client }}'s requests over 30 "
+            "minutes had a feature outside the range of the model's reference sample (threshold "
+            f"{_percent(CLIENT_OUTSIDE_SHARE)}): synthetic probing, as a model-extraction attack "
+            "sends, or a client feeding data the model was not made for.",
+            f"{targets.runbook}#turnout-client-extraction",
+        ),
+        _alert(
+            "TurnoutClientVolumeSurge",
+            f"max by (client) (turnout_client_volume_ratio) > {CLIENT_VOLUME_RATIO}\n"
+            "and\nsum by (client) (rate(turnout_client_requests_total[5m])) > "
+            f"{CLIENT_MIN_RATE}",
+            "15m",
+            "warning",
+            "client {{ $labels.client }}: query volume {{ $value | humanize }}x its own history",
+            "Client {{ $labels.client }}'s request rate over the last 5 minutes has been more than "
+            f"{CLIENT_VOLUME_RATIO} times its rate over the last hour for 15 minutes.",
+            f"{targets.runbook}#turnout-client-extraction",
+        ),
+    ]
+
+
 def rules(targets: Targets) -> Yaml:
     return {
         "groups": [
@@ -279,6 +326,7 @@ def rules(targets: Targets) -> Yaml:
             {"name": "turnout-slo-alerts", "rules": burn_alerts(targets)},
             {"name": "turnout-model-alerts", "rules": drift_alerts(targets)},
             {"name": "turnout-liveness-alerts", "rules": liveness_alerts(targets)},
+            {"name": "turnout-client-alerts", "rules": client_alerts(targets)},
         ]
     }
 

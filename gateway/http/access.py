@@ -28,11 +28,13 @@ REQUIRED: Mapping[tuple[str, str], Role] = {
     ("GET", "/admin/routes/{model}/guards"): "viewer",
     ("GET", "/admin/audit"): "viewer",
     ("POST", "/v2/repository/index"): "viewer",
+    ("GET", "/admin/limits"): "viewer",
     ("PUT", "/admin/routes/{model}"): "operator",
     ("DELETE", "/admin/routes/{model}"): "operator",
     ("POST", "/admin/routes/{model}/actions/{action}"): "operator",
     ("POST", "/v2/repository/models/{model}/load"): "admin",
     ("POST", "/v2/repository/models/{model}/unload"): "admin",
+    ("PUT", "/admin/limits"): "admin",
 }
 
 _ROUTE = "turnout.admin_route"  # the scope key carrying the matched (method, path)

@@ -15,6 +15,7 @@ from gateway.background.shadow import ShadowRunner
 from gateway.errors import BadRequest, NotFound, cut
 from gateway.http.access import Access
 from gateway.http.fields import integer
+from gateway.http.limits import Limits
 from gateway.http.responses import json_response, read_json_object
 from gateway.serving.registry import Registry
 from router.policy.guard_spec import MONITORED
@@ -37,6 +38,7 @@ class Admin:
         table: RouteTable,
         shadows: ShadowRunner,
         guards: GuardEvaluator,
+        limits: Limits,
         *,
         monitors: bool = True,
     ) -> None:
@@ -46,6 +48,7 @@ class Admin:
         self.table = table
         self.shadows = shadows
         self.guards = guards
+        self.limits = limits
 
     # -- reads ----------------------------------------------------------------------------------
     async def list_routes(self, request: Request) -> Response:
@@ -89,7 +92,33 @@ class Admin:
         self.access.require(request)
         return json_response(await self.guards.view(request.path_params["model"]))
 
+    async def get_limits(self, request: Request) -> Response:
+        """GET /admin/limits: the rate-limits document in force (null: none)."""
+        self.access.require(request)
+        return json_response({"limits": self.limits.doc_json})
+
     # -- writes ---------------------------------------------------------------------------------
+    async def put_limits(self, request: Request) -> Response:
+        """PUT /admin/limits ``{"limits": {...}, "reason": "..."}``: validated whole, stored
+        with its audit entry (``GET /admin/audit?model=_limits``), in force at once here and
+        within ``publish_s`` on the other replicas."""
+        who = self.access.require(request)
+        body = await read_json_object(request, _ADMIN_BODY_LIMIT)
+        reason = _reason(body)
+        unknown = sorted(set(body) - {"limits", "reason"})
+        if unknown:
+            raise BadRequest(
+                f"{cut(', '.join(unknown))}: unknown field (expected 'limits', 'reason')"
+            )
+        if "limits" not in body:
+            raise BadRequest("limits: required")
+        try:
+            doc = await self.limits.put(body["limits"], who, reason)
+        except PolicyError as exc:
+            field = exc.field if exc.field.startswith("limits") else f"limits.{exc.field}"
+            raise PolicyError(field, exc.message) from None
+        return json_response({"limits": doc})
+
     async def put_route(self, request: Request) -> Response:
         who = self.access.require(request)
         model = self._model(request)

@@ -31,11 +31,14 @@ from gateway.errors import (
     NotFound,
     NotReady,
     PayloadTooLarge,
+    RateLimited,
     Timeout,
     Unauthorized,
 )
 from gateway.http import codec
 from gateway.http.auth import KeyCheck
+from gateway.http.clients import principal_of
+from gateway.http.limits import Limits, Ticket
 from gateway.http.responses import Receive, handler_for, read_body
 from gateway.serving.registry import Loaded, Registry
 from gateway.serving.traffic import CLIENT_CLOSED, UNKNOWN_MODEL, Traffic, judged
@@ -60,6 +63,8 @@ CLIENT_DEADLINE = "client"
 # their bodies read). docs/deploy.md sizes the body cap with it.
 OFFLOADED_BODY = 1 << 20
 LARGE_REQUESTS = 2
+# labels[2] (role) of a request refused by its client's rate limit or quota
+LIMITED = "limited"
 
 
 class RequestHeaders(Headers):
@@ -108,6 +113,7 @@ class Inference:
         shadows: ShadowRunner,
         traffic: Traffic,
         keys: KeyCheck,
+        limits: Limits,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -115,6 +121,7 @@ class Inference:
         self.shadows = shadows
         self.traffic = traffic
         self.keys = keys
+        self.limits = limits
         # Chosen once: with monitors off the hot path calls a function that does nothing.
         self.observe: Observe = self._observe if settings.monitors else _unobserved
         self.decoder = ThreadPoolExecutor(LARGE_REQUESTS, thread_name_prefix="turnout-decode")
@@ -134,11 +141,13 @@ class Inference:
         start = time.perf_counter()
         headers = RequestHeaders(scope=scope)
         try:
-            self.keys.check(headers)  # before anything is read or counted
+            principal = principal_of(self.keys.check(headers), scope)  # before anything is read
         except Unauthorized as exc:
             await (await handler_for(exc)(Request(scope, receive), exc))(scope, receive, send)
             return
         label = model if self.registry.known(model) else UNKNOWN_MODEL
+        gate = self.limits.gate  # None: no rate limits in force
+        ticket = None if gate is None else gate.ticket(principal, label)
         traffic = self.traffic
         traffic.inflight[label] += 1
         # model, version and role (filled in once routed), and CLIENT_DEADLINE when the client
@@ -147,15 +156,17 @@ class Inference:
         code = "500"
         failure: Response | None = None
         try:
+            if ticket is not None:
+                await ticket.before_body()
             body = await read_body(receive, headers, self.settings.max_body_bytes)
             if len(body) < OFFLOADED_BODY:
                 content, json_length, observed = await self._infer(
-                    headers, body, receive, model, pinned, start, labels
+                    headers, body, receive, model, pinned, start, labels, principal, ticket
                 )
             else:
                 async with self.large:
                     content, json_length, observed = await self._infer(
-                        headers, body, receive, model, pinned, start, labels
+                        headers, body, receive, model, pinned, start, labels, principal, ticket
                     )
             code = "200"
         except (ClientDisconnect, ClientGone):
@@ -164,7 +175,9 @@ class Inference:
         except Exception as exc:
             failure = await handler_for(exc)(Request(scope, receive), exc)
             code = str(failure.status_code)
-            if labels[3] and isinstance(exc, Timeout) and judged(labels[2], "504"):
+            if isinstance(exc, RateLimited):  # the client's own limit (SLO rules leave it out)
+                labels[2] = LIMITED
+            elif labels[3] and isinstance(exc, Timeout) and judged(labels[2], "504"):
                 traffic.client_timeouts[(labels[0], labels[1])] += 1
         finally:
             traffic.inflight[label] -= 1
@@ -201,6 +214,8 @@ class Inference:
         pinned: str | None,
         start: float,
         labels: list[str],
+        principal: str,
+        ticket: Ticket | None,
     ) -> tuple[bytes, int | None, Observation]:
         """The response body, its JSON header length (None: all JSON) and what to observe."""
         settings = self.settings
@@ -226,7 +241,7 @@ class Inference:
                     loaded = self.registry.latest(model)
                     role = "default"
                 else:
-                    decision = RouteTable.choose(route, headers, envelope.parameters)
+                    decision = RouteTable.choose(route, headers, envelope.parameters, principal)
                     loaded = self.registry.get(model, decision.version)
                     role = decision.arm_role
         except NotFound:
@@ -243,6 +258,8 @@ class Inference:
         else:
             decoded = codec.decode_inputs(envelope, info, *limits)
         deadline = self._deadline(decoded.parameters, labels)
+        if ticket is not None:
+            await ticket.before_run(decoded.inputs, loaded)
         with loaded:
             model_start = time.perf_counter()
             outputs = await loaded.runtime.run(

@@ -19,6 +19,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from gateway.background.shadow import ShadowRunner
+from gateway.http.limits import Limits
 from gateway.http.refusals import REFUSALS
 from gateway.serving.batcher import BatchingRuntime
 from gateway.serving.registry import Registry
@@ -363,3 +364,53 @@ class _DriftFamilies:
 def _add(family: GaugeMetricFamily, labels: list[str], value: float | None) -> None:
     if value is not None:
         family.add_metric(labels, value)
+
+
+class ClientCollector(Collector):
+    """Attribution and the extraction signal (gateway.http.clients), per client label: each
+    configured API key's name, and ``_other``. Empty while no rate-limits document is in force;
+    this process's own figures (not merged across workers)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+
+    def collect(self) -> Iterator[Metric]:
+        fallback = GaugeMetricFamily(
+            "turnout_rate_limit_fallback",
+            "1 while the state store cannot be reached and this replica enforces its share of "
+            "each rate limit (the limit / the live replicas) on its own",
+        )
+        fallback.add_metric([], 1.0 if self.limits.fallback else 0.0)
+        replicas = GaugeMetricFamily(
+            "turnout_rate_limit_replicas",
+            "Live replicas last seen: in fallback, each enforces 1/this of every limit",
+        )
+        replicas.add_metric([], self.limits.replicas)
+        yield from (fallback, replicas)
+        if self.limits.gate is None:
+            return
+        labels = ["client"]
+        requests = CounterMetricFamily(
+            "turnout_client_requests", "Inference requests, by client", labels=labels
+        )
+        checked = CounterMetricFamily(
+            "turnout_client_inputs_checked",
+            "Admitted requests whose inputs were compared with the version's reference range",
+            labels=labels,
+        )
+        outside = CounterMetricFamily(
+            "turnout_client_inputs_outside",
+            "Of those, requests with a feature outside the reference sample's [min, max]",
+            labels=labels,
+        )
+        ratio = GaugeMetricFamily(
+            "turnout_client_volume_ratio",
+            "The client's request rate over 5 minutes / over its last hour (both EWMAs)",
+            labels=labels,
+        )
+        for label, client in sorted(self.limits.clients.by_label.items()):
+            requests.add_metric([label], client.requests)
+            checked.add_metric([label], client.checked)
+            outside.add_metric([label], client.outside)
+            ratio.add_metric([label], client.volume_ratio)
+        yield from (requests, checked, outside, ratio)

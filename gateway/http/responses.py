@@ -22,6 +22,7 @@ from gateway.errors import (
     Overloaded,
     PayloadTooLarge,
     PreconditionFailed,
+    RateLimited,
     Unauthorized,
     cut,
 )
@@ -94,6 +95,8 @@ async def gateway_error(request: Request, exc: Exception) -> Response:
     headers: dict[str, str] = {}
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        if isinstance(exc, RateLimited):
+            headers.update(exc.headers)
     elif isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     path = cut(request.url.path)

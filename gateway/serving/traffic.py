@@ -36,7 +36,7 @@ def judged(role: str, code: str) -> bool:
     return role not in _UNROUTED and code[0] in "25"
 
 
-_UNROUTED = frozenset({"pinned", "default", "unknown"})
+_UNROUTED = frozenset({"pinned", "default", "unknown", "limited"})
 
 
 @dataclass(slots=True)

@@ -154,15 +154,21 @@ class Shadow:
 
 
 def sticky_key(
-    spec: str | None, headers: Mapping[str, str], parameters: Mapping[str, Any]
+    spec: str | None,
+    headers: Mapping[str, str],
+    parameters: Mapping[str, Any],
+    principal: str | None = None,
 ) -> str | None:
-    """The request's sticky key named by ``spec`` (``header:<name>`` or ``parameter:<name>``).
+    """The request's sticky key named by ``spec`` (``header:<name>``, ``parameter:<name>``, or
+    ``principal``: who sent it, gateway.http.clients.principal_of).
 
     Header names match case-insensitively. A missing or empty value, or a parameter that is not a
     string or an integer, gives None: the request is then assigned at random.
     """
     if spec is None:
         return None
+    if spec == "principal":
+        return principal
     source, _, name = spec.partition(":")
     if source == "header":
         value = headers.get(name)

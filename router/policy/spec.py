@@ -23,10 +23,11 @@ strategies that take feedback (canary, A/B, bandit) may carry ``reward_range``: 
 the rewards accepted (default ``[0, 1]``; finite, low < high, magnitudes at most 1e9 so sums of
 squares stay exact enough; a bandit's within [0, 1], as its Beta posteriors need).
 Canary: ``steps`` (default 0.05, 0.25, 0.5, 1.0), ``weight`` (default the first step),
-``paused``, ``sticky``. Canary and A/B: ``sticky`` (``header:<name>``, lower-cased, or
-``parameter:<name>``) and ``salt`` (a string; changing it reshuffles sticky assignment, e.g.
-for a new experiment on the same versions). Bandit: ``algorithm`` (default thompson),
-``min_share`` (default 0), ``epsilon`` (epsilon_greedy only, default 0.1).
+``paused``, ``sticky``. Canary and A/B: ``sticky`` (``header:<name>``, lower-cased,
+``parameter:<name>``, or ``principal``: the API key's name, else the client address) and
+``salt`` (a string; changing it reshuffles sticky assignment, e.g. for a new experiment on the
+same versions). Bandit: ``algorithm`` (default thompson), ``min_share`` (default 0),
+``epsilon`` (epsilon_greedy only, default 0.1).
 
 Sizes are capped (each routed request and each audit entry carries the document): at most
 ``MAX_STEPS`` steps, ``MAX_ARMS`` arms, ``MAX_SHADOWS`` shadow versions, version names of
@@ -544,10 +545,13 @@ def _sticky(raw: Mapping[str, Any]) -> tuple[str | None, str | None]:
     salt: str | None = raw.get("salt")
     if "sticky" not in raw:
         return None, salt
+    if raw["sticky"] == "principal":
+        return "principal", salt
     source, _, name = raw["sticky"].partition(":")
     if source not in ("header", "parameter") or not name:
         raise PolicyError(
-            "sticky", f"must be 'header:<name>' or 'parameter:<name>', got {raw['sticky']!r}"
+            "sticky",
+            f"must be 'header:<name>', 'parameter:<name>' or 'principal', got {raw['sticky']!r}",
         )
     # HTTP header names are case-insensitive; ASGI servers hand them over lower-cased.
     return (f"header:{name.lower()}" if source == "header" else raw["sticky"]), salt

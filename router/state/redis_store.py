@@ -14,6 +14,8 @@ Keys, all under ``prefix``::
     lease:<name>           the lease holder's id, with PX expiry
     members                set of processes that publish counters
     counts:<member>        hash: field -> a process's counters (opaque bytes), with PX expiry
+    limits                 the rate-limits document (JSON)
+    limit:<model>:<who>    hash: a principal's token buckets and daily rows, with PX expiry
     changes                pub/sub channel: the new revision after each change
 
 Redis errors never leave this module: every public method raises StoreUnavailable instead
@@ -35,6 +37,7 @@ was told "failed" must therefore refuse to run late, or be safe to run twice:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,10 +49,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from router.policy.limits import DAY_S, Refusal, Rule
 from router.state.store import (
     AUDIT_CAP,
     AUDIT_PAGE_BYTES,
     BATCH_MEMORY_S,
+    LIMITS_AUDIT,
     ArmStats,
     Assignment,
     AuditEntry,
@@ -218,6 +223,65 @@ return 0
 """
 
 
+# KEYS: revision, limits, audit, audit:_limits; ARGV: document, audit body, audit cap
+PUT_LIMITS = """
+local now = redis.call('TIME')
+local before = redis.call('GET', KEYS[2]) or 'null'
+local revision = redis.call('INCR', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[1])
+local entry = '{"revision":' .. revision .. ',"at":' .. now[1] .. '.'
+  .. string.format('%06d', tonumber(now[2])) .. ',"before":' .. before .. ','
+  .. string.sub(ARGV[2], 2)
+for _, key in ipairs({KEYS[3], KEYS[4]}) do
+  redis.call('LPUSH', key, entry)
+  redis.call('LTRIM', key, 0, tonumber(ARGV[3]) - 1)
+end
+return revision
+"""
+
+# KEYS: limit:<model>:<principal>. ARGV: requests/s, burst, rows/s, rows burst, rows per day
+# ('' = unlimited), rows of this request, key TTL in ms. The same all-or-nothing check as
+# router.policy.limits.LocalLimiter, on Redis's clock: returns {'', ...} when taken, else
+# {'requests'|'rows'|'day', seconds to wait (-1: never), what is left}.
+TAKE_LIMITS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local day = math.floor(now / 86400)
+local h = redis.call('HMGET', KEYS[1], 'rt', 'ra', 'wt', 'wa', 'day', 'used')
+local rows = tonumber(ARGV[6])
+local function fill(tokens, at, rate, cap)
+  if not tokens then return cap end
+  return math.min(cap, tonumber(tokens) + math.max(0, now - tonumber(at)) * rate)
+end
+local rt, wt
+if ARGV[1] ~= '' then
+  local rate, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
+  rt = fill(h[1], h[2], rate, cap)
+  if rt < 1 then
+    return {'requests', tostring((1 - rt) / rate), tostring(math.floor(rt))}
+  end
+end
+if ARGV[3] ~= '' then
+  local rate, cap = tonumber(ARGV[3]), tonumber(ARGV[4])
+  wt = fill(h[3], h[4], rate, cap)
+  if rows > cap then return {'rows', '-1', tostring(math.floor(wt))} end
+  if wt < rows then
+    return {'rows', tostring((rows - wt) / rate), tostring(math.floor(wt))}
+  end
+end
+local used = 0
+if h[5] and tonumber(h[5]) == day then used = tonumber(h[6]) end
+if ARGV[5] ~= '' and used + rows > tonumber(ARGV[5]) then
+  return {'day', tostring((day + 1) * 86400 - now), tostring(tonumber(ARGV[5]) - used)}
+end
+if rt then redis.call('HSET', KEYS[1], 'rt', tostring(rt - 1), 'ra', tostring(now)) end
+if wt then redis.call('HSET', KEYS[1], 'wt', tostring(wt - rows), 'wa', tostring(now)) end
+redis.call('HSET', KEYS[1], 'day', day, 'used', used + rows)
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return {'', '0', '0'}
+"""
+
+
 def _increments(version: str, totals: ArmStats) -> list[tuple[str, str, str]]:
     """(field, 'i' or 'f', amount) of each nonzero total, as the scripts read them (an all-zero
     delta creates no entry)."""
@@ -274,6 +338,8 @@ class RedisStore:
         self._restore = self._redis.register_script(RESTORE)
         self._page = self._redis.register_script(AUDIT_PAGE)
         self._claim = self._redis.register_script(CLAIM)
+        self._put_limits = self._redis.register_script(PUT_LIMITS)
+        self._take = self._redis.register_script(TAKE_LIMITS)
         self._closed = False
 
     def _key(self, *parts: str) -> str:
@@ -499,6 +565,50 @@ class RedisStore:
             for m, blobs in zip(members, found, strict=True)
             if blobs
         }
+
+    async def put_limits(self, doc: dict[str, Any], *, who: str, reason: str) -> int:
+        after = orjson.dumps(doc)
+        body = audit_body(who, LIMITS_AUDIT, "limits", reason, after, {}, None)
+        keys = [
+            self._key("revision"),
+            self._key("limits"),
+            self._key("audit"),
+            self._key("audit", LIMITS_AUDIT),
+        ]
+        with _translated():
+            return int(await self._put_limits(keys=keys, args=[after, body, AUDIT_CAP]))
+
+    async def limits(self) -> dict[str, Any] | None:
+        with _translated():
+            raw = await self._redis.get(self._key("limits"))
+        return None if raw is None else dict(orjson.loads(raw))
+
+    async def take_limits(
+        self, principal: str, model: str, rule: Rule, rows: int
+    ) -> Refusal | None:
+        """``LocalLimiter.take`` for the whole fleet: one script, one round trip."""
+        ttl_s = 2.0 * DAY_S if rule.rows_per_day is not None else 1.0
+        if rule.requests_per_s is not None:
+            ttl_s = max(ttl_s, rule.request_burst / rule.requests_per_s + 1.0)
+        if rule.rows_per_s is not None:
+            ttl_s = max(ttl_s, rule.row_burst / rule.rows_per_s + 1.0)
+        args = [
+            "" if rule.requests_per_s is None else repr(rule.requests_per_s),
+            "" if rule.requests_per_s is None else rule.request_burst,
+            "" if rule.rows_per_s is None else repr(rule.rows_per_s),
+            "" if rule.rows_per_s is None else rule.row_burst,
+            "" if rule.rows_per_day is None else rule.rows_per_day,
+            rows,
+            round(min(ttl_s, 3.0 * DAY_S) * 1000),
+        ]
+        with _translated():
+            which, wait, left = await self._take(
+                keys=[self._key("limit", model, principal)], args=args
+            )
+        if not which:
+            return None
+        wait_s = float(wait)
+        return Refusal(_text(which), math.inf if wait_s < 0 else wait_s, int(float(left)))
 
     async def ping(self) -> bool:
         try:

@@ -23,11 +23,15 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
+from router.policy.limits import LocalLimiter, Refusal, Rule
+
 AUDIT_CAP = 100_000
 # An audit page stops once its entries pass this many bytes (always at least one entry), so one
 # read never holds the event loop for long however large the entries are.
 AUDIT_PAGE_BYTES = 1 << 20
 MAX_WHO_CHARS = 200  # an audit entry's ``who`` is cut to this (token names come from settings)
+# The audit trail's "model" of a rate-limits change (GET /admin/audit?model=_limits).
+LIMITS_AUDIT = "_limits"
 # How long a store remembers that a stats batch was applied. A batch whose write timed out is
 # resent, with the same id, once the store answers again; the first copy, if it was applied,
 # ran no later than that. Ten minutes covers any resend after the store came back.
@@ -233,6 +237,24 @@ class StateStore(Protocol):
         """Every live member whose name starts with ``prefix`` -> its published counters."""
         ...
 
+    async def put_limits(self, doc: dict[str, Any], *, who: str, reason: str) -> int:
+        """Replace the rate-limits document (gateway.http.limits) and append its audit entry
+        (model ``LIMITS_AUDIT``, action ``limits``) under the next global revision, in one atomic
+        step; returns that revision."""
+        ...
+
+    async def limits(self) -> dict[str, Any] | None:
+        """The rate-limits document last put, or None."""
+        ...
+
+    async def take_limits(
+        self, principal: str, model: str, rule: Rule, rows: int
+    ) -> Refusal | None:
+        """Take one request of ``rows`` rows from ``principal``'s buckets on ``model`` under
+        ``rule``, all or nothing (``LocalLimiter.take``); the Refusal when over a limit. Shared
+        by every process on the backend."""
+        ...
+
     async def ping(self) -> bool:
         """True when the backend answers; False (never an exception) when it does not."""
         ...
@@ -340,6 +362,8 @@ class MemoryStore:
         self._audit: deque[bytes] = deque(maxlen=AUDIT_CAP)
         self._model_audit: dict[str, deque[bytes]] = {}
         self._appended: dict[str, int] = {}  # "" (global) or model -> entries ever appended
+        self._limits: bytes | None = None
+        self._limiter = LocalLimiter()
         self._stats: dict[tuple[str, int], dict[str, ArmStats]] = {}
         self._batches: OrderedDict[str, float] = OrderedDict()  # applied batch -> forget after
         self._assignments: _Expiring[Assignment] = _Expiring()
@@ -500,6 +524,24 @@ class MemoryStore:
         for member in [m for m, (deadline, _) in self._counts.items() if deadline <= now]:
             del self._counts[member]
         return {m: dict(b) for m, (_, b) in self._counts.items() if m.startswith(prefix)}
+
+    async def put_limits(self, doc: dict[str, Any], *, who: str, reason: str) -> int:
+        after = orjson.dumps(doc)
+        body = audit_body(who, LIMITS_AUDIT, "limits", reason, after, {}, None)
+        self._revision += 1
+        entry = audit_entry(self._revision, time.time(), self._limits, body)
+        self._limits = after
+        self._audit.append(entry)
+        self._model_audit.setdefault(LIMITS_AUDIT, deque(maxlen=AUDIT_CAP)).append(entry)
+        return self._revision
+
+    async def limits(self) -> dict[str, Any] | None:
+        return None if self._limits is None else dict(orjson.loads(self._limits))
+
+    async def take_limits(
+        self, principal: str, model: str, rule: Rule, rows: int
+    ) -> Refusal | None:
+        return self._limiter.take(principal, model, rule, rows, time.time())
 
     async def ping(self) -> bool:
         return not self._closed

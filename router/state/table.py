@@ -95,9 +95,14 @@ class RouteTable:
         return dict(self._routes)
 
     @staticmethod
-    def choose(route: Route, headers: Mapping[str, str], parameters: Mapping[str, Any]) -> Decision:
+    def choose(
+        route: Route,
+        headers: Mapping[str, str],
+        parameters: Mapping[str, Any],
+        principal: str | None = None,
+    ) -> Decision:
         policy = route.policy
-        return policy.choose(sticky_key(policy.sticky, headers, parameters))
+        return policy.choose(sticky_key(policy.sticky, headers, parameters, principal))
 
     def served(self, route: Route, decision: Decision, request_id: str) -> None:
         """Count the request for the route's report; remember it for feedback when useful."""

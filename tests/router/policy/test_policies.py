@@ -210,6 +210,11 @@ def test_sticky_key(
     assert sticky_key(spec, headers, parameters) == expected
 
 
+def test_sticky_key_of_the_principal() -> None:
+    assert sticky_key("principal", {"x": "y"}, {"user": "u1"}, "alpha") == "alpha"
+    assert sticky_key("principal", {}, {}, None) is None
+
+
 def test_sticky_key_rejects_unknown_source() -> None:
     with pytest.raises(ValueError, match="sticky"):
         sticky_key("cookie:id", {}, {})
