@@ -359,6 +359,15 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
                          "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"}},
                                         {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                                         {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}, "description": "`next` of the previous page (opaque)"}]},
+        "/admin/limits": {
+            **_get("The rate-limits document in force (null: none)", {"type": "object", "required": ["limits"], "properties": {"limits": {"type": "object", "nullable": True}}}, 401, security=_ADMIN),
+            "put": {
+                "summary": "Replace the rate-limits document (audited under model _limits)",
+                "security": _ADMIN,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object", "required": ["limits", "reason"], "properties": {"limits": {"type": "object"}, "reason": {"type": "string"}}}}}},
+                "responses": {"200": _json({"type": "object", "required": ["limits"], "properties": {"limits": {"type": "object"}}}, "in force"), **_errors(400, 401, 413, 503)},
+            },
+        },
     }  # fmt: skip
     for (method, path), role in REQUIRED.items():  # copies, as below
         item = paths[path] = dict(paths[path])
