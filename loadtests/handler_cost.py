@@ -118,15 +118,12 @@ async def _measure(
         apps: dict[str, Any] = {}
         for name, monitors in (("turnout", True), ("turnout-monitors", False)):
             # TURNOUT_LIMITS=FILE: the cost of a rate-limits document (gateway.http.limits)
+            # (passed only when set, so that this script runs on earlier commits too:
+            # loadtests.compare_commits)
             limits = os.environ.get("TURNOUT_LIMITS")
-            app = create_app(
-                Settings(
-                    repo,
-                    monitors=monitors,
-                    admin_tokens={"bench": TOKEN},
-                    limits=Path(limits) if limits else None,
-                )
-            )
+            extra: dict[str, Any] = {"limits": Path(limits)} if limits else {}
+            settings = Settings(repo, monitors=monitors, admin_tokens={"bench": TOKEN}, **extra)
+            app = create_app(settings)
             await stack.enter_async_context(app.router.lifespan_context(app))
             while not app.state.endpoints.registry.started:
                 await asyncio.sleep(0.05)

@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 import orjson
 
-from loadtests import floor, handler_cost, report
+from loadtests import compare_commits, floor, handler_cost, report
 from loadtests.harness import ServerProcess, StartError, free_port
 from loadtests.results import CONFIGS, MODELS, Results
 from loadtests.wrk import WrkPoint, failed, run_wrk
@@ -379,7 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved.write_bytes(pickle.dumps(r))
         print(f"results saved to {saved} (re-render with --render)")
     o.docs.mkdir(parents=True, exist_ok=True)
-    (o.docs / "benchmarks.md").write_text(report.markdown(r, "benchmarks.png"))
+    target = o.docs / "benchmarks.md"
+    kept = compare_commits.kept_section(target.read_text()) if target.exists() else ""
+    target.write_text(report.markdown(r, "benchmarks.png") + ("\n" + kept + "\n" if kept else ""))
     report.plot(r, o.docs / "benchmarks.png")
     for g in report.goals(r):
         value = "–" if g.value != g.value else f"{g.value:.2f}"

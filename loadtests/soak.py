@@ -55,6 +55,7 @@ class SoakResult:
     policy_failures: int
     feedback_sent: int
     feedback_failures: int
+    feedback_stale: int  # 404: the policy changed between the answer and its feedback
     rss_kib: list[tuple[float, int]]  # (seconds since start, resident KiB), one a second
     warmup_s: float
 
@@ -83,7 +84,8 @@ class SoakResult:
                 f"soak: {self.seconds:.0f} s, {self.sent} requests ({rate:.0f}/s), "
                 f"{self.failures} failed, statuses {dict(sorted(self.statuses.items()))}",
                 f"policy changes: {self.policy_changes} ({self.policy_failures} failed); "
-                f"feedback: {self.feedback_sent} ({self.feedback_failures} failed)",
+                f"feedback: {self.feedback_sent} ({self.feedback_failures} failed, "
+                f"{self.feedback_stale} for a replaced policy revision)",
                 f"resident memory: {self.rss_start_kib} KiB after {self.warmup_s:.0f} s warm-up, "
                 f"{self.rss_end_kib} KiB at the end ({100 * self.rss_growth:+.1f} %), "
                 f"peak {max(kib for _, kib in self.rss_kib)} KiB",
@@ -119,6 +121,7 @@ class _Tally:
     statuses: Counter[int] = field(default_factory=Counter)
     feedback_sent: int = 0
     feedback_failures: int = 0
+    feedback_stale: int = 0
     policy_changes: int = 0
     policy_failures: int = 0
 
@@ -167,7 +170,12 @@ async def soak(
                         url + "/v2/models/fraud/feedback",
                         json={"id": answer["id"], "reward": reward},
                     )
-                    tally.feedback_failures += f.status_code != 200
+                    # A policy changes every second here, and a replaced revision takes no
+                    # more feedback (docs/routing.md): that 404 is the documented answer.
+                    stale = f.status_code == 404 and "earlier policy revision" in f.text
+                    stale = stale or (f.status_code == 404 and "no longer taken" in f.text)
+                    tally.feedback_stale += stale
+                    tally.feedback_failures += f.status_code != 200 and not stale
                 except httpx.HTTPError:
                     tally.feedback_failures += 1
 
@@ -206,6 +214,7 @@ async def soak(
         policy_failures=tally.policy_failures,
         feedback_sent=tally.feedback_sent,
         feedback_failures=tally.feedback_failures,
+        feedback_stale=tally.feedback_stale,
         rss_kib=samples,
         warmup_s=warmup_s,
     )

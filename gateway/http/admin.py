@@ -103,17 +103,9 @@ class Admin:
         with its audit entry (``GET /admin/audit?model=_limits``), in force at once here and
         within ``publish_s`` on the other replicas."""
         who = self.access.require(request)
-        body = await read_json_object(request, _ADMIN_BODY_LIMIT)
-        reason = _reason(body)
-        unknown = sorted(set(body) - {"limits", "reason"})
-        if unknown:
-            raise BadRequest(
-                f"{cut(', '.join(unknown))}: unknown field (expected 'limits', 'reason')"
-            )
-        if "limits" not in body:
-            raise BadRequest("limits: required")
+        limits, reason = await _change(request, "limits")
         try:
-            doc = await self.limits.put(body["limits"], who, reason)
+            doc = await self.limits.put(limits, who, reason)
         except PolicyError as exc:
             field = exc.field if exc.field.startswith("limits") else f"limits.{exc.field}"
             raise PolicyError(field, exc.message) from None
@@ -122,16 +114,8 @@ class Admin:
     async def put_route(self, request: Request) -> Response:
         who = self.access.require(request)
         model = self._model(request)
-        body = await read_json_object(request, _ADMIN_BODY_LIMIT)
-        reason = _reason(body)
-        unknown = sorted(set(body) - {"policy", "reason"})
-        if unknown:
-            raise BadRequest(
-                f"{cut(', '.join(unknown))}: unknown field (expected 'policy' and 'reason')"
-            )
-        if "policy" not in body:
-            raise BadRequest("policy: required")
-        doc = _parse(body["policy"], self.registry.ready_versions(model))
+        policy, reason = await _change(request, "policy")
+        doc = _parse(policy, self.registry.ready_versions(model))
         thresholds = doc.guards.thresholds() if doc.guards is not None else {}
         blind = [c for c in MONITORED if c in thresholds] if not self.monitors else []
         if blind:  # a guard that could never see its figures would never act: refuse it
@@ -242,6 +226,20 @@ def _if_match(request: Request) -> int | None:
     if raw is None:
         return None
     return integer("If-Match", raw.strip().removeprefix("W/").strip('"'), _MAX_REVISION)
+
+
+async def _change(request: Request, field: str) -> tuple[Any, str]:
+    """The ``field`` and the ``reason`` of a ``{field: ..., "reason": ...}`` body."""
+    body = await read_json_object(request, _ADMIN_BODY_LIMIT)
+    reason = _reason(body)
+    unknown = sorted(set(body) - {field, "reason"})
+    if unknown:
+        raise BadRequest(
+            f"{cut(', '.join(unknown))}: unknown field (expected '{field}' and 'reason')"
+        )
+    if field not in body:
+        raise BadRequest(f"{field}: required")
+    return body[field], reason
 
 
 def _reason(body: dict[str, Any]) -> str:

@@ -60,7 +60,10 @@ def text(value: bytes | str) -> str:
 
 
 def totals(raw: Mapping[bytes | str, bytes | str]) -> dict[str, float]:
-    return {text(k): float(v) for k, v in raw.items() if text(k).split(":")[0] in STATS}
+    """The bandit's totals, without zeros: a total of 0 and an absent one are the same (the
+    reward script adds 0.0 for a reward of 0; a restore writes only what is not zero)."""
+    items = ((text(k), float(v)) for k, v in raw.items())
+    return {k: v for k, v in items if k.split(":")[0] in STATS and v != 0.0}
 
 
 async def scenario(a: Server, b: Server, server: RedisServer) -> Record:
