@@ -56,7 +56,7 @@ class Settings:
     max_batch_rows: int = 1 << 16
     # The outputs of one request as tensors (elements × size, strings by their bytes), checked
     # before they are encoded (413 beyond). A JSON response takes up to ~4× this (a float32 as
-    # text), so the default keeps it within the request body cap.
+    # text): about 64 MiB at the default.
     max_response_bytes: int = 16 * 1024 * 1024
     # Request line plus headers, enforced while they are read (431 beyond).
     max_header_bytes: int = 64 * 1024
