@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import sys
 import tracemalloc
 import uuid
@@ -23,7 +22,7 @@ from router.state.join import ENTRY_BYTES, MAX_ID_CHARS
 from router.state.redis_store import RedisStore
 from router.state.store import MemoryStore, StoreUnavailable
 from router.state.table import RewardConflict, RouteTable, UnknownInference
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, fresh_prefix
 
 pytestmark = pytest.mark.anyio
 
@@ -48,14 +47,7 @@ async def replica(request: pytest.FixtureRequest) -> AsyncIterator[Replica]:
         table = RouteTable(MemoryStore(), shared=False)
         yield lambda: table
         return
-    prefix = f"turnout-test-{uuid.uuid4().hex}:"
-    probe = RedisStore(REDIS_URL, prefix)
-    reachable = await probe.ping()
-    await probe.close()
-    if not reachable:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis is not reachable at {REDIS_URL} (CI=true)")
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+    prefix = await fresh_prefix(REDIS_URL)
     tables: list[RouteTable] = []
 
     def make() -> RouteTable:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -12,6 +10,7 @@ from redis.asyncio import Redis
 
 from router.state.redis_store import RedisStore
 from router.state.store import MemoryStore, StateStore, StoreUnavailable
+from tests.support.redis_server import fresh_prefix
 
 pytestmark = pytest.mark.anyio
 
@@ -34,14 +33,7 @@ async def handles(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[], 
         yield lambda: shared
         await shared.close()
         return
-    prefix = f"turnout-test-{uuid.uuid4().hex}:"
-    probe = RedisStore(REDIS_URL, prefix)
-    reachable = await probe.ping()
-    await probe.close()
-    if not reachable:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis is not reachable at {REDIS_URL} (CI=true)")
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+    prefix = await fresh_prefix(REDIS_URL)
     opened: list[StateStore] = []
 
     def make() -> StateStore:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +23,7 @@ from router.state.store import (
     StateStore,
     StoreUnavailable,
 )
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, fresh_prefix
 
 pytestmark = pytest.mark.anyio
 
@@ -59,14 +58,7 @@ async def replicas(request: pytest.FixtureRequest) -> AsyncIterator[Replicas]:
         yield Replicas(lambda: shared)
         await shared.close()
         return
-    prefix = f"turnout-test-{uuid.uuid4().hex}:"
-    probe = RedisStore(REDIS_URL, prefix)
-    reachable = await probe.ping()
-    await probe.close()
-    if not reachable:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis is not reachable at {REDIS_URL} (CI=true)")
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+    prefix = await fresh_prefix(REDIS_URL)
     handles = Replicas(lambda: RedisStore(REDIS_URL, prefix))
     yield handles
     for store in handles.opened:
