@@ -58,6 +58,11 @@ _SMALL: Final = 256  # elements: below this, Python's min and max beat numpy's c
 # What one string (or JSON container) costs decoded besides its UTF-8 bytes: a Python str is 49
 # bytes of header (sys.getsizeof("")) and its slot in a list or object array 8 more.
 STRING_OVERHEAD: Final = 64
+# Decoded bytes per element by datatype, a BYTES element counted at its fixed overhead.
+_ELEMENT_BYTES: Final = {
+    name: STRING_OVERHEAD if name == "BYTES" else dtype.itemsize
+    for name, dtype in NUMPY_DTYPES.items()
+}
 # JSON parts at least this long are counted before they are parsed (a few µs of byte counts);
 # smaller ones cannot hold enough strings to matter.
 _COUNTED_JSON: Final = 1 << 16
@@ -283,7 +288,11 @@ def _decode(
     headers = _input_headers(doc.get("inputs"), model, envelope.binary, max_elements, max_rows)
     spent = _Spent(budget)
     for h in headers:  # every fixed cost first: nothing is decoded for a request over budget
-        spent.charge(h.spec.name, h.count * (_fixed_size(h.spec) or STRING_OVERHEAD))
+        spent.total += h.count * _ELEMENT_BYTES[h.spec.datatype]
+    if spent.total > budget:
+        spent.total = 0
+        for h in headers:  # again, to name the input that crosses the budget
+            spent.charge(h.spec.name, h.count * _ELEMENT_BYTES[h.spec.datatype])
     return InferRequest(
         id=envelope.id,
         inputs=_input_arrays(headers, envelope.body, envelope.end, spent),
@@ -309,11 +318,6 @@ class _Spent:
                 f"bytes, above the budget of {self.budget} bytes per request (strings count "
                 f"their UTF-8 bytes plus {STRING_OVERHEAD} each); send fewer elements"
             )
-
-
-def _fixed_size(spec: TensorSpec) -> int:
-    """Bytes per element of a fixed-size datatype; 0 for BYTES."""
-    return 0 if spec.datatype == "BYTES" else spec.dtype.itemsize
 
 
 def _check_json_objects(body: bytes, end: int, budget: int) -> None:
@@ -407,8 +411,9 @@ def _input_headers(
                 f"input {name!r}: shape {list(shape)} has {count} elements, "
                 f"above the limit of {max_elements}"
             )
-        widest = max(shape, default=0)
-        if widest > max_elements:  # an empty tensor can still declare an absurd axis
+        # An empty tensor can still declare an absurd axis (a non-empty one's axes are at most
+        # its count).
+        if count == 0 and (widest := max(shape, default=0)) > max_elements:
             raise BadRequest(
                 f"input {name!r}: shape {list(shape)} has an axis of {widest}, above the "
                 f"limit of {max_elements} elements"
@@ -429,13 +434,19 @@ def _input_headers(
         elif type(data) is not list:
             raise BadRequest(f"input {name!r}: data must be a JSON array")
         result[name] = _Input(spec, shape, count, data, size)
-    missing = [spec for spec in model.inputs if spec.name not in result]
-    if missing:
+    if len(result) != len(specs):  # each entry is a distinct input of the model
+        missing = [spec for spec in model.inputs if spec.name not in result]
         raise BadRequest(f"missing input(s) {_names(missing)} for model {model.model!r}")
     return list(result.values())
 
 
 def _shape(raw: Any, spec: TensorSpec) -> tuple[int, ...]:
+    if type(raw) is list and len(raw) == len(spec.shape):
+        for got, want in zip(raw, spec.shape, strict=True):  # one pass for the usual, valid case
+            if type(got) is not int or got < 0 or (want >= 0 and got != want):
+                break
+        else:
+            return tuple(raw)
     name = spec.name
     if type(raw) is not list or any(type(d) is not int or d < 0 for d in raw):
         raise BadRequest(
@@ -446,13 +457,11 @@ def _shape(raw: Any, spec: TensorSpec) -> tuple[int, ...]:
             f"input {name!r}: shape {_show(raw)} has rank {len(raw)}, the model expects "
             f"rank {len(spec.shape)} {list(spec.shape)}"
         )
-    for axis, (got, want) in enumerate(zip(raw, spec.shape, strict=True)):
-        if want >= 0 and got != want:
-            raise BadRequest(
-                f"input {name!r}: shape {_show(raw)} does not match the model's {list(spec.shape)} "
-                f"at axis {axis}"
-            )
-    return tuple(raw)
+    axis = next(a for a, (g, w) in enumerate(zip(raw, spec.shape, strict=True)) if 0 <= w != g)
+    raise BadRequest(
+        f"input {name!r}: shape {_show(raw)} does not match the model's {list(spec.shape)} "
+        f"at axis {axis}"
+    )
 
 
 def _check_binary_size(

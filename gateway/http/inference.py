@@ -257,7 +257,9 @@ class Inference:
             )
         else:
             decoded = codec.decode_inputs(envelope, info, *limits)
-        deadline = self._deadline(decoded.parameters, labels)
+        timeout_us = decoded.parameters.get("timeout")
+        # Without one, the runtime gives a queued request the default (--request-timeout-ms).
+        deadline = None if timeout_us is None else self._deadline(timeout_us, labels)
         if ticket is not None:
             await ticket.before_run(decoded.inputs, loaded)
         with loaded:
@@ -269,12 +271,18 @@ class Inference:
                 receive=receive,
             )
             model_s = time.perf_counter() - model_start
-        size = codec.output_bytes(outputs, self.settings.max_response_bytes)
-        if size > self.settings.max_response_bytes:
+        max_bytes = settings.max_response_bytes
+        size = 0
+        for array in outputs.values():  # numeric outputs by their size; strings by output_bytes
+            if array.dtype.kind == "O":
+                size = codec.output_bytes(outputs, max_bytes)
+                break
+            size += array.nbytes
+        if size > max_bytes:
             raise PayloadTooLarge(
                 f"the outputs of model {info.model!r} version {info.version} for this request "
                 f"take at least {size} bytes, above the limit of "
-                f"{self.settings.max_response_bytes} per response (--max-response-bytes); "
+                f"{max_bytes} per response (--max-response-bytes); "
                 "send fewer rows, or inputs that ask for less"
             )
         # 128 random bits as 32 hex digits, as uuid4().hex, at a quarter of its cost (0.5 µs)
@@ -295,14 +303,10 @@ class Inference:
         total_s = time.perf_counter() - start
         return content, json_length, (loaded, decoded.inputs, outputs, total_s, model_s)
 
-    def _deadline(self, parameters: dict[str, Any], labels: list[str]) -> float | None:
-        """From the request's ``timeout`` parameter (microseconds, as Triton's), else the
-        configured default; None when neither is set. A client's own deadline below the guards'
-        floor marks the request (``labels[3]``): its 504 is the client's choice."""
-        timeout_us = parameters.get("timeout")
-        if timeout_us is None:
-            default_ms = self.settings.request_timeout_ms
-            return time.monotonic() + default_ms / 1e3 if default_ms else None
+    def _deadline(self, timeout_us: Any, labels: list[str]) -> float:
+        """From the request's ``timeout`` parameter (microseconds, as Triton's). A client's own
+        deadline below the guards' floor marks the request (``labels[3]``): its 504 is the
+        client's choice."""
         if type(timeout_us) is not int or timeout_us <= 0:
             raise BadRequest('"parameters.timeout" must be a positive integer (microseconds)')
         if timeout_us < self.settings.guard_deadline_floor_ms * 1000:

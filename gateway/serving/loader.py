@@ -52,6 +52,7 @@ def version_loader(settings: Settings, executor: Executor, busy: Callable[[], bo
             name=f"{model} v{version}",
             inline_rows=inline_rows(session.cost, settings.inline_threshold_us / 1e6),
             busy=busy,
+            default_timeout_s=settings.request_timeout_ms / 1e3 or None,
         )
         return info, runtime, monitor
 

@@ -284,6 +284,31 @@ def test_expired_deadline_times_out_without_running(
     assert rt.stats.rows == 2
 
 
+def test_a_queued_request_without_a_deadline_takes_the_default(
+    repo: Path, executor: ThreadPoolExecutor
+) -> None:
+    info, model = load(repo, executor, "fraud", delay_s=0.5)
+    config = BatchConfig()
+    rt = BatchingRuntime(model, info.inputs, executor, config, default_timeout_s=0.05)
+    outputs = ["probability"]
+
+    async def main() -> None:
+        later = time.monotonic() + 10.0  # its own deadline: not the default
+        blocker = asyncio.create_task(
+            rt.run(sample_inputs("fraud", 2, seed=1), outputs, deadline=later)
+        )
+        await asyncio.sleep(0)
+        queued = asyncio.create_task(rt.run(sample_inputs("fraud", 3, seed=2), outputs))
+        done, _ = await asyncio.wait({blocker, queued}, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {queued}  # the default deadline passed while the session was busy
+        assert isinstance(queued.exception(), Timeout)
+        await blocker
+
+    asyncio.run(main())
+    assert model.calls == [2]
+    assert rt.stats.timed_out == 1
+
+
 def test_deadline_passing_while_waiting_for_a_thread_is_not_run(repo: Path) -> None:
     # Versions share the executor: a launched batch can wait for a thread past its deadline.
     with ThreadPoolExecutor(1) as pool:
