@@ -27,6 +27,15 @@ ENTRY_BYTES = 232
 # Why entries left before their time: the entry cap, the byte cap, a policy change.
 EVICTION_REASONS = ("entries", "bytes", "policy")
 
+# A str's own bytes (sys.getsizeof) without the call for an ASCII one: CPython's compact ASCII
+# string is a 48-byte header, its characters and a NUL (checked in test_feedback.py).
+_ASCII_STR_BYTES = sys.getsizeof("")
+
+
+def id_bytes(request_id: str) -> int:
+    return len(request_id) + _ASCII_STR_BYTES if request_id.isascii() else sys.getsizeof(request_id)
+
+
 # id -> (expiry, version, propensity, sequence number, reward taken or None)
 Entry = tuple[float, str, float, int, float | None]
 
@@ -65,22 +74,20 @@ class FeedbackJoin:
                 return  # served under a revision that was replaced while it ran
             segment = self._replace(model, revision)
         entries = segment.entries
-        old = entries.pop(request_id, None)
-        self._sequence += 1
-        entries[request_id] = (
-            time.monotonic() + self._ttl,
-            version,
-            propensity,
-            self._sequence,
-            None if old is None else old[4],
-        )
-        if old is None:
-            size = sys.getsizeof(request_id) + ENTRY_BYTES
-            segment.bytes += size
-            self.bytes += size
-            self.entries += 1
-            if self.entries > self._max_entries or self.bytes > self._max_bytes:
-                self._shrink()
+        self._sequence = sequence = self._sequence + 1
+        expiry = time.monotonic() + self._ttl
+        old = entries.get(request_id)
+        if old is not None:  # to the newest place, keeping the reward it took
+            del entries[request_id]
+            entries[request_id] = (expiry, version, propensity, sequence, old[4])
+            return
+        entries[request_id] = (expiry, version, propensity, sequence, None)
+        size = id_bytes(request_id) + ENTRY_BYTES
+        segment.bytes += size
+        self.bytes += size
+        self.entries += 1
+        if self.entries > self._max_entries or self.bytes > self._max_bytes:
+            self._shrink()
 
     def find(self, model: str, request_id: str) -> tuple[Assignment, float | None] | None:
         """What served ``request_id`` and the reward it took (None: none yet), while joinable."""
@@ -153,16 +160,20 @@ class FeedbackJoin:
 
     def _evict(self, reason: str) -> None:
         # the segment whose oldest entry is oldest (one per model with a feedback policy)
-        segment = min(
-            (s for s in self._segments.values() if s.entries),
-            key=lambda s: next(iter(s.entries.values()))[0],
-        )
+        segments = self._segments
+        if len(segments) == 1:  # the usual case, and one eviction per request at the cap
+            segment = next(iter(segments.values()))
+        else:
+            segment = min(
+                (s for s in segments.values() if s.entries),
+                key=lambda s: next(iter(s.entries.values()))[0],
+            )
         self._pop_oldest(segment)
         self.evictions[reason] += 1
 
     def _pop_oldest(self, segment: _Segment) -> None:
         request_id, _ = segment.entries.popitem(last=False)
-        size = sys.getsizeof(request_id) + ENTRY_BYTES
+        size = id_bytes(request_id) + ENTRY_BYTES
         segment.bytes -= size
         self.bytes -= size
         self.entries -= 1

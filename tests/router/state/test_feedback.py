@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from router.policy.policies import PolicyError
 from router.policy.spec import PolicyDoc, parse_policy
-from router.state.join import ENTRY_BYTES, MAX_ID_CHARS
+from router.state.join import ENTRY_BYTES, MAX_ID_CHARS, id_bytes
 from router.state.redis_store import RedisStore
 from router.state.store import MemoryStore, StoreUnavailable
 from router.state.table import RewardConflict, RouteTable, UnknownInference
@@ -274,3 +274,8 @@ async def test_a_new_policy_revision_frees_the_join_of_the_old_one(replica: Repl
     serve(writer, 10, prefix="new")
     await write(writer, None)  # deleted: freed too
     assert writer.join.entries == 0
+
+
+@pytest.mark.parametrize("request_id", ["", "a", "0" * MAX_ID_CHARS, "é" * 3, "€" * 5, "😀" * 2])
+def test_an_ids_bytes_are_what_python_holds_for_it(request_id: str) -> None:
+    assert id_bytes(request_id) == sys.getsizeof(request_id)
