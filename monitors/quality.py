@@ -175,7 +175,9 @@ def _ratio(a: float, b: float, var_a: float, var_b: float) -> tuple[float | None
     total = a + b
     if not total > 0.0:
         return None, 0.0
-    return a / total, (b * b * var_a + a * a * var_b) / total**4
+    ratio = a / total
+    # divided in steps: total⁴ underflows for tiny expected counts
+    return ratio, ((1.0 - ratio) ** 2 * var_a + ratio**2 * var_b) / total / total
 
 
 def drop_bound(candidate: Figure, baseline: Figure, confidence: float) -> float | None:
@@ -478,7 +480,7 @@ class BinaryQuality:
         would fall if the scores were calibrated. n: served rows (precision: predicted
         positives; recall and false-positive rate: the expected positives or negatives)."""
         z = _z(confidence)
-        t, s = self._tallies, self._sums
+        t, s = self._tallies, [float(x) for x in self._sums]
         n, n_positive = int(t[qk.S_N]), int(t[qk.S_POSITIVE])
         n_negative = n - n_positive
         tp, fn = s[qk.S_P_POSITIVE], s[qk.S_P_NEGATIVE]
