@@ -130,10 +130,10 @@ def mean(
     """``total``/``n`` ± z·s/√n (s² = M2/(n - 1)), clipped into the limits."""
     if n == 0:
         return Figure(None, None, None, 0, higher_is_better=higher_is_better)
-    value = total / n
+    value = float(total) / n
     if n < 2:
         return Figure(value, None, None, n, higher_is_better=higher_is_better)
-    se = math.sqrt(max(m2, 0.0) / (n - 1) / n)
+    se = math.sqrt(max(float(m2), 0.0) / (n - 1) / n)
     low = min(max(value - z * se, low_limit), high_limit)
     high = max(min(value + z * se, high_limit), low_limit)
     return Figure(value, low, high, n, se, "mean", higher_is_better)
@@ -302,11 +302,12 @@ def _encode_row(row: np.ndarray) -> bytes:
     """A row of non-negative counts in the smaller of two forms: sparse (u32 n, u16 indices,
     values) or dense (every value), each value in the narrowest unsigned width that holds the
     largest (1, 2, 4 or 8 bytes)."""
-    (nonzero,) = np.nonzero(row)
+    n_nonzero = int(np.count_nonzero(row))
     largest = int(row.max(initial=0))
     size = next(k for k in (1, 2, 4) if largest < 1 << (8 * k)) if largest < 1 << 32 else 8
     dtype = _UNSIGNED[size]
-    if nonzero.size * (2 + size) + 4 < row.size * size:
+    if n_nonzero * (2 + size) + 4 < row.size * size:
+        (nonzero,) = np.nonzero(row)
         return b"".join(
             (
                 _ROW.pack(_SPARSE, size),
@@ -357,6 +358,33 @@ def _as_float64(values: np.ndarray, what: str) -> np.ndarray:
     return flat
 
 
+def _pairs(
+    first: np.ndarray, second: np.ndarray, names: tuple[str, str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays flat, contiguous float64; ValueError when not numeric or sizes differ."""
+    a, b = _as_float64(first, names[0]), _as_float64(second, names[1])
+    if a.size != b.size:
+        raise ValueError(f"{a.size} {names[0]} but {b.size} {names[1]}")
+    return a, b
+
+
+class _Tallied:
+    """Tallies ``(N, REJECTED)``: labelled rows and rejected rows."""
+
+    __slots__ = ("_tallies",)
+
+    def __init__(self) -> None:
+        self._tallies = np.zeros(2, np.int64)
+
+    @property
+    def labelled(self) -> int:
+        return int(self._tallies[qk.N])
+
+    @property
+    def rejected(self) -> int:
+        return int(self._tallies[1])
+
+
 _SCORE_DTYPES = frozenset(np.dtype(d) for d in qk.SCORE_DTYPES)
 
 
@@ -390,13 +418,14 @@ class BinaryQuality:
         """The histograms (rows negatives, positives, served; see quality_kernels), a copy."""
         return np.zeros((3, qk.N_BINS), np.int64) if self._counts is None else self._counts.copy()
 
+    def _histograms(self) -> np.ndarray:
+        """The histograms, not to be written: the live array, or zeros before the first row."""
+        return np.zeros((3, qk.N_BINS), np.int64) if self._counts is None else self._counts
+
     def observe(self, scores: np.ndarray, labels: np.ndarray) -> int:
         """Add labelled pairs (any shapes of equal size); ValueError when the sizes differ or
         an array is not numeric."""
-        s = _as_float64(scores, "scores")
-        y = _as_float64(labels, "labels")
-        if s.size != y.size:
-            raise ValueError(f"{s.size} scores but {y.size} labels")
+        s, y = _pairs(scores, labels, ("scores", "labels"))
         rejected: int = qk.observe_labelled(
             self._allocated(), self._tallies, self._sums, s, y, self.threshold
         )
@@ -459,7 +488,7 @@ class BinaryQuality:
         tp, fp, tn, fn = (int(t[k]) for k in (qk.TP, qk.FP, qk.TN, qk.FN))
         n = tp + fp + tn + fn
         s = self._sums
-        counts = self.counts
+        counts = self._histograms()
         return {
             "tp": count(tp, n),
             "fp": count(fp, n),
@@ -490,7 +519,7 @@ class BinaryQuality:
         fpr, var_fpr = _ratio(fp, tn, var_p, var_n)
         accuracy = (tp + tn) / n if n else None
         precision = tp / n_positive if n_positive else None
-        served = self.counts[qk.SERVED].astype(np.float64)
+        served = self._histograms()[qk.SERVED].astype(np.float64)
         auc = _auc_figure(served * qk.BIN_VALUES, served * (1.0 - qk.BIN_VALUES), n, z)
         return {
             "tp": _estimate(tp, var_p, n, z, n_positive),
@@ -508,7 +537,7 @@ class BinaryQuality:
 
     def to_bytes(self) -> bytes:
         """Compact bytes for a fleet: the threshold, tallies, sums and the non-zero bins."""
-        counts = self.counts
+        counts = self._histograms()
         return _pack(
             self.MAGIC,
             [
@@ -554,23 +583,20 @@ def _with_direction(figure: Figure, higher_is_better: bool | None) -> Figure:
     )
 
 
-class RegressionQuality:
+class RegressionQuality(_Tallied):
     """Regression: error e = prediction - target. ``observe`` returns the number of rows
     rejected (NaN or ±inf on either side, |e| > 1e60), counted in ``rejected``."""
 
-    __slots__ = ("_sums", "_tallies")
+    __slots__ = ("_sums",)
 
     MAGIC = b"TNQR"
 
     def __init__(self) -> None:
-        self._tallies = np.zeros(2, np.int64)
+        super().__init__()
         self._sums = np.zeros(qk.N_REGRESSION_SUMS, np.float64)
 
     def observe(self, predictions: np.ndarray, targets: np.ndarray) -> int:
-        p = _as_float64(predictions, "predictions")
-        t = _as_float64(targets, "targets")
-        if p.size != t.size:
-            raise ValueError(f"{p.size} predictions but {t.size} targets")
+        p, t = _pairs(predictions, targets, ("predictions", "targets"))
         rejected: int = qk.observe_regression(self._tallies, self._sums, p, t)
         return rejected
 
@@ -579,14 +605,6 @@ class RegressionQuality:
         for at in range(0, qk.N_REGRESSION_SUMS, 2):
             qk.merge_moments(self._sums, n_a, other._sums, n_b, at)
         self._tallies += other._tallies
-
-    @property
-    def labelled(self) -> int:
-        return int(self._tallies[qk.N])
-
-    @property
-    def rejected(self) -> int:
-        return int(self._tallies[1])
 
     def realized(self, confidence: float = 0.95) -> dict[str, Figure]:
         """MAE and bias: normal intervals; RMSE: the square roots of the MSE's interval."""
@@ -627,12 +645,12 @@ class RegressionQuality:
         return quality
 
 
-class MulticlassQuality:
+class MulticlassQuality(_Tallied):
     """Multiclass: predicted class index against label index, ``n_classes`` (2 ..
     MAX_CLASSES) fixed. ``observe`` returns the number of rows rejected (an index that is not
     an integer in [0, n_classes)), counted in ``rejected``."""
 
-    __slots__ = ("_counts", "_tallies", "n_classes")
+    __slots__ = ("_counts", "n_classes")
 
     MAGIC = b"TNQM"
 
@@ -640,14 +658,11 @@ class MulticlassQuality:
         if not 2 <= n_classes <= MAX_CLASSES:
             raise ValueError(f"n_classes must be within [2, {MAX_CLASSES}], got {n_classes}")
         self.n_classes = int(n_classes)
+        super().__init__()
         self._counts = np.zeros((3, self.n_classes), np.int64)
-        self._tallies = np.zeros(2, np.int64)
 
     def observe(self, predicted: np.ndarray, labels: np.ndarray) -> int:
-        p = _as_float64(predicted, "predicted")
-        y = _as_float64(labels, "labels")
-        if p.size != y.size:
-            raise ValueError(f"{p.size} predictions but {y.size} labels")
+        p, y = _pairs(predicted, labels, ("predictions", "labels"))
         rejected: int = qk.observe_multiclass(self._counts, self._tallies, p, y)
         return rejected
 
@@ -656,14 +671,6 @@ class MulticlassQuality:
             raise ValueError(f"cannot merge {other.n_classes} classes into {self.n_classes}")
         self._counts += other._counts
         self._tallies += other._tallies
-
-    @property
-    def labelled(self) -> int:
-        return int(self._tallies[qk.N])
-
-    @property
-    def rejected(self) -> int:
-        return int(self._tallies[1])
 
     def realized(self, confidence: float = 0.95) -> dict[str, Figure]:
         """Accuracy (Wilson) and macro recall: the mean recall over the K' classes that have

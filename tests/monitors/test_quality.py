@@ -717,5 +717,16 @@ def test_warm_up_compiles_every_quality_kernel_for_the_served_dtypes() -> None:
     assert {k: len(cast(Any, k).signatures) for k in QUALITY_KERNELS} == before
 
 
-def test_figure_names_are_the_documented_ones() -> None:
-    assert set(sample_binary(20).realized()) == set(BINARY_FIGURES)
+def test_figure_names_are_the_documented_ones_and_json_ready() -> None:
+    binary = sample_binary(20)
+    assert set(binary.realized()) == set(BINARY_FIGURES)
+    figures = [
+        *binary.realized().values(),
+        *binary.estimated().values(),
+        *sample_regression(21).realized().values(),
+        *sample_multiclass(22).realized().values(),
+        *sample_multiclass(22).per_class()[0].values(),
+    ]
+    for figure in figures:  # plain Python numbers: any JSON encoder takes them
+        assert {type(v) for v in figure.as_json().values()} <= {float, int}, figure
+        assert type(figure.as_json()["n"]) is int
