@@ -116,3 +116,16 @@ class Runtime(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class Emit(Protocol):
+    """Hands one event to the event stream (gateway.background.events): ``kind`` is one of the
+    stream's declared kinds (``model.loaded``, ``drift.changed``, ...), ``subject`` what it is
+    about (``fraud/2``, ``fraud/2/amount``), ``data`` its JSON-ready body. Never blocks the
+    caller and never raises: a full outbox drops the event and counts it."""
+
+    def __call__(self, kind: str, subject: str, data: Mapping[str, Any]) -> None: ...
+
+
+def emit_nothing(kind: str, subject: str, data: Mapping[str, Any]) -> None:
+    """The null ``Emit``: a component built without an event stream (tests, tools) takes it."""
