@@ -33,6 +33,7 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "
 LOAD_PARAMETERS = frozenset({"versions"})
 # unload_dependents: Turnout has no ensembles, so no version has dependents to unload.
 UNLOAD_PARAMETERS = frozenset({"versions", "unload_dependents"})
+SHOWN_PARAMETERS = 3  # refused parameters a message names
 
 
 class Endpoints:
@@ -201,9 +202,9 @@ class Endpoints:
         parameters = body.get("parameters", {})
         if not isinstance(parameters, dict):
             raise BadRequest("'parameters' must be a JSON object")
-        for name in parameters:
-            if name not in allowed:
-                raise BadRequest(_unsupported(name, allowed))
+        refused = [name for name in parameters if name not in allowed]
+        if refused:
+            raise BadRequest(_unsupported(refused, allowed))
         dependents = parameters.get("unload_dependents", False)
         if type(dependents) is not bool:
             raise BadRequest("'parameters.unload_dependents' must be true or false")
@@ -217,19 +218,24 @@ class Endpoints:
         return versions
 
 
-def _unsupported(name: str, allowed: frozenset[str]) -> str:
-    """Why a repository call's parameter ``name`` is refused."""
-    shown = f"'parameters.{cut(name)}'"
-    if name == "config":
-        why = (
-            "loading with a configuration sent in the request is not supported: a version's "
-            "batching comes from the config.json in its repository folder"
-        )
-    elif name.startswith("file:"):
-        why = (
-            "loading files sent in the request is not supported: put the version's folder in "
-            "the model repository, then load it"
-        )
-    else:
-        why = "unknown parameter"
-    return f"{shown}: {why} (supported: {', '.join(sorted(allowed))})"
+def _unsupported(names: list[str], allowed: frozenset[str]) -> str:
+    """Why a repository call's parameters ``names`` are refused: each named (at most
+    SHOWN_PARAMETERS of them, each cut), with the reason."""
+    reasons = []
+    for name in names[:SHOWN_PARAMETERS]:
+        if name == "config":
+            why = (
+                "loading with a configuration sent in the request is not supported: a "
+                "version's batching comes from the config.json in its repository folder"
+            )
+        elif name.startswith("file:"):
+            why = (
+                "loading files sent in the request is not supported: put the version's folder "
+                "in the model repository, then load it"
+            )
+        else:
+            why = "unknown parameter"
+        reasons.append(f"'parameters.{cut(name, 100)}': {why}")
+    if len(names) > SHOWN_PARAMETERS:
+        reasons.append(f"and {len(names) - SHOWN_PARAMETERS} more")
+    return f"{'; '.join(reasons)} (supported: {', '.join(sorted(allowed))})"
