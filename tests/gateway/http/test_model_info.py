@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException  # type: ignore[import-u
 
 from gateway.demo import sample_inputs
 from gateway.http.endpoints import EXTENSIONS
+from gateway.serving.batcher import MAX_BATCH_SIZES
 from gateway.settings import Settings
 from tests.support.models import write_failing_fraud
 from tests.support.server import ADMIN, InProcessServer
@@ -68,7 +69,12 @@ def _fixed_model() -> onnx.ModelProto:
 def repo(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("model-info") / "models"
     shutil.copytree(demo_repo, root)
-    for name, config in (("tuned", TUNED), ("unmerged", {"enabled": False}), ("spare", None)):
+    for name, config in (
+        ("tuned", TUNED),
+        ("unmerged", {"enabled": False}),
+        ("spare", None),
+        ("wide", None),
+    ):
         shutil.copytree(root / "fraud" / "1", root / name / "1")
         if config is not None:
             (root / name / "1" / "config.json").write_text(json.dumps(config))
@@ -272,6 +278,23 @@ def test_statistics_cover_every_loaded_version(client: tc.InferenceServerClient)
     assert sorted((s["name"], s["version"]) for s in everything) == ready
     fraud = client.get_inference_statistics("fraud")["model_stats"]
     assert [(s["name"], s["version"]) for s in fraud] == [("fraud", "1"), ("fraud", "2")]
+
+
+def test_batch_sizes_past_the_cap_are_counted_as_unlisted(
+    gateway: InProcessServer, client: tc.InferenceServerClient
+) -> None:
+    """Each request above max_batch_size runs alone at its client's size: a client sending new
+    sizes cannot grow the statistics past 128 sizes; what is left out is counted."""
+    sizes = range(1, MAX_BATCH_SIZES + 6)
+    for n in sizes:
+        infer(client, "wide", n, seed=n)
+    stats = one(client.get_inference_statistics("wide"))
+    assert len(stats["batch_stats"]) == MAX_BATCH_SIZES
+    assert stats["execution_count"] == len(sizes)
+    assert stats["inference_count"] == sum(sizes)
+    metrics = httpx.get(gateway.url + "/metrics").text
+    line = 'turnout_batch_sizes_unlisted_total{model="wide",version="1"} 5.0'
+    assert line in metrics.splitlines()
 
 
 # -- errors: unknown and hostile names ----------------------------------------------------------
