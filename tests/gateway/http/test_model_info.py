@@ -14,18 +14,16 @@ from typing import Any
 
 import httpx
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.http as tc  # type: ignore[import-untyped]
-from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from gateway.demo import sample_inputs
 from gateway.http.endpoints import EXTENSIONS
 from gateway.serving.batcher import MAX_BATCH_SIZES
 from gateway.settings import Settings
-from tests.support.models import write_failing_fraud
+from tests.support.models import write_failing_fraud, write_fixed_doubler
 from tests.support.server import ADMIN, InProcessServer
 
 TUNED = {
@@ -52,19 +50,6 @@ ONNX_TYPES = {
 DEFAULTS = Settings(Path("unused"))  # what a gateway without options runs with
 
 
-def _fixed_model() -> onnx.ModelProto:
-    """y = 2x with x of static shape [2, 3]: no dynamic first axis, so never batched."""
-    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "two"], ["y"])],
-        "fixed",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
-        [two],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
 @pytest.fixture(scope="module")
 def repo(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("model-info") / "models"
@@ -78,8 +63,7 @@ def repo(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(root / "fraud" / "1", root / name / "1")
         if config is not None:
             (root / name / "1" / "config.json").write_text(json.dumps(config))
-    (root / "fixed" / "1").mkdir(parents=True)
-    (root / "fixed" / "1" / "model.onnx").write_bytes(_fixed_model().SerializeToString())
+    write_fixed_doubler(root / "fixed" / "1")
     write_failing_fraud(root / "failing" / "1", feature=0, limit=0.0)
     (root / "broken" / "1").mkdir(parents=True)
     (root / "broken" / "1" / "model.onnx").write_bytes(b"not a model")

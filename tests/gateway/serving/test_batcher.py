@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from gateway.demo import sample_inputs, write_demo_repository
 from gateway.errors import ModelError, NotReady, Overloaded, Timeout
@@ -20,6 +18,7 @@ from gateway.serving.batcher import MAX_BATCH_SIZES, BatchConfig, BatchingRuntim
 from gateway.serving.runtime import SessionRuntime, load_version
 from gateway.serving.types import ModelVersion
 from gateway.settings import Settings
+from tests.support.models import write_fixed_doubler
 
 Arrays = dict[str, np.ndarray]
 
@@ -50,9 +49,7 @@ class ModelDouble:
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("batcher") / "models"
     write_demo_repository(root, heavy=True)
-    fixed = _fixed_batch_model()
-    (root / "fixed" / "1").mkdir(parents=True)
-    (root / "fixed" / "1" / "model.onnx").write_bytes(fixed.SerializeToString())
+    write_fixed_doubler(root / "fixed" / "1")
     return root
 
 
@@ -61,19 +58,6 @@ def executor() -> Iterator[ThreadPoolExecutor]:
     pool = ThreadPoolExecutor(2, thread_name_prefix="test-batcher")
     yield pool
     pool.shutdown(wait=True)
-
-
-def _fixed_batch_model() -> onnx.ModelProto:
-    """y = 2x with x of static shape [2, 3]: its first axis is not dynamic, so never merged."""
-    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "two"], ["y"])],
-        "fixed",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
-        [two],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def load(
