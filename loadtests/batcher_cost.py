@@ -7,7 +7,9 @@ request, without the session, the codec or the network. Two paths, both on the e
 - ``merged``: requests that arrive while the loop is busy, merged in groups of ``--group`` and run
   on the loop (queue, merge, slice, deliver).
 
-Best of ``--repeats`` rounds, in µs per request; pin it to one CPU (``taskset -c 1``). To compare
+Best of ``--repeats`` rounds, in µs of this thread's CPU time per request (``time.thread_time``:
+what the loop thread spends, not the time it waited for a CPU the machine's other jobs held; both
+paths run on the loop thread only); pin it to one CPU (``taskset -c 1``). To compare
 two commits, run this file with ``PYTHONPATH`` at each checkout:
 ``PYTHONPATH=/path/to/old python loadtests/batcher_cost.py``.
 """
@@ -56,17 +58,17 @@ def runtime(executor: ThreadPoolExecutor, busy: bool) -> BatchingRuntime:
 
 
 async def inline_round(rt: BatchingRuntime, x: dict[str, np.ndarray], n: int) -> float:
-    start = time.perf_counter()
+    start = time.thread_time()
     for _ in range(n):
         await rt.run(x, ["y"])
-    return time.perf_counter() - start
+    return time.thread_time() - start
 
 
 async def merged_round(rt: BatchingRuntime, x: dict[str, np.ndarray], n: int, group: int) -> float:
-    start = time.perf_counter()
+    start = time.thread_time()
     for _ in range(n // group):
         await asyncio.gather(*(rt.run(x, ["y"]) for _ in range(group)))
-    return time.perf_counter() - start
+    return time.thread_time() - start
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -109,32 +109,43 @@ class BatchConfig:
 
 @dataclass(slots=True)
 class BatchStats:
-    """Counters since construction, for export. ``rows / batches`` is the mean batch size."""
+    """Counters since construction, for export. ``rows / batches`` is the mean batch size.
 
-    requests: int = 0  # accepted into the queue
-    batches: int = 0  # inner runs
-    rows: int = 0  # rows over all inner runs
+    A request run at once on the event loop (alone, the light path) touches only the ``lone*``
+    fields and its batch size's entry; the totals below add them up when read (a few fewer
+    counters on the path every light request takes: loadtests/batcher_cost.py)."""
+
+    queued_requests: int = 0  # accepted into the queue
+    queued_batches: int = 0  # inner runs of queued requests (merged, alone, or reruns)
+    queued_rows: int = 0  # rows over those runs, a failed merged run included
     rejected: int = 0  # Overloaded (429)
     timed_out: int = 0  # Timeout (504)
     failed: int = 0  # requests failed by a model error (their own: see ``isolated``)
     isolated: int = 0  # merged runs that failed and were rerun one request at a time
     cancelled: int = 0  # abandoned by the caller
     abandoned: int = 0  # dropped from the queue unrun: the client left (ClientGone, 499)
-    inline: int = 0  # inner runs on the event loop: light requests, alone or merged
-    # Triton's statistics extension (gateway.http.triton): requests that got their outputs,
-    # their seconds in the runtime (queue to outputs), queued, concatenating inputs, in the
-    # session and slicing outputs (a merged run's times count once per request it holds);
-    # ``inferences`` their rows; ``fail_s`` the seconds of requests that failed (429, 504, 500,
-    # 503 on unload: those counted above); ``last`` the monotonic time of the latest success.
-    succeeded: int = 0
-    succeeded_s: float = 0.0
+    merged_inline: int = 0  # queued runs made on the event loop (light requests merged)
+    unready: int = 0  # requests failed with 503: the version was unloaded while they waited
+    # Requests run at once on the loop: how many, their rows, their seconds in the session; of
+    # them, the ones that failed (counted in ``failed`` too) and their rows.
+    lone: int = 0
+    lone_rows: int = 0
+    lone_s: float = 0.0
+    lone_failed: int = 0
+    lone_failed_rows: int = 0
+    # Triton's statistics extension (gateway.http.triton), for queued requests that got their
+    # outputs: their count, seconds in the runtime (queue to outputs), queued, concatenating
+    # inputs, in the session and slicing outputs (a merged run's times count once per request
+    # it holds), their rows; ``fail_s``: the seconds of every request that failed (429, 504,
+    # 500, 503 on unload); ``last``: the monotonic time of the latest success.
+    queued_succeeded: int = 0
+    queued_succeeded_s: float = 0.0
     queue_s: float = 0.0
     input_s: float = 0.0
-    infer_s: float = 0.0
+    queued_infer_s: float = 0.0
     output_s: float = 0.0
-    inferences: int = 0
+    queued_inferences: int = 0
     fail_s: float = 0.0
-    unready: int = 0  # requests failed with 503: the version was unloaded while they waited
     last: float = 0.0
     # successful inner runs by rows: [runs, input seconds, run seconds, output seconds]; at
     # most MAX_BATCH_SIZES sizes (the first ones seen), runs of other sizes go to ``unlisted``
@@ -151,7 +162,45 @@ class BatchStats:
         return entry
 
     @property
+    def requests(self) -> int:
+        return self.queued_requests + self.lone
+
+    @property
+    def batches(self) -> int:
+        """Inner runs."""
+        return self.queued_batches + self.lone
+
+    @property
+    def rows(self) -> int:
+        """Rows over all inner runs, failed ones included."""
+        return self.queued_rows + self.lone_rows
+
+    @property
+    def inline(self) -> int:
+        """Inner runs on the event loop: light requests, alone or merged."""
+        return self.lone + self.merged_inline
+
+    @property
+    def succeeded(self) -> int:
+        """Requests that got their outputs."""
+        return self.queued_succeeded + self.lone - self.lone_failed
+
+    @property
+    def succeeded_s(self) -> float:
+        return self.queued_succeeded_s + self.lone_s
+
+    @property
+    def infer_s(self) -> float:
+        return self.queued_infer_s + self.lone_s
+
+    @property
+    def inferences(self) -> int:
+        """Rows of the requests that got their outputs."""
+        return self.queued_inferences + self.lone_rows - self.lone_failed_rows
+
+    @property
     def fail(self) -> int:
+        """Requests the runtime failed: 429, 504, 500, 503."""
         return self.rejected + self.timed_out + self.failed + self.unready
 
 
@@ -278,22 +327,19 @@ class BatchingRuntime:
             and not self._busy()
         ):
             stats = self.stats
-            stats.requests += 1
-            stats.inline += 1
-            stats.batches += 1
-            stats.rows += rows
+            stats.lone += 1
+            stats.lone_rows += rows
             started = _clock()
             try:
                 out = self._inner.run_sync(inputs, outputs)
             except Exception:
                 stats.failed += 1
+                stats.lone_failed += 1
+                stats.lone_failed_rows += rows
                 stats.fail_s += _clock() - started
                 raise
             took = _clock() - started
-            stats.succeeded += 1
-            stats.succeeded_s += took
-            stats.infer_s += took
-            stats.inferences += rows
+            stats.lone_s += took
             stats.last = started
             entry = stats.sizes.get(rows) or stats.size(rows)
             entry[0] += 1
@@ -314,7 +360,7 @@ class BatchingRuntime:
             request.timer = loop.call_later(deadline - time.monotonic(), self._expire, request)
         request.future.add_done_callback(partial(self._settled, request))
         self._queue[request] = None
-        self.stats.requests += 1
+        self.stats.queued_requests += 1
         if rows <= self._inline_rows and self._busy():
             # Requests wait for the loop behind this one: pump once they have been queued too,
             # and run what merges here on the loop (see _launch). Not watched: it waits one turn.
@@ -465,7 +511,7 @@ class BatchingRuntime:
             except Exception as exc:
                 self._fail(batch, self._translate(exc))
             else:
-                self.stats.inline += outcome.runs
+                self.stats.merged_inline += outcome.runs
                 self._deliver(batch, outcome)
             return
         try:
@@ -508,10 +554,10 @@ class BatchingRuntime:
                 ok_rows += request.rows
                 enqueued += request.enqueued
         if ok:
-            stats.succeeded += ok
-            stats.succeeded_s += ok * now - enqueued
+            stats.queued_succeeded += ok
+            stats.queued_succeeded_s += ok * now - enqueued
             stats.queue_s += ok * outcome.started - enqueued
-            stats.inferences += ok_rows
+            stats.queued_inferences += ok_rows
             stats.last = now
             for rows, input_s, infer_s, output_s in outcome.made:
                 entry = stats.size(rows)
@@ -522,14 +568,14 @@ class BatchingRuntime:
                 # a merged run's times count once for each request it answered
                 each = ok if outcome.shared else 1
                 stats.input_s += each * input_s
-                stats.infer_s += each * infer_s
+                stats.queued_infer_s += each * infer_s
                 stats.output_s += each * output_s
         self.stats.isolated += outcome.isolated
         ran = sum(r is not None for r in outcome.results)
         if ran:
-            self.stats.batches += outcome.runs
-            self.stats.rows += outcome.rows
-            first = self.stats.batches == 1
+            self.stats.queued_batches += outcome.runs
+            self.stats.queued_rows += outcome.rows
+            first = self.stats.queued_batches == outcome.runs
             self._batch_s = outcome.seconds if first else _ewma(self._batch_s, outcome.seconds)
             self._per_batch = ran if first else _ewma(self._per_batch, ran)
             if self._on_batch is not None:
