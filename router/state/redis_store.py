@@ -15,6 +15,8 @@ Keys, all under ``prefix``::
     members                set of processes that publish counters
     counts:<member>        hash: field -> a process's counters (opaque bytes), with PX expiry
     limits                 the rate-limits document (JSON)
+    rollouts / rollout_revs      hashes: model -> JSON rollout template / the revision that wrote it
+    rollout_states / rollout_seqs  hashes: model -> JSON rollout state / its sequence number
     limit:<model>:<who>    hash: a principal's token buckets and daily rows, with PX expiry
     changes                pub/sub channel: the new revision after each change
 
@@ -58,6 +60,7 @@ from router.state.store import (
     ArmStats,
     Assignment,
     AuditEntry,
+    AuditNote,
     AuditPage,
     RouteRecord,
     StaleRevision,
@@ -282,6 +285,66 @@ return {'', '0', '0'}
 """
 
 
+# KEYS: revision, rollouts, rollout_revs, audit, audit:<model>, audit_seq
+# ARGV: model, expected ("" = unconditional), template JSON ("" = delete), audit body JSON, cap,
+#       not-after (Unix time in µs). Returns {1, revision}, {0, current} on a mismatch, {2, 0} late.
+PUT_ROLLOUT = (
+    APPEND_AUDIT
+    + """
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[6]) then
+  return {2, 0}
+end
+local current = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= current then
+  return {0, current}
+end
+local before = redis.call('HGET', KEYS[2], ARGV[1]) or 'null'
+local revision = redis.call('INCR', KEYS[1])
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+else
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+  redis.call('HSET', KEYS[3], ARGV[1], revision)
+end
+local entry = '{"revision":' .. revision .. ',"at":' .. now[1] .. '.'
+  .. string.format('%06d', tonumber(now[2])) .. ',"before":' .. before .. ','
+  .. string.sub(ARGV[4], 2)
+append_audit(KEYS[4], KEYS[6], '', entry, tonumber(ARGV[5]))
+append_audit(KEYS[5], KEYS[6], ARGV[1], entry, tonumber(ARGV[5]))
+return {1, revision}
+"""
+)
+
+# KEYS: rollout_states, rollout_seqs, revision, audit, audit:<model>, audit_seq
+# ARGV: model, expected sequence number, state JSON, not-after (Unix time in µs), audit body JSON
+#       ("" = no entry), cap. Returns {1, sequence}, {0, current} on a mismatch, {2, 0} late.
+PUT_ROLLOUT_STATE = (
+    APPEND_AUDIT
+    + """
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[4]) then
+  return {2, 0}
+end
+local current = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if tonumber(ARGV[2]) ~= current then
+  return {0, current}
+end
+local seq = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if ARGV[5] ~= '' then
+  local revision = redis.call('INCR', KEYS[3])
+  local entry = '{"revision":' .. revision .. ',"at":' .. now[1] .. '.'
+    .. string.format('%06d', tonumber(now[2])) .. ',"before":null,' .. string.sub(ARGV[5], 2)
+  append_audit(KEYS[4], KEYS[6], '', entry, tonumber(ARGV[6]))
+  append_audit(KEYS[5], KEYS[6], ARGV[1], entry, tonumber(ARGV[6]))
+end
+return {1, seq}
+"""
+)
+
+
 def _increments(version: str, totals: ArmStats) -> list[tuple[str, str, str]]:
     """(field, 'i' or 'f', amount) of each nonzero total, as the scripts read them (an all-zero
     delta creates no entry)."""
@@ -340,6 +403,8 @@ class RedisStore:
         self._claim = self._redis.register_script(CLAIM)
         self._put_limits = self._redis.register_script(PUT_LIMITS)
         self._take = self._redis.register_script(TAKE_LIMITS)
+        self._put_rollout = self._redis.register_script(PUT_ROLLOUT)
+        self._put_rollout_state = self._redis.register_script(PUT_ROLLOUT_STATE)
         self._closed = False
 
     def _key(self, *parts: str) -> str:
@@ -609,6 +674,86 @@ class RedisStore:
             return None
         wait_s = float(wait)
         return Refusal(_text(which), math.inf if wait_s < 0 else wait_s, int(float(left)))
+
+    async def put_rollout(
+        self,
+        model: str,
+        doc: dict[str, Any] | None,
+        *,
+        expected: int | None,
+        who: str,
+        action: str,
+        reason: str,
+    ) -> int:
+        after = None if doc is None else orjson.dumps(doc)
+        body = audit_body(who, model, action, reason, after, {}, None)
+        keys = [
+            self._key("revision"),
+            self._key("rollouts"),
+            self._key("rollout_revs"),
+            self._key("audit"),
+            self._key("audit", model),
+            self._key("audit_seq"),
+        ]
+        args: list[bytes | str | int] = [
+            model, "" if expected is None else str(expected), after or b"", body, AUDIT_CAP,
+            self._deadline(),
+        ]  # fmt: skip
+        with _translated():
+            applied, revision = await self._put_rollout(keys=keys, args=args)
+        return self._applied(model, expected, applied, revision)
+
+    async def rollouts(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        return await self._read_pairs("rollouts", "rollout_revs")
+
+    async def put_rollout_state(
+        self, model: str, state: dict[str, Any], *, expected: int, note: AuditNote | None = None
+    ) -> int:
+        body = b""
+        if note is not None:
+            body = audit_body(note.who, model, note.action, note.reason, None, {}, note.details)
+        keys = [
+            self._key("rollout_states"),
+            self._key("rollout_seqs"),
+            self._key("revision"),
+            self._key("audit"),
+            self._key("audit", model),
+            self._key("audit_seq"),
+        ]
+        args: list[bytes | str | int] = [
+            model, expected, orjson.dumps(state), self._deadline(), body, AUDIT_CAP,
+        ]  # fmt: skip
+        with _translated():
+            applied, seq = await self._put_rollout_state(keys=keys, args=args)
+        return self._applied(model, expected, applied, seq)
+
+    async def rollout_states(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        return await self._read_pairs("rollout_states", "rollout_seqs")
+
+    def _deadline(self) -> int:
+        """A script's not-after time: the caller hears "failed" once its timeout passes."""
+        return round((time.time() + self._timeout_s) * 1e6)
+
+    def _applied(self, model: str, expected: int | None, applied: int, number: int) -> int:
+        if applied == 2:
+            raise StoreUnavailable(
+                "redis ran the change after its deadline (it was hung, or clocks differ by more "
+                f"than {self._timeout_s} s); nothing was changed"
+            )
+        if not applied:
+            assert expected is not None  # the scripts refuse only on an If-Match mismatch
+            raise StaleRevision(model, expected, int(number))
+        return int(number)
+
+    async def _read_pairs(self, docs: str, numbers: str) -> dict[str, tuple[int, dict[str, Any]]]:
+        with _translated():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self._key(docs))
+                pipe.hgetall(self._key(numbers))
+                found, revs = await pipe.execute()
+        return {
+            _text(m): (int(revs.get(m, 0)), dict(orjson.loads(doc))) for m, doc in found.items()
+        }
 
     async def ping(self) -> bool:
         try:
