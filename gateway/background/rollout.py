@@ -52,7 +52,7 @@ from router.policy.rollout_spec import (
     remember,
     tried_key,
 )
-from router.policy.spec import PolicyDoc, ShadowSpec, SingleDoc, parse_policy
+from router.policy.spec import CanaryDoc, PolicyDoc, ShadowSpec, SingleDoc, parse_policy
 from router.state.store import AuditEntry, AuditNote, RouteRecord, StaleRevision, StoreUnavailable
 from router.state.table import RouteTable
 
@@ -190,8 +190,11 @@ class RolloutEngine:
             await self._write(model, SingleDoc(version=ready[-1]), 0, who, "pin", why)
             return
         current = parse_policy(record.doc)
+        if isinstance(current, CanaryDoc):  # the start of a rollout whose state was not saved?
+            await self._adopt_start(model, found, record, current, now)
+            return
         if not isinstance(current, SingleDoc):
-            return  # a person's canary or experiment is running: a rollout starts from single
+            return  # a person's experiment is running: a rollout starts from single
         serving = current.version
         tried = found[1].tried if found is not None else ()
         untried = [
@@ -224,6 +227,32 @@ class RolloutEngine:
             tried=remember(tried, tried_key(candidate, sha256)),
         )  # fmt: skip
         await self._save(found[0] if found is not None else 0, rollout)
+        self._event("rollout.started", rollout)
+
+    async def _adopt_start(
+        self,
+        model: str,
+        found: tuple[int, Rollout] | None,
+        record: RouteRecord,
+        doc: CanaryDoc,
+        now: float,
+    ) -> None:
+        """A canary this engine wrote as a rollout's start, the state of which was never saved
+        (the store failed after the policy write): take it up. A person's canary is left alone."""
+        revision, spec = self.templates[model]
+        entry = await self._change_of(model, record)
+        if entry is None or entry.who != f"rollout:{revision}" or entry.action != "rollout_start":
+            return
+        sha256 = self.registry.get(model, doc.candidate).info.sha256
+        tried = found[1].tried if found is not None else ()
+        rollout = Rollout(
+            model=model, version=doc.candidate, sha256=sha256, baseline=doc.baseline,
+            template=spec.as_json(), template_revision=revision, phase="canary", step=0,
+            started_at=now, since=now, route_revision=record.revision, why=entry.reason,
+            tried=remember(tried, tried_key(doc.candidate, sha256)),
+        )  # fmt: skip
+        await self._save(found[0] if found is not None else 0, rollout)
+        log.warning("rollout of %s: took up its unsaved start (%s)", model, entry.reason)
         self._event("rollout.started", rollout)
 
     # -- a running rollout ------------------------------------------------------------------------
@@ -322,10 +351,30 @@ class RolloutEngine:
         entry = await self._change_of(rollout.model, record)
         who = entry.who if entry is not None else "unknown"
         what = f"{entry.action}: {entry.reason}" if entry is not None else "policy changed"
-        if who.startswith("guard:"):
+        if record is not None and who == self._who(rollout):
+            await self._adopt(seq, rollout, record, what, now)
+        elif who.startswith("guard:"):
             await self._end(seq, rollout, "rolled_back", f"{who} {what}", now)
         else:
             await self._end(seq, rollout, "aborted", f"policy changed by {who} ({what})", now)
+
+    async def _adopt(
+        self, seq: int, rollout: Rollout, record: RouteRecord, what: str, now: float
+    ) -> None:
+        """The rollout's own policy write whose state was not saved (the store failed between
+        the two, or the leader died): take the state up from the policy written."""
+        doc = parse_policy(record.doc)
+        adopted = rollout.moved(route_revision=record.revision, since=now, why=what)
+        if isinstance(doc, CanaryDoc) and doc.candidate == rollout.version:
+            step = doc.steps.index(doc.weight) if doc.weight in doc.steps else 0
+            await self._save(seq, adopted.moved(phase="canary", step=step, gate=None))
+        elif isinstance(doc, SingleDoc) and doc.version == rollout.version:
+            await self._end(seq, adopted, "promoted", what, now)
+        elif isinstance(doc, SingleDoc) and rollout.version in doc.shadow_versions():
+            await self._save(seq, adopted.moved(phase="shadow", step=-1, gate=None))
+        else:
+            await self._end(seq, adopted, "rolled_back", what, now)
+        log.warning("rollout of %s: took up its own unsaved change (%s)", rollout.model, what)
 
     async def _change_of(self, model: str, record: RouteRecord | None) -> AuditEntry | None:
         """The audit entry of the change that replaced the rollout's policy."""

@@ -8,11 +8,14 @@ model, versions 1 and 2), real stores; no server for the gateway, no mocks."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -23,14 +26,17 @@ from gateway.background.guards import GuardEvaluator
 from gateway.background.rollout import RolloutEngine
 from gateway.background.shadow import ShadowRunner
 from gateway.errors import Conflict
+from gateway.serving.loader import version_loader
 from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, Traffic
+from gateway.settings import Settings
 from router.policy.rollout_spec import Rollout
 from router.policy.spec import CanaryDoc, ShadowSpec, SingleDoc, parse_policy
 from router.state.redis_store import RedisStore
 from router.state.store import MemoryStore, StateStore
 from router.state.table import RouteTable
 from tests.support.redis_server import fresh_prefix
+from tests.support.server import reference_cache
 
 pytestmark = pytest.mark.anyio
 
@@ -427,3 +433,109 @@ async def test_on_redis_only_the_leader_drives_and_another_takes_over(
     assert first.doc() == SingleDoc(version="2")
     assert first.events.kinds() == ["rollout.started"]
     assert second.events.kinds() == ["rollout.advanced", "rollout.promoted"]
+
+
+async def test_its_own_write_whose_state_was_lost_is_taken_up(parts: Parts) -> None:
+    """The store failed between a policy write and the state's save: the next tick reads the
+    rollout's own change in the audit and carries on from the policy written."""
+    await pin(parts)
+    revision = await template(parts)
+    engine = parts.engine()
+    await engine.tick(100.0)
+    route = parts.table.get("fraud")
+    assert route is not None and isinstance(route.doc, CanaryDoc)
+    await parts.table.write(  # the step to 0.5 as the engine writes it, its state never saved
+        "fraud", route.doc.apply("advance"), expected=route.revision, who=f"rollout:{revision}",
+        action="advance", reason="canary step 2 of 2 (weight 0.5) after 5 s", artifacts={},
+    )  # fmt: skip
+    await engine.tick(101.0)
+    rollout = await parts.rollout()
+    assert (rollout.phase, rollout.step, rollout.since) == ("canary", 1, 101.0)
+    await engine.tick(106.0)
+    assert parts.doc() == SingleDoc(version="2")
+    assert parts.events.kinds() == ["rollout.started", "rollout.promoted"]
+
+
+async def test_its_own_start_whose_state_was_lost_is_taken_up(parts: Parts) -> None:
+    await pin(parts)
+    revision = await template(parts)
+    route = parts.table.get("fraud")
+    assert route is not None
+    start = parse_policy({"strategy": "canary", "baseline": "1", "candidate": "2",
+                          "steps": [0.25, 0.5]})  # fmt: skip
+    await parts.table.write(
+        "fraud", start, expected=route.revision, who=f"rollout:{revision}",
+        action="rollout_start", reason="version 2 ready: canary step 1 of 2 (weight 0.25)",
+        artifacts={},
+    )  # fmt: skip
+    engine = parts.engine()
+    await engine.tick(100.0)
+    rollout = await parts.rollout()
+    assert (rollout.phase, rollout.step, rollout.version, rollout.baseline) == (
+        "canary", 0, "2", "1",
+    )  # fmt: skip
+    await engine.tick(105.0)
+    assert isinstance(parts.doc(), CanaryDoc) and parts.doc().weight == 0.5
+
+
+async def test_a_persons_canary_is_not_taken_for_a_rollout(parts: Parts) -> None:
+    await pin(parts)
+    await template(parts)
+    route = parts.table.get("fraud")
+    assert route is not None
+    canary = parse_policy({"strategy": "canary", "baseline": "1", "candidate": "2"})
+    await parts.table.write(
+        "fraud", canary, expected=route.revision, who="bob", action="put", reason="mine",
+        artifacts={},
+    )  # fmt: skip
+    await parts.engine().tick(100.0)
+    assert "fraud" not in await parts.store.rollout_states()
+    assert parts.doc() == canary
+
+
+@pytest.fixture
+async def three_versions(fraud_repo: Path, tmp_path: Path) -> AsyncIterator[tuple[Registry, Path]]:
+    """fraud 1 and 2 loaded, in a repository of the test's own where a version 3 can arrive."""
+    root = tmp_path / "models"
+    shutil.copytree(fraud_repo / "fraud", root / "fraud")
+    settings = Settings(model_repository=root, cache_dir=reference_cache())
+    executor = ThreadPoolExecutor(2)
+    registry = Registry(root, version_loader(settings, executor, lambda: False))
+    await registry.load_all()
+    try:
+        yield registry, root
+    finally:
+        await registry.close()
+        executor.shutdown()
+
+
+async def test_a_newer_version_during_a_rollout_waits_for_it_to_end(
+    three_versions: tuple[Registry, Path],
+) -> None:
+    registry, root = three_versions
+    shadows = ShadowRunner(registry, 8)
+    parts = make_parts(registry, MemoryStore(), shadows)
+    try:
+        await pin(parts)
+        await template(parts)
+        engine = parts.engine()
+        await engine.tick(100.0)
+        shutil.copytree(root / "fraud" / "2", root / "fraud" / "3")
+        await registry.load("fraud")
+        assert registry.ready_versions("fraud") == ["1", "2", "3"]
+        await engine.tick(105.0)  # the rollout of 2 goes on: 3 is queued, not superseding
+        assert parts.doc() == parse_policy(
+            {"strategy": "canary", "baseline": "1", "candidate": "2", "weight": 0.5,
+             "steps": [0.25, 0.5]}
+        )  # fmt: skip
+        await engine.tick(110.0)
+        assert parts.doc() == SingleDoc(version="2")
+        await engine.tick(111.0)  # 2 serves: 3 starts against it
+        rollout = await parts.rollout()
+        assert (rollout.version, rollout.baseline, rollout.phase) == ("3", "2", "canary")
+        assert rollout.tried[-2:] == (
+            f"2@{registry.get('fraud', '2').info.sha256}",
+            f"3@{registry.get('fraud', '3').info.sha256}",
+        )
+    finally:
+        await shadows.close()
