@@ -136,7 +136,7 @@ def create_app(settings: Settings) -> Gateway:
     metrics_registry.register(collector)
     metrics_registry.register(ClientCollector(limits))
     metrics_registry.register(RolloutCollector(rollouts))
-    rollout_admin = RolloutAdmin(access, registry, rollouts)
+    rollout_admin = RolloutAdmin(access, registry, rollouts, monitors=settings.monitors)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:

@@ -23,6 +23,7 @@ from gateway.http.access import Access
 from gateway.http.admin import _change, _if_match, _reason, _with_etag
 from gateway.http.responses import json_response, read_json_object
 from gateway.serving.registry import Registry
+from router.policy.guard_spec import MONITORED
 from router.policy.policies import PolicyError
 from router.policy.rollout_spec import PHASES, RolloutTemplate
 
@@ -31,10 +32,13 @@ MAX_REASON_CHARS = 2000
 
 
 class RolloutAdmin:
-    def __init__(self, access: Access, registry: Registry, engine: RolloutEngine) -> None:
+    def __init__(
+        self, access: Access, registry: Registry, engine: RolloutEngine, *, monitors: bool = True
+    ) -> None:
         self.access = access
         self.registry = registry
         self.engine = engine
+        self.monitors = monitors
 
     async def get(self, request: Request) -> Response:
         self.access.require(request)
@@ -62,6 +66,13 @@ class RolloutAdmin:
         except PolicyError as exc:
             field = exc.field if exc.field.startswith("rollout") else f"rollout.{exc.field}"
             raise PolicyError(field, exc.message) from None
+        thresholds = template.guards.thresholds() if template.guards is not None else {}
+        blind = [c for c in MONITORED if c in thresholds] if not self.monitors else []
+        if blind:  # its verdict would never be pass: every rollout would stop at its first step
+            raise BadRequest(
+                f"rollout.guards.{blind[0]}: needs the inline monitors, which are off on this "
+                "gateway (TURNOUT_MONITORS=false)"
+            )
         revision = await self.engine.store.put_rollout(
             model, template.as_json(), expected=_if_match(request), who=who,
             action="rollout_put", reason=reason,

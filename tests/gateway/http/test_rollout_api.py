@@ -189,3 +189,14 @@ def test_a_version_loaded_through_the_api_is_rolled_out_and_promoted_once_approv
         ("bob", "approve"), (rollout, "promote"),
     ]  # fmt: skip
     assert 'turnout_rollout_approvals_pending{model="fraud"} 0.0' in client.get("/metrics").text
+
+
+def test_guards_that_need_the_monitors_are_refused_without_them(repo: Path) -> None:
+    with (
+        InProcessServer(repo, args=[*ARGS, "--no-monitors"]) as s,
+        httpx.Client(base_url=s.url, timeout=30) as client,
+    ):
+        r = put(client, "risk", {"guards": {"max_error_ratio": 0.01, "max_p99_s": 0.1}})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"].startswith("rollout.guards.max_p99_s: needs the inline monitors")
+        assert put(client, "risk", {"guards": {"max_error_ratio": 0.01}}).status_code == 200
