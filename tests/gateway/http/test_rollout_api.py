@@ -200,3 +200,38 @@ def test_guards_that_need_the_monitors_are_refused_without_them(repo: Path) -> N
         assert r.status_code == 400, r.text
         assert r.json()["error"].startswith("rollout.guards.max_p99_s: needs the inline monitors")
         assert put(client, "risk", {"guards": {"max_error_ratio": 0.01}}).status_code == 200
+
+
+def test_a_rollout_on_redis_survives_the_restart_of_its_gateway(
+    demo_repo: Path, tmp_path: Path, prefix: str
+) -> None:
+    """Template and rollout state live in Redis: a gateway that starts on the same prefix
+    finds the rollout awaiting approval, takes the lease over and promotes it once approved."""
+    root = tmp_path / "models"
+    shutil.copytree(demo_repo / "fraud", root / "fraud")
+    args = [*ARGS, "--redis-url", "redis://127.0.0.1:6379/0", "--redis-prefix", prefix]
+    with (
+        InProcessServer(root, args=args) as first,
+        httpx.Client(base_url=first.url, timeout=30) as client,
+    ):
+        r = client.put(
+            "/admin/routes/fraud", headers=ADMIN,
+            json={"policy": {"strategy": "single", "version": "1"}, "reason": "serve 1"},
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert put(client, "fraud", TEMPLATE).status_code == 200
+        until(lambda: phase(client, "fraud") == "awaiting_approval")
+    with (
+        InProcessServer(root, args=args) as second,
+        httpx.Client(base_url=second.url, timeout=30) as client,
+    ):
+        rollout = rollout_of(client, "fraud")
+        assert rollout is not None
+        assert (rollout["phase"], rollout["version"], rollout["baseline"]) == (
+            "awaiting_approval", "2", "1",
+        )  # fmt: skip
+        r = client.post("/admin/routes/fraud/actions/approve", headers=bearer(OPERATOR), json={})
+        assert r.status_code == 200, r.text
+        until(lambda: phase(client, "fraud") == "promoted")  # once the old lease lapsed
+        route = client.get("/admin/routes/fraud", headers=ADMIN).json()
+        assert route["policy"] == {"strategy": "single", "version": "2"}
