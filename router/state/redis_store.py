@@ -27,8 +27,9 @@ dead Redis fails fast, and a write is never replayed after a timeout (it may hav
 A command that timed out is not lost: a hung Redis runs it when it resumes. Writes whose caller
 was told "failed" must therefore refuse to run late, or be safe to run twice:
 
-- ``put_route`` carries a deadline (the caller's clock + the command timeout) that the script
-  checks against Redis's TIME before changing anything: an admin who got a 503 changed nothing.
+- ``put_route`` and the rollout writes carry a deadline (the caller's clock + the command
+  timeout) that the script checks against Redis's TIME before changing anything: an admin who
+  got a 503 changed nothing.
   This needs the replicas' clocks within the command timeout of Redis's (NTP does far better).
 - ``add_stats`` carries a batch id; the script applies a batch only if it can SET its marker
   (NX), so the caller resends an in-doubt batch with the same id and it counts once.
@@ -285,38 +286,6 @@ return {'', '0', '0'}
 """
 
 
-# KEYS: revision, rollouts, rollout_revs, audit, audit:<model>, audit_seq
-# ARGV: model, expected ("" = unconditional), template JSON ("" = delete), audit body JSON, cap,
-#       not-after (Unix time in µs). Returns {1, revision}, {0, current} on a mismatch, {2, 0} late.
-PUT_ROLLOUT = (
-    APPEND_AUDIT
-    + """
-local now = redis.call('TIME')
-if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[6]) then
-  return {2, 0}
-end
-local current = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
-if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= current then
-  return {0, current}
-end
-local before = redis.call('HGET', KEYS[2], ARGV[1]) or 'null'
-local revision = redis.call('INCR', KEYS[1])
-if ARGV[3] == '' then
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  redis.call('HDEL', KEYS[3], ARGV[1])
-else
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-  redis.call('HSET', KEYS[3], ARGV[1], revision)
-end
-local entry = '{"revision":' .. revision .. ',"at":' .. now[1] .. '.'
-  .. string.format('%06d', tonumber(now[2])) .. ',"before":' .. before .. ','
-  .. string.sub(ARGV[4], 2)
-append_audit(KEYS[4], KEYS[6], '', entry, tonumber(ARGV[5]))
-append_audit(KEYS[5], KEYS[6], ARGV[1], entry, tonumber(ARGV[5]))
-return {1, revision}
-"""
-)
-
 # KEYS: rollout_states, rollout_seqs, revision, audit, audit:<model>, audit_seq
 # ARGV: model, expected sequence number, state JSON, not-after (Unix time in µs), audit body JSON
 #       ("" = no entry), cap. Returns {1, sequence}, {0, current} on a mismatch, {2, 0} late.
@@ -403,7 +372,6 @@ class RedisStore:
         self._claim = self._redis.register_script(CLAIM)
         self._put_limits = self._redis.register_script(PUT_LIMITS)
         self._take = self._redis.register_script(TAKE_LIMITS)
-        self._put_rollout = self._redis.register_script(PUT_ROLLOUT)
         self._put_rollout_state = self._redis.register_script(PUT_ROLLOUT_STATE)
         self._closed = False
 
@@ -442,34 +410,7 @@ class RedisStore:
     ) -> RouteRecord | None:
         after = None if doc is None else orjson.dumps(doc)
         body = audit_body(who, model, action, reason, after, artifacts, details)
-        keys = [
-            self._key("revision"),
-            self._key("docs"),
-            self._key("revs"),
-            self._key("audit"),
-            self._key("audit", model),
-            self._key("audit_seq"),
-        ]
-        args: list[bytes | str | int] = [
-            model,
-            "" if expected is None else str(expected),
-            after or b"",
-            body,
-            AUDIT_CAP,
-            self._key("changes"),
-            # the caller hears "failed" once the timeout passes: after that, change nothing
-            round((time.time() + self._timeout_s) * 1e6),
-        ]
-        with _translated():
-            applied, revision = await self._put(keys=keys, args=args)
-        if applied == 2:
-            raise StoreUnavailable(
-                "redis ran the change after its deadline (it was hung, or clocks differ by more "
-                f"than {self._timeout_s} s); nothing was changed"
-            )
-        if not applied:
-            assert expected is not None  # the script refuses only on an If-Match mismatch
-            raise StaleRevision(model, expected, int(revision))
+        revision = await self._put_doc("docs", "revs", model, after, body, expected)
         return None if after is None else RouteRecord(model, orjson.loads(after), int(revision))
 
     async def audit(self, model: str | None = None, limit: int = 100) -> list[AuditEntry]:
@@ -687,20 +628,32 @@ class RedisStore:
     ) -> int:
         after = None if doc is None else orjson.dumps(doc)
         body = audit_body(who, model, action, reason, after, {}, None)
+        return await self._put_doc("rollouts", "rollout_revs", model, after, body, expected)
+
+    async def _put_doc(
+        self,
+        docs: str,
+        revs: str,
+        model: str,
+        after: bytes | None,
+        body: bytes,
+        expected: int | None,
+    ) -> int:
+        """PUT_ROUTE on the hashes ``docs`` and ``revs``: policies, or rollout templates."""
         keys = [
             self._key("revision"),
-            self._key("rollouts"),
-            self._key("rollout_revs"),
+            self._key(docs),
+            self._key(revs),
             self._key("audit"),
             self._key("audit", model),
             self._key("audit_seq"),
         ]
         args: list[bytes | str | int] = [
             model, "" if expected is None else str(expected), after or b"", body, AUDIT_CAP,
-            self._deadline(),
+            self._key("changes"), self._deadline(),
         ]  # fmt: skip
         with _translated():
-            applied, revision = await self._put_rollout(keys=keys, args=args)
+            applied, revision = await self._put(keys=keys, args=args)
         return self._applied(model, expected, applied, revision)
 
     async def rollouts(self) -> dict[str, tuple[int, dict[str, Any]]]:
@@ -731,7 +684,8 @@ class RedisStore:
         return await self._read_pairs("rollout_states", "rollout_seqs")
 
     def _deadline(self) -> int:
-        """A script's not-after time: the caller hears "failed" once its timeout passes."""
+        """A script's not-after time: the caller hears "failed" once its timeout passes, so
+        after that the script changes nothing."""
         return round((time.time() + self._timeout_s) * 1e6)
 
     def _applied(self, model: str, expected: int | None, applied: int, number: int) -> int:
