@@ -114,7 +114,11 @@ class RolloutEngine:
 
     # -- one tick -------------------------------------------------------------------------------
     async def tick(self, now: float) -> None:
-        await self.read()
+        try:
+            await self.read()
+        except StoreUnavailable:
+            self.leader = False  # the lease cannot be renewed either: stand down
+            raise
         models = {m for m in self.templates} | {
             m for m, (_, r) in self.rollouts.items() if r.active
         }
