@@ -227,8 +227,11 @@ return 0
 """
 
 
-# KEYS: revision, limits, audit, audit:_limits; ARGV: document, audit body, audit cap
-PUT_LIMITS = """
+# KEYS: revision, limits, audit, audit:_limits, audit_seq
+# ARGV: document, audit body, audit cap, the limits trail's field in audit_seq
+PUT_LIMITS = (
+    APPEND_AUDIT
+    + """
 local now = redis.call('TIME')
 local before = redis.call('GET', KEYS[2]) or 'null'
 local revision = redis.call('INCR', KEYS[1])
@@ -236,12 +239,11 @@ redis.call('SET', KEYS[2], ARGV[1])
 local entry = '{"revision":' .. revision .. ',"at":' .. now[1] .. '.'
   .. string.format('%06d', tonumber(now[2])) .. ',"before":' .. before .. ','
   .. string.sub(ARGV[2], 2)
-for _, key in ipairs({KEYS[3], KEYS[4]}) do
-  redis.call('LPUSH', key, entry)
-  redis.call('LTRIM', key, 0, tonumber(ARGV[3]) - 1)
-end
+append_audit(KEYS[3], KEYS[5], '', entry, tonumber(ARGV[3]))
+append_audit(KEYS[4], KEYS[5], ARGV[4], entry, tonumber(ARGV[3]))
 return revision
 """
+)
 
 # KEYS: limit:<model>:<principal>. ARGV: requests/s, burst, rows/s, rows burst, rows per day
 # ('' = unlimited), rows of this request, key TTL in ms. The same all-or-nothing check as
@@ -580,9 +582,11 @@ class RedisStore:
             self._key("limits"),
             self._key("audit"),
             self._key("audit", LIMITS_AUDIT),
+            self._key("audit_seq"),
         ]
+        args: list[bytes | str | int] = [after, body, AUDIT_CAP, LIMITS_AUDIT]
         with _translated():
-            return int(await self._put_limits(keys=keys, args=[after, body, AUDIT_CAP]))
+            return int(await self._put_limits(keys=keys, args=args))
 
     async def limits(self) -> dict[str, Any] | None:
         with _translated():

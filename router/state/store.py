@@ -574,8 +574,7 @@ class MemoryStore:
         self._revision += 1
         entry = audit_entry(self._revision, time.time(), self._limits, body)
         self._limits = after
-        self._audit.append(entry)
-        self._model_audit.setdefault(LIMITS_AUDIT, deque(maxlen=AUDIT_CAP)).append(entry)
+        self._append(LIMITS_AUDIT, entry)
         return self._revision
 
     async def limits(self) -> dict[str, Any] | None:
