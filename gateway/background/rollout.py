@@ -172,7 +172,11 @@ class RolloutEngine:
             try:
                 await self._step(seq, rollout, record, now)
             except (PolicyError, GatewayError) as exc:  # the candidate or baseline went away
-                await self._end(seq, rollout, "aborted", f"cannot continue: {exc}", now)
+                why = f"cannot continue: {exc}"
+                try:  # back to the baseline while it is there
+                    await self._rollback(seq, rollout, why, now)
+                except (PolicyError, GatewayError):
+                    await self._end(seq, rollout, "aborted", why, now)
         elif model in self.templates:
             await self._maybe_start(model, found, record, now)
 

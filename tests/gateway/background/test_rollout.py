@@ -539,3 +539,28 @@ async def test_a_newer_version_during_a_rollout_waits_for_it_to_end(
         )
     finally:
         await shadows.close()
+
+
+async def test_a_candidate_unloaded_during_its_rollout_is_rolled_back(parts: Parts) -> None:
+    await pin(parts)
+    await template(parts)
+    engine = parts.engine()
+    await engine.tick(100.0)
+    await parts.registry.unload("fraud", ["2"])
+    await engine.tick(105.0)  # the next step cannot name an unloaded version
+    rollout = await parts.rollout()
+    assert rollout.phase == "rolled_back"
+    assert rollout.why.startswith("cannot continue: candidate: version '2' is not loaded")
+    assert parts.doc() == SingleDoc(version="1")
+    assert parts.events.kinds() == ["rollout.started", "rollout.rolled_back"]
+
+
+async def test_with_its_baseline_gone_too_the_rollout_is_aborted(parts: Parts) -> None:
+    await pin(parts)
+    await template(parts)
+    engine = parts.engine()
+    await engine.tick(100.0)
+    await parts.registry.unload("fraud")
+    await engine.tick(105.0)
+    assert (await parts.rollout()).phase == "aborted"
+    assert isinstance(parts.doc(), CanaryDoc)  # left as it is: nothing valid to write
