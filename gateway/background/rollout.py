@@ -103,11 +103,17 @@ class RolloutEngine:
             self._http = None
 
     async def _run(self) -> None:
+        store_down = False  # logged once an outage, not once a tick
         while True:
             try:
                 await self.tick(time.time())
+                if store_down:
+                    log.info("rollouts: state store back")
+                store_down = False
             except StoreUnavailable as exc:
-                log.warning("rollouts: state store unavailable, next tick retries: %s", exc)
+                if not store_down:
+                    log.warning("rollouts: state store unavailable, ticks retry: %s", exc)
+                store_down = True
             except Exception:  # a bug in one tick must not end the rollouts for good
                 log.exception("rollout tick failed")
             await asyncio.sleep(self.tick_s)
