@@ -89,6 +89,7 @@ class RolloutEngine:
         self.templates: dict[str, tuple[int, RolloutTemplate]] = {}
         self.rollouts: dict[str, tuple[int, Rollout]] = {}
         self.confirm_failures: Counter[str] = Counter()  # model -> non-2xx or failed calls
+        self._not_started: dict[str, int] = {}  # model -> a canary revision not a rollout's
         self._http: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -253,9 +254,14 @@ class RolloutEngine:
     ) -> None:
         """A canary this engine wrote as a rollout's start, the state of which was never saved
         (the store failed after the policy write): take it up. A person's canary is left alone."""
+        if found is not None and found[1].route_revision == record.revision:
+            return  # the canary an ended rollout left in place (its versions went away)
+        if self._not_started.get(model) == record.revision:
+            return  # this revision's audit entry was read before: not a rollout's start
         revision, spec = self.templates[model]
         entry = await self._change_of(model, record)
         if entry is None or entry.who != f"rollout:{revision}" or entry.action != "rollout_start":
+            self._not_started[model] = record.revision
             return
         sha256 = self.registry.get(model, doc.candidate).info.sha256
         tried = found[1].tried if found is not None else ()

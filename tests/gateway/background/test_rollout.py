@@ -564,3 +564,5 @@ async def test_with_its_baseline_gone_too_the_rollout_is_aborted(parts: Parts) -
     await engine.tick(105.0)
     assert (await parts.rollout()).phase == "aborted"
     assert isinstance(parts.doc(), CanaryDoc)  # left as it is: nothing valid to write
+    await engine.tick(110.0)  # the canary left in place is not taken up as a new start
+    assert parts.events.kinds() == ["rollout.started", "rollout.aborted"]
