@@ -306,7 +306,10 @@ class RolloutEngine:
         if spec.approval == "required" and (last or spec.approve_each_step):
             target = "promotion" if last else _step_name(spec, rollout.step + 1)
             why = f"awaiting approval before {target}"
-            waiting = rollout.moved(phase="awaiting_approval", gate=gate, since=now, why=why)
+            waiting = rollout.moved(
+                phase="awaiting_approval", gate=gate, since=now, why=why, decision=None,
+                decided_by=None, decision_reason=None,
+            )  # fmt: skip
             await self._save(seq, waiting)
             self.emit(
                 "approval.requested",
@@ -384,7 +387,10 @@ class RolloutEngine:
         """The rollout's own policy write whose state was not saved (the store failed between
         the two, or the leader died): take the state up from the policy written."""
         doc = parse_policy(record.doc)
-        adopted = rollout.moved(route_revision=record.revision, since=now, why=what)
+        adopted = rollout.moved(
+            route_revision=record.revision, since=now, why=what, decision=None,
+            decided_by=None, decision_reason=None,
+        )  # fmt: skip
         if isinstance(doc, CanaryDoc) and doc.candidate == rollout.version:
             step = doc.steps.index(doc.weight) if doc.weight in doc.steps else 0
             await self._save(seq, adopted.moved(phase="canary", step=step, gate=None))
@@ -416,14 +422,19 @@ class RolloutEngine:
             ) as response:
                 status = response.status_code
         except httpx.HTTPError as exc:
-            self.confirm_failures[rollout.model] += 1
-            log.warning("rollout of %s: confirm webhook failed: %s", rollout.model, exc)
+            self._confirm_failed(rollout.model, f"failed: {exc!r}")
             return False
         if 200 <= status < 300:
             return True
-        self.confirm_failures[rollout.model] += 1
-        log.info("rollout of %s: confirm webhook answered %d: holding", rollout.model, status)
+        self._confirm_failed(rollout.model, f"answered {status}")
         return False
+
+    def _confirm_failed(self, model: str, what: str) -> None:
+        """Count a failed confirm call; log the 1st, 2nd, 4th, 8th... (one a tick would flood)."""
+        self.confirm_failures[model] += 1
+        n = self.confirm_failures[model]
+        if n & (n - 1) == 0:
+            log.warning("rollout of %s: confirm webhook %s: holding (failure %d)", model, what, n)
 
     async def _end(self, seq: int, rollout: Rollout, phase: Phase, why: str, now: float) -> None:
         ended = rollout.moved(phase=phase, ended_at=now, why=why, gate=None)
