@@ -147,14 +147,16 @@ class RolloutEngine:
 
     async def read(self) -> None:
         """Templates and rollout states as the store has them now."""
+        # both at once: one round trip's wait, not two, each tick on every replica
+        stored, states = await asyncio.gather(self.store.rollouts(), self.store.rollout_states())
         templates: dict[str, tuple[int, RolloutTemplate]] = {}
-        for model, (revision, raw) in (await self.store.rollouts()).items():
+        for model, (revision, raw) in stored.items():
             try:
                 templates[model] = (revision, RolloutTemplate.parse(raw))
             except PolicyError as exc:  # valid when written: a newer version's field, say
                 log.error("rollout template of %s unreadable: %s", model, exc)
         rollouts: dict[str, tuple[int, Rollout]] = {}
-        for model, (seq, raw) in (await self.store.rollout_states()).items():
+        for model, (seq, raw) in states.items():
             try:
                 rollouts[model] = (seq, Rollout.from_json(raw))
             except (TypeError, KeyError) as exc:
