@@ -17,10 +17,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as tc  # type: ignore[import-untyped]
+from starlette.routing import Route
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
+from gateway.app import create_app
 from gateway.demo import sample_inputs
 from gateway.http.endpoints import EXTENSIONS
+from gateway.http.openapi import openapi_document
 from gateway.serving.batcher import MAX_BATCH_SIZES
 from gateway.settings import Settings
 from tests.support.models import write_failing_fraud, write_fixed_doubler
@@ -421,3 +424,17 @@ def test_every_extension_declared_is_served(
     assert index(client)  # model_repository
     assert client.get_model_config("fraud")["name"] == "fraud"  # model_configuration
     assert client.get_inference_statistics("fraud")["model_stats"]  # statistics
+
+
+def test_every_route_the_app_serves_is_in_the_openapi_document(tmp_path: Path) -> None:
+    app = create_app(Settings(tmp_path))
+    paths = openapi_document()["paths"]
+    served = [
+        (route.path, method.lower())
+        for route in app.routes
+        if isinstance(route, Route)
+        for method in sorted(route.methods or ())
+        if method != "HEAD"
+    ]
+    assert len(served) > 30
+    assert [(p, m) for p, m in served if m not in paths.get(p, {})] == []
