@@ -130,7 +130,7 @@ def create_app(settings: Settings) -> Gateway:
         period_s=settings.publish_s,
     )
     ep = Endpoints(settings, registry, table, access, keys, exchange, feedback_keys)
-    triton = Triton(settings, registry, keys)
+    triton = Triton(settings, registry, keys, exchange)
     inference = Inference(settings, registry, table, shadows, traffic, keys, limits)
     admin = Admin(access, registry, table, shadows, guards, limits, monitors=settings.monitors)
     metrics_registry = CollectorRegistry(auto_describe=False)

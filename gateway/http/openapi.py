@@ -24,6 +24,13 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 _ERROR = _json(_ref("Error"), "error")
 _MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
 _VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+# processes whose counts a view adds up (drift, statistics)
+_SCOPE = {
+    "name": "scope",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string", "enum": ["process", "group", "fleet"]},
+}
 _REASON = {
     "required": True,
     "content": {
@@ -399,9 +406,9 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
         "/v2/models/{model}/versions/{version}/ready": {**_get("Model version readiness", ready, 400, 404, 503), "parameters": [_MODEL, _VERSION]},
         "/v2/models/{model}/versions/{version}/infer": {**_INFER, "parameters": [_MODEL, _VERSION]},
         "/v2/models": _get("KServe's model listing: the models with a ready version", {"type": "object", "required": ["models"], "properties": {"models": {"type": "array", "items": {"type": "string"}}}}),
-        "/v2/models/stats": _get("Statistics of every loaded version (Triton's statistics extension)", _ref("ModelStatistics")),
-        "/v2/models/{model}/stats": {**_get("Statistics of the model's ready versions", _ref("ModelStatistics"), 400, 404, 503), "parameters": [_MODEL]},
-        "/v2/models/{model}/versions/{version}/stats": {**_get("Statistics of one version", _ref("ModelStatistics"), 400, 404, 503), "parameters": [_MODEL, _VERSION]},
+        "/v2/models/stats": _get("Statistics of every loaded version (Triton's statistics extension)", _ref("ModelStatistics"), 400, parameters=[_SCOPE]),
+        "/v2/models/{model}/stats": {**_get("Statistics of the model's ready versions", _ref("ModelStatistics"), 400, 404, 503, parameters=[_SCOPE]), "parameters": [_MODEL]},
+        "/v2/models/{model}/versions/{version}/stats": {**_get("Statistics of one version", _ref("ModelStatistics"), 400, 404, 503, parameters=[_SCOPE]), "parameters": [_MODEL, _VERSION]},
         "/v2/models/{model}/config": {**_get("Triton model configuration of the version unpinned requests go to without a policy", _ref("ModelConfig"), 400, 404, 503), "parameters": [_MODEL]},
         "/v2/models/{model}/versions/{version}/config": {**_get("Triton model configuration of one version", _ref("ModelConfig"), 400, 404, 503), "parameters": [_MODEL, _VERSION]},
         "/v2/repository/index": {
@@ -417,7 +424,7 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
         "/openapi.json": _get("This document", {"type": "object"}),
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/v2/models/{model}/versions/{version}/drift": {**_get("Drift and latency of a version: current window and since load", _ref("Drift"), 400, 404, 503,
-                                                               parameters=[{"name": "scope", "in": "query", "required": False, "schema": {"type": "string", "enum": ["process", "group", "fleet"]}}]),
+                                                               parameters=[_SCOPE]),
                                                          "parameters": [_MODEL, _VERSION]},
         "/v2/models/{model}/feedback": {
             "parameters": [_MODEL],

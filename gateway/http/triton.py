@@ -6,17 +6,18 @@ counted (gateway.serving); nothing is a default Triton would have filled in for 
 
 from __future__ import annotations
 
-import time
-from typing import Any
+from typing import Any, cast
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.errors import NotFound, NotReady
+from gateway.background.fleet import CountsExchange, Scope
+from gateway.errors import BadRequest, NotFound, NotReady
 from gateway.http.auth import KeyCheck, OpenAccess
 from gateway.http.responses import json_response
-from gateway.serving.batcher import BatchingRuntime, BatchStats
+from gateway.serving.batcher import BatchingRuntime
 from gateway.serving.registry import Loaded, Registry
+from gateway.serving.statistics import Figures
 from gateway.serving.types import TensorSpec
 from gateway.settings import Settings
 
@@ -40,16 +41,26 @@ CONFIG_TYPES = {
     "BYTES": "TYPE_STRING",
 }
 _NS = 1e9
+SCOPES = ("process", "group", "fleet")
 
 
 class Triton:
     """``GET /v2/models[/{m}[/versions/{v}]]/stats``, ``GET /v2/models/{m}[/versions/{v}]/config``
     and ``GET /v2/models``. With API keys configured each needs one, as model metadata does."""
 
-    def __init__(self, settings: Settings, registry: Registry, keys: KeyCheck | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        keys: KeyCheck | None = None,
+        exchange: CountsExchange | None = None,
+    ) -> None:
+        """``exchange``: statistics add up the processes of the asked scope (``?scope=``,
+        ``group`` by default, as ``/metrics``); without one they are this process's."""
         self.settings = settings
         self.registry = registry
         self.keys: KeyCheck = keys or OpenAccess()
+        self.exchange = exchange
 
     async def models(self, request: Request) -> Response:
         """KServe's listing: the models with at least one ready version."""
@@ -63,6 +74,9 @@ class Triton:
     async def stats(self, request: Request) -> Response:
         self.keys.check(request.headers)
         model = request.path_params.get("model")
+        scope = request.query_params.get("scope", "group")
+        if scope not in SCOPES:
+            raise BadRequest("scope: one of process, group, fleet")
         if request.path_params.get("version") is not None:
             chosen = [self._version(request)]
         elif model is not None:
@@ -72,7 +86,11 @@ class Triton:
             chosen = sorted(
                 self.registry.loaded(), key=lambda lv: (lv.info.model, int(lv.info.version))
             )
-        return json_response({"model_stats": [model_stats(lv) for lv in chosen]})
+        runtimes: dict[tuple[str, str], Figures] = {}
+        if self.exchange is not None:
+            runtimes = (await self.exchange.view(cast(Scope, scope))).runtimes
+        entries = [model_stats(lv, runtimes.get((lv.info.model, lv.info.version))) for lv in chosen]
+        return json_response({"model_stats": entries})
 
     def _version(self, request: Request) -> Loaded:
         """The version the path names, or the one unpinned requests go to without a policy."""
@@ -181,18 +199,16 @@ def _duration(count: int, seconds: float) -> dict[str, int]:
     return {"count": count, "ns": round(seconds * _NS)}
 
 
-def model_stats(loaded: Loaded) -> dict[str, Any]:
-    """Triton's statistics of one loaded version, from its runtime's counters (since it was
-    loaded, in this process)."""
+def model_stats(loaded: Loaded, figures: Figures | None = None) -> dict[str, Any]:
+    """Triton's statistics of one loaded version: ``figures`` (a view's, several processes
+    added up), else its runtime's in this process; since the version was loaded."""
     runtime = _batching(loaded)
-    stats = runtime.stats if runtime is not None else BatchStats()
+    if figures is None:
+        figures = runtime.stats.figures() if runtime is not None else Figures()
     batched = runtime is not None and runtime.merging
-    last_ms = 0
-    if stats.last:
-        last_ms = int((time.time() - (time.monotonic() - stats.last)) * 1000)
-    ok = stats.succeeded
+    ok = figures.succeeded
     sizes: dict[int, list[float]] = {}
-    for rows, entry in stats.sizes.items():
+    for rows, entry in figures.sizes.items():
         # a model that is not batched runs one request at a time: Triton's batch size 1
         merged = sizes.setdefault(rows if batched else 1, [0, 0.0, 0.0, 0.0])
         for i, value in enumerate(entry):
@@ -200,16 +216,16 @@ def model_stats(loaded: Loaded) -> dict[str, Any]:
     return {
         "name": loaded.info.model,
         "version": loaded.info.version,
-        "last_inference": last_ms,
-        "inference_count": stats.inferences if batched else ok,
-        "execution_count": stats.batches,
+        "last_inference": figures.last_ms,
+        "inference_count": figures.inferences if batched else ok,
+        "execution_count": figures.executions,
         "inference_stats": {
-            "success": _duration(ok, stats.succeeded_s),
-            "fail": _duration(stats.fail, stats.fail_s),
-            "queue": _duration(ok, stats.queue_s),
-            "compute_input": _duration(ok, stats.input_s),
-            "compute_infer": _duration(ok, stats.infer_s),
-            "compute_output": _duration(ok, stats.output_s),
+            "success": _duration(ok, figures.succeeded_s),
+            "fail": _duration(figures.fail, figures.fail_s),
+            "queue": _duration(ok, figures.queue_s),
+            "compute_input": _duration(ok, figures.input_s),
+            "compute_infer": _duration(ok, figures.infer_s),
+            "compute_output": _duration(ok, figures.output_s),
             "cache_hit": _duration(0, 0.0),
             "cache_miss": _duration(0, 0.0),
         },

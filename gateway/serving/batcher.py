@@ -37,6 +37,7 @@ from gateway.errors import (
     Overloaded,
     Timeout,
 )
+from gateway.serving.statistics import Figures
 from gateway.serving.types import Receive, TensorSpec
 
 log = logging.getLogger("turnout.batcher")
@@ -202,6 +203,27 @@ class BatchStats:
     def fail(self) -> int:
         """Requests the runtime failed: 429, 504, 500, 503."""
         return self.rejected + self.timed_out + self.failed + self.unready
+
+    def figures(self) -> Figures:
+        """The statistics extension's figures now (a copy: the counters move on)."""
+        last_ms = 0
+        if self.last:
+            last_ms = int((time.time() - (time.monotonic() - self.last)) * 1000)
+        return Figures(
+            succeeded=self.succeeded,
+            succeeded_s=self.succeeded_s,
+            fail=self.fail,
+            fail_s=self.fail_s,
+            queue_s=self.queue_s,
+            input_s=self.input_s,
+            infer_s=self.infer_s,
+            output_s=self.output_s,
+            inferences=self.inferences,
+            executions=self.batches,
+            last_ms=last_ms,
+            unlisted=int(self.unlisted[0]),
+            sizes={rows: list(entry) for rows, entry in self.sizes.items()},
+        )
 
 
 @dataclass(slots=True, eq=False)  # identity hash: requests are members of an ordered set

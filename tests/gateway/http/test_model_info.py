@@ -315,6 +315,13 @@ def test_unknown_or_hostile_names_get_404_in_the_protocols_format(
         assert "Traceback" not in message
 
 
+def test_an_unknown_scope_is_400(gateway: InProcessServer) -> None:
+    r = httpx.get(gateway.url + "/v2/models/fraud/stats?scope=" + "x" * 1000)
+    assert error_of(r, 400) == "scope: one of process, group, fleet"
+    r = httpx.get(gateway.url + "/v2/models/fraud/stats?scope=process")
+    assert [s["version"] for s in r.json()["model_stats"]] == ["1", "2"]
+
+
 def test_a_known_model_without_a_ready_version_is_503(gateway: InProcessServer) -> None:
     for path in ("/v2/models/broken/config", "/v2/models/broken/stats"):
         assert "no ready version" in error_of(httpx.get(gateway.url + path), 503)
