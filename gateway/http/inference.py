@@ -35,7 +35,7 @@ from gateway.errors import (
     Timeout,
     Unauthorized,
 )
-from gateway.http import codec
+from gateway.http import codec, inflate
 from gateway.http.auth import KeyCheck
 from gateway.http.clients import principal_of
 from gateway.http.limits import Limits, Ticket
@@ -158,7 +158,13 @@ class Inference:
         try:
             if ticket is not None:
                 await ticket.before_body()
-            body = await read_body(receive, headers, self.settings.max_body_bytes)
+            encoding = headers.get("content-encoding")
+            if encoding is None or (coding := inflate.coding_of(encoding)) is None:
+                body = await read_body(receive, headers, self.settings.max_body_bytes)
+            else:
+                body = await inflate.read_inflated(
+                    receive, headers, coding, self.settings.max_body_bytes, self.decoder
+                )
             if len(body) < OFFLOADED_BODY:
                 content, json_length, observed = await self._infer(
                     headers, body, receive, model, pinned, start, labels, principal, ticket

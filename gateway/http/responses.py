@@ -24,6 +24,7 @@ from gateway.errors import (
     PreconditionFailed,
     RateLimited,
     Unauthorized,
+    UnsupportedMediaType,
     cut,
 )
 from gateway.http import codec
@@ -99,6 +100,8 @@ async def gateway_error(request: Request, exc: Exception) -> Response:
             headers.update(exc.headers)
     elif isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
+    elif isinstance(exc, UnsupportedMediaType):
+        headers["Accept-Encoding"] = exc.accept_encoding
     path = cut(request.url.path)
     if exc.status >= 500:
         log.warning("%s %s -> %d: %s", request.method, path, exc.status, exc.message)

@@ -1,0 +1,180 @@
+"""Request and response encodings end to end (issue 16, items 3-6 and sequence parameters): a real
+gateway, real tritonclient where it sends the form, raw httpx where it does not."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import tritonclient.http as tc  # type: ignore[import-untyped]
+from tritonclient.utils import np_to_triton_dtype  # type: ignore[import-untyped]
+
+from gateway.demo import sample_inputs
+from gateway.http.inflate import ACCEPTED, ON_LOOP
+from tests.gateway.http.test_inflate import gzip_of_zeros
+from tests.gateway.http.test_server import json_body, output_array, reference_outputs
+from tests.support.server import GatewayServer, InProcessServer
+
+INFER = "/v2/models/fraud/versions/1/infer"
+
+
+def infer_with_triton(
+    server: GatewayServer, model: str, inputs: dict[str, np.ndarray], binary: bool, **kwargs: Any
+) -> Any:
+    client = tc.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    try:
+        wire = []
+        for name, array in inputs.items():
+            i = tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            i.set_data_from_numpy(array, binary_data=binary)
+            wire.append(i)
+        return client.infer(model, wire, model_version="1", **kwargs)
+    finally:
+        client.close()
+
+
+def error_of(r: httpx.Response, status: int) -> str:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    message: str = r.json()["error"]
+    return message
+
+
+# -- compressed requests (item 3) ----------------------------------------------------------------
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_compressed_requests(
+    server: GatewayServer, demo_repo: Path, algorithm: str, binary: bool
+) -> None:
+    inputs = sample_inputs("risk", 5, seed=21)
+    result = infer_with_triton(
+        server, "risk", inputs, binary, request_compression_algorithm=algorithm
+    )
+    for name, array in reference_outputs(demo_repo, "risk", "1", inputs).items():
+        np.testing.assert_array_equal(result.as_numpy(name), array)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [
+        ("x-gzip", gzip.compress),
+        ("GZIP", gzip.compress),
+        ("identity", lambda b: b),
+        ("deflate", lambda b: zlib.compress(b)[2:-4]),  # raw deflate, as some clients send it
+    ],
+    ids=["x-gzip", "upper-case", "identity", "raw-deflate"],
+)
+def test_other_spellings_of_the_codings(
+    server: GatewayServer, demo_repo: Path, encoding: str, compress: Any
+) -> None:
+    inputs = sample_inputs("fraud", 2, seed=3)
+    r = httpx.post(
+        server.url + INFER,
+        content=compress(json_body(inputs)),
+        headers={"Content-Encoding": encoding},
+    )
+    assert r.status_code == 200, r.text
+    expected = reference_outputs(demo_repo, "fraud", "1", inputs)["probability"]
+    np.testing.assert_array_equal(output_array(r.json(), "probability"), expected)
+
+
+def test_a_large_compressed_body_is_inflated_off_the_loop_and_answered(
+    server: GatewayServer, demo_repo: Path
+) -> None:
+    """2 MB of JSON inflated: past ON_LOOP, so the rest is inflated on the decode pool."""
+    inputs = sample_inputs("fraud", 4000, seed=9)
+    body = json_body(inputs)
+    assert len(body) > 3 * ON_LOOP // 2
+    r = httpx.post(
+        server.url + INFER, content=gzip.compress(body), headers={"Content-Encoding": "gzip"}
+    )
+    assert r.status_code == 200, r.text
+    expected = reference_outputs(demo_repo, "fraud", "1", inputs)["probability"]
+    np.testing.assert_allclose(output_array(r.json(), "probability"), expected, rtol=1e-6)
+
+
+def test_a_streamed_gzip_bomb_gets_413_and_the_gateway_keeps_serving(
+    server: GatewayServer,
+) -> None:
+    """1 GiB of zeros in about 1 MB of gzip, streamed: cut off at the 16 MiB cap."""
+
+    def bomb() -> Iterator[bytes]:
+        yield from gzip_of_zeros(1 << 30)
+
+    r = httpx.post(server.url + INFER, content=bomb(), headers={"Content-Encoding": "gzip"})
+    assert "inflates to more than the limit of" in error_of(r, 413)
+    ok = httpx.post(server.url + INFER, content=json_body(sample_inputs("fraud", 1, seed=1)))
+    assert ok.status_code == 200
+
+
+def test_the_cap_applies_to_the_inflated_size(demo_repo: Path) -> None:
+    body = json_body(sample_inputs("fraud", 3, seed=2))
+    with InProcessServer(demo_repo, args=["--max-body-bytes", str(len(body))]) as small:
+        gz = {"Content-Encoding": "gzip"}
+        at_cap = httpx.post(small.url + INFER, content=gzip.compress(body), headers=gz)
+        assert at_cap.status_code == 200, at_cap.text
+        over = httpx.post(small.url + INFER, content=gzip.compress(body + b" "), headers=gz)
+        assert f"limit of {len(body)} bytes" in error_of(over, 413)
+
+
+@pytest.mark.parametrize(
+    "encoding", ["gzip, gzip", "deflate, gzip", "br", "zstd", "compress", "x" * 5000]
+)
+def test_unsupported_and_nested_encodings_are_415_with_accept_encoding(
+    server: GatewayServer, encoding: str
+) -> None:
+    body = json_body(sample_inputs("fraud", 1, seed=1))
+    r = httpx.post(
+        server.url + INFER, content=gzip.compress(body), headers={"Content-Encoding": encoding}
+    )
+    message = error_of(r, 415)
+    assert r.headers["accept-encoding"] == ACCEPTED
+    assert "Content-Encoding" in message and len(message) < 300
+
+
+@pytest.mark.parametrize(
+    ("encoding", "mangle", "says"),
+    [
+        ("gzip", lambda gz: gz[: len(gz) // 2], "ends before its stream does"),
+        ("gzip", lambda gz: gz[:-8] + bytes(8), "corrupt"),
+        ("gzip", lambda gz: b"plain text, not gzip", "corrupt"),
+        ("deflate", lambda gz: zlib.compress(gzip.decompress(gz))[:-3], "ends before"),
+        ("gzip", lambda gz: b"", "ends before its stream does"),
+    ],
+    ids=["truncated", "bad-trailer", "not-gzip", "truncated-deflate", "empty"],
+)
+def test_corrupt_and_truncated_streams_are_400(
+    server: GatewayServer, encoding: str, mangle: Any, says: str
+) -> None:
+    gz = gzip.compress(json_body(sample_inputs("fraud", 1, seed=1)))
+    r = httpx.post(server.url + INFER, content=mangle(gz), headers={"Content-Encoding": encoding})
+    assert says in error_of(r, 400)
+
+
+def test_the_inference_header_length_counts_the_inflated_body(server: GatewayServer) -> None:
+    row = sample_inputs("fraud", 1, seed=5)["input"]
+    head = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 32],
+                    "parameters": {"binary_data_size": row.nbytes},
+                }
+            ]
+        }
+    )
+    r = httpx.post(
+        server.url + INFER,
+        content=gzip.compress(head + row.tobytes()),
+        headers={"Content-Encoding": "gzip", "Inference-Header-Content-Length": str(len(head))},
+    )
+    assert r.status_code == 200, r.text
