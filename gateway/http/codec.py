@@ -127,7 +127,9 @@ def parse_request(body: bytes, header_length: int | None, budget: int = DEFAULT_
     with 413 before any of that memory is taken."""
     if header_length is None:
         end = len(body)
-    elif 0 <= header_length <= len(body):
+    elif header_length == 0:  # Triton's raw form: the body is the one input's bytes
+        return Envelope({}, body, 0, True, None, {})
+    elif 0 < header_length <= len(body):
         end = header_length
     else:
         raise BadRequest(
@@ -281,6 +283,8 @@ def _decode(
     envelope: Envelope, model: ModelVersion, max_elements: int, max_rows: int, budget: int
 ) -> InferRequest:
     doc, parameters = envelope.doc, envelope.parameters
+    if envelope.end == 0 and envelope.binary:
+        return _raw(envelope.body, model, max_elements, max_rows, _Spent(budget))
     binary_output = parameters.get("binary_data_output", False)
     if type(binary_output) is not bool:
         raise BadRequest('"parameters.binary_data_output" must be true or false')
@@ -300,6 +304,82 @@ def _decode(
         outputs=outputs,
         binary_output=binary_output,
     )
+
+
+def _raw(
+    body: bytes, model: ModelVersion, max_elements: int, max_rows: int, spent: _Spent
+) -> InferRequest:
+    """A raw binary request (``Inference-Header-Content-Length: 0``): the whole body is the
+    model's one input, its datatype and shape the model's, the one dynamic axis inferred from
+    the length. Outputs: all of them, in JSON."""
+    if len(model.inputs) != 1:
+        raise BadRequest(
+            f"a raw binary request ({INFERENCE_HEADER}: 0) carries exactly one input, but model "
+            f"{model.model!r} has {len(model.inputs)}: {_names(model.inputs)}; send a JSON "
+            "header that names them"
+        )
+    spec = model.inputs[0]
+    name, dims = spec.name, spec.shape
+    free = [axis for axis, d in enumerate(dims) if d < 0]
+    if len(free) > 1:
+        raise BadRequest(
+            f"input {name!r} has shape {list(dims)}: a raw binary request ({INFERENCE_HEADER}: "
+            "0) cannot say the size of more than one dynamic axis; send a JSON header with the "
+            "shape"
+        )
+    fixed = math.prod(d for d in dims if d >= 0)  # elements per step of the dynamic axis
+    if spec.datatype == "BYTES":
+        count, whole = _count_strings(body, name, max_elements), True
+        unit = "length-prefixed elements"
+    else:
+        size = spec.dtype.itemsize
+        count, whole = len(body) // size, len(body) % size == 0
+        unit = f"elements of {size} bytes"
+    if not whole or (count % fixed if fixed else count) or (not free and count != fixed):
+        raise BadRequest(
+            f"a raw binary body of {len(body)} bytes does not fit input {name!r} "
+            f"({spec.datatype}, shape {list(dims)}), which takes {fixed} {unit} per "
+            f"{'row' if free else 'request'}"
+        )
+    shape = list(dims)
+    if free:
+        shape[free[0]] = count // fixed if fixed else 0
+    if count > max_elements:
+        raise BadRequest(
+            f"input {name!r}: a raw body of {count} elements, above the limit of {max_elements}"
+        )
+    if shape and dims[0] < 0 and shape[0] > max_rows:
+        raise BadRequest(
+            f"input {name!r}: {shape[0]} rows, above the limit of {max_rows} per request"
+        )
+    if spec.datatype != "BYTES":
+        spent.charge(name, len(body))
+    h = _Input(spec, tuple(shape), count, None, len(body))
+    return InferRequest(
+        id=None,
+        inputs={name: _from_binary(h, body, 0, len(body), spent)},
+        parameters={},
+        outputs=(),
+        binary_output=False,
+    )
+
+
+def _count_strings(body: bytes, name: str, max_elements: int) -> int:
+    """The BYTES elements in a raw body (each a 4-byte length, then its bytes)."""
+    count = offset = 0
+    end = len(body)
+    while offset < end:
+        if count == max_elements:
+            raise BadRequest(
+                f"input {name!r}: a raw body of more than {max_elements} BYTES elements"
+            )
+        if offset + 4 > end:
+            raise BadRequest(f"input {name!r}: BYTES binary data ends inside element {count}")
+        offset += 4 + _U32.unpack_from(body, offset)[0]
+        count += 1
+    if offset != end:
+        raise BadRequest(f"input {name!r}: BYTES binary data ends inside element {count - 1}")
+    return count
 
 
 class _Spent:

@@ -178,3 +178,58 @@ def test_the_inference_header_length_counts_the_inflated_body(server: GatewaySer
         headers={"Content-Encoding": "gzip", "Inference-Header-Content-Length": str(len(head))},
     )
     assert r.status_code == 200, r.text
+
+
+# -- raw binary requests (item 4; tritonclient does not send them) -------------------------------
+def raw(server: GatewayServer, body: bytes, path: str = INFER, length: str = "0") -> httpx.Response:
+    return httpx.post(
+        server.url + path,
+        content=body,
+        headers={
+            "Inference-Header-Content-Length": length,
+            "Content-Type": "application/octet-stream",
+        },
+    )
+
+
+def test_a_raw_binary_request_is_the_models_one_input(
+    server: GatewayServer, demo_repo: Path
+) -> None:
+    inputs = sample_inputs("fraud", 7, seed=13)
+    r = raw(server, inputs["input"].astype("<f4").tobytes())
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    expected = reference_outputs(demo_repo, "fraud", "1", inputs)["probability"]
+    np.testing.assert_array_equal(output_array(r.json(), "probability"), expected)
+
+
+def test_a_raw_binary_request_can_be_compressed_too(server: GatewayServer, demo_repo: Path) -> None:
+    inputs = sample_inputs("fraud", 2, seed=14)
+    r = httpx.post(
+        server.url + INFER,
+        content=gzip.compress(inputs["input"].tobytes()),
+        headers={"Inference-Header-Content-Length": "0", "Content-Encoding": "gzip"},
+    )
+    assert r.status_code == 200, r.text
+    expected = reference_outputs(demo_repo, "fraud", "1", inputs)["probability"]
+    np.testing.assert_array_equal(output_array(r.json(), "probability"), expected)
+
+
+def test_a_raw_request_to_a_model_with_several_inputs_is_a_400(server: GatewayServer) -> None:
+    r = raw(server, b"\x00" * 64, "/v2/models/risk/infer")
+    message = error_of(r, 400)
+    assert "exactly one input" in message and "send a JSON header" in message
+
+
+@pytest.mark.parametrize("size", [1, 3, 4 * 33, 4 * 32 * 2 + 4])
+def test_a_raw_body_that_is_not_whole_rows_is_a_400(server: GatewayServer, size: int) -> None:
+    message = error_of(raw(server, b"\x00" * size), 400)
+    assert f"raw binary body of {size} bytes does not fit input 'input'" in message
+
+
+@pytest.mark.parametrize(
+    "length", ["9" * 30, str(1 << 62), str((1 << 62) + 1), "129", "-0", "0x10", "0 0"]
+)
+def test_huge_or_malformed_header_lengths_are_400(server: GatewayServer, length: str) -> None:
+    message = error_of(raw(server, b"\x00" * 128, length=length), 400)
+    assert "Inference-Header-Content-Length" in message
