@@ -213,9 +213,10 @@ def encode_response(
 ) -> tuple[bytes, int | None]:
     """The response body and the JSON header length (None when the body is pure JSON).
 
-    Outputs come in the requested order, else in ``specs`` order (then any others). JSON has no
-    NaN or infinity: orjson writes them as null, so send non-finite outputs in binary. A BYTES
-    output holding non-UTF-8 bytes cannot be JSON text and is sent binary even if JSON was asked.
+    Outputs come in the requested order, else in ``specs`` order (then any others). Non-finite
+    floats in JSON outputs are the tokens ``NaN``, ``Infinity`` and ``-Infinity``, as Triton
+    writes them and Python's json and tritonclient read them. A BYTES output holding non-UTF-8
+    bytes cannot be JSON text and is sent binary even if JSON was asked.
     """
     if request.outputs:
         wanted = [(o.name, o.binary) for o in request.outputs]
@@ -238,11 +239,39 @@ def encode_response(
     head["outputs"] = entries
     try:
         header = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
+        # orjson writes NaN and ±Inf as null; "null" appears in no other response but one
+        # quoting it in a string, so finite outputs cost one search of the bytes here.
+        if b"null" in header and _non_finite_as_tokens(entries):
+            header = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
     except TypeError as exc:
         raise GatewayError(f"cannot encode the response: {exc}") from exc
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
+
+
+def _non_finite_as_tokens(entries: list[dict[str, Any]]) -> bool:
+    """Give each JSON float output holding NaN or ±Inf its data as JSON text with the tokens;
+    True when any was found."""
+    found = False
+    for entry in entries:
+        data = entry.get("data")
+        if entry["datatype"] not in _FLOATS or data is None:
+            continue
+        finite = np.isfinite(data)
+        if finite.all():
+            continue
+        found = True
+        # Finite values as orjson writes them (shortest round-trip for their width), the
+        # others replaced in the text: a float's JSON never holds a comma.
+        parts = orjson.dumps(np.where(finite, data, 0), option=orjson.OPT_SERIALIZE_NUMPY)[
+            1:-1
+        ].split(b",")
+        for i in np.flatnonzero(~finite).tolist():
+            value = data[i]
+            parts[i] = b"NaN" if value != value else b"Infinity" if value > 0 else b"-Infinity"
+        entry["data"] = orjson.Fragment(b"[" + b",".join(parts) + b"]")
+    return found
 
 
 def output_bytes(outputs: Mapping[str, np.ndarray], limit: int) -> int:

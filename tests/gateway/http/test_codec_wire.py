@@ -8,10 +8,12 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
+import tritonclient.http as triton  # type: ignore[import-untyped]
 
 from gateway.errors import BadRequest, PayloadTooLarge
-from gateway.http.codec import decode_request
+from gateway.http.codec import InferRequest, decode_request, encode_response
 from gateway.serving.types import NUMPY_DTYPES, ModelVersion, TensorSpec
 
 F32 = np.dtype("<f4")
@@ -127,3 +129,74 @@ def test_json_request_docs_still_need_their_header() -> None:
     body = json.dumps({"inputs": []}).encode()
     with pytest.raises(BadRequest, match="does not fit"):
         decode_request(body, 0, model(("x", "FP32", (-1, 4))))
+
+
+# -- NaN and ±Inf in JSON outputs ----------------------------------------------------------------
+def encode(outputs: dict[str, np.ndarray], request_id: str = "r", binary: bool = False) -> bytes:
+    request = InferRequest(None, {}, {}, (), binary)
+    specs = {n: TensorSpec(n, DATATYPES[a.dtype.name], (-1,)) for n, a in outputs.items()}
+    body, header_length = encode_response("m", "1", request_id, outputs, request, specs)
+    assert header_length is None
+    return body
+
+
+DATATYPES = {"float16": "FP16", "float32": "FP32", "float64": "FP64", "int32": "INT32"}
+SPECIALS = [1.5, np.nan, np.inf, -np.inf, 0.1, -0.0, 3e-5]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_non_finite_outputs_are_json_tokens_that_python_and_tritonclient_read_back(
+    dtype: str,
+) -> None:
+    values = np.array(SPECIALS, dtype=dtype)
+    body = encode({"y": values, "n": np.arange(3, dtype=np.int32)})
+    assert b"NaN" in body and b"-Infinity" in body and b"null" not in body
+    parsed = np.array(json.loads(body)["outputs"][0]["data"], dtype=dtype)
+    np.testing.assert_array_equal(parsed, values)
+    assert np.signbit(parsed).tolist() == np.signbit(values).tolist()
+    result = triton.InferResult.from_response_body(body)
+    got = result.as_numpy("y")
+    np.testing.assert_array_equal(got, values)  # NaN equal to NaN, the infinities by sign
+    assert np.isposinf(got[2]) and np.isneginf(got[3])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_finite_values_beside_non_finite_ones_are_written_as_for_a_finite_output(
+    dtype: str,
+) -> None:
+    """The slow path writes finite values with the same text as the fast one (float32 as its
+    shortest form, not as the float64 it widens to)."""
+    finite = np.array([x for x in SPECIALS if np.isfinite(x)], dtype=dtype)
+    mixed = np.concatenate([finite, np.array([np.inf], dtype=dtype)])
+    fast = orjson.loads(encode({"y": finite}))["outputs"][0]["data"]
+    slow = json.loads(encode({"y": mixed}))["outputs"][0]["data"]
+    assert slow[:-1] == fast and slow[-1] == float("inf")
+    text = encode({"y": mixed})
+    assert orjson.dumps(finite, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1] in text
+
+
+def test_a_finite_response_quoting_null_is_unchanged() -> None:
+    outputs = {"y": np.array([0.25, 2.0], dtype=np.float32)}
+    body = encode(outputs, request_id="null")
+    assert orjson.loads(body)["id"] == "null" and orjson.loads(body)["outputs"][0]["data"] == [
+        0.25,
+        2.0,
+    ]
+
+
+def test_non_finite_values_in_binary_outputs_are_left_alone() -> None:
+    values = np.array(SPECIALS, dtype=np.float32)
+    request = InferRequest(None, {}, {}, (), True)
+    specs = {"y": TensorSpec("y", "FP32", (-1,))}
+    body, header_length = encode_response("m", "1", "r", {"y": values}, request, specs)
+    assert header_length is not None
+    np.testing.assert_array_equal(np.frombuffer(body[header_length:], "<f4"), values)
+
+
+def test_an_empty_or_large_output_with_specials() -> None:
+    assert json.loads(encode({"y": np.array([], dtype=np.float32)}))["outputs"][0]["data"] == []
+    big = np.random.default_rng(2).standard_normal(10_000).astype(np.float32)
+    big[::97] = np.nan
+    big[5::89] = -np.inf
+    parsed = np.array(json.loads(encode({"y": big}))["outputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_array_equal(parsed, big)

@@ -233,3 +233,32 @@ def test_a_raw_body_that_is_not_whole_rows_is_a_400(server: GatewayServer, size:
 def test_huge_or_malformed_header_lengths_are_400(server: GatewayServer, length: str) -> None:
     message = error_of(raw(server, b"\x00" * 128, length=length), 400)
     assert "Inference-Header-Content-Length" in message
+
+
+# -- NaN and ±Inf in JSON outputs (item 6) ------------------------------------------------------
+def test_tritonclient_reads_back_nan_and_the_sign_of_infinity(server: GatewayServer) -> None:
+    """Sent in binary (JSON requests cannot carry them), answered in JSON through echo."""
+    inputs = sample_inputs("echo", 2, seed=6)
+    specials = [np.nan, np.inf, -np.inf, 1.5, -0.0, 2.0]
+    for suffix in ("fp16", "fp32", "fp64"):
+        array = inputs[f"in_{suffix}"]
+        inputs[f"in_{suffix}"] = np.resize(np.array(specials, array.dtype), array.shape)
+    client = tc.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    try:
+        wire = []
+        for name, array in inputs.items():
+            i = tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            i.set_data_from_numpy(array, binary_data=True)
+            wire.append(i)
+        outs = [
+            tc.InferRequestedOutput(f"out_{s}", binary_data=False) for s in ("fp16", "fp32", "fp64")
+        ]
+        result = client.infer("echo", wire, outputs=outs)
+    finally:
+        client.close()
+    for suffix in ("fp16", "fp32", "fp64"):
+        got, sent = result.as_numpy(f"out_{suffix}"), inputs[f"in_{suffix}"]
+        assert got.dtype == sent.dtype
+        np.testing.assert_array_equal(got, sent)
+        assert (np.isposinf(got) == np.isposinf(sent)).all()
+        assert (np.isneginf(got) == np.isneginf(sent)).all() and np.isneginf(got).any()
