@@ -5,8 +5,9 @@ exception type escapes ``decode_request`` for bad input. Faults in what the mode
 plain ``GatewayError`` (500).
 
 BYTES tensors decode to numpy object arrays of ``str``: onnxruntime's tensor(string) takes str
-objects and silently stringifies ``bytes`` (``b"a"`` becomes the text ``"b'a'"``), so a binary
-BYTES element that is not valid UTF-8 is refused. Outputs may hold ``str`` or ``bytes``.
+objects and silently stringifies ``bytes`` (``b"a"`` becomes the text ``"b'a'"``). A binary BYTES
+tensor with an element that is not UTF-8 decodes to a fixed-width numpy bytes array instead
+(``_raw_strings`` says why and when). Outputs may hold ``str`` or ``bytes``.
 """
 
 from __future__ import annotations
@@ -701,7 +702,7 @@ def _from_binary(h: _Input, body: bytes, start: int, end: int, spent: _Spent) ->
     if spec.datatype == "BYTES":
         # the length prefixes aside, the section is the strings' bytes (checked as they are read)
         spent.charge(name, max(0, end - start - 4 * h.count))
-        return _strings_from_binary(body, start, end, h.count, name).reshape(h.shape)
+        return _strings_from_binary(body, start, end, h.count, name, spent).reshape(h.shape)
     if h.count == 0:
         return np.empty(h.shape, dtype=spec.dtype)
     if spec.datatype == "BOOL":
@@ -718,8 +719,13 @@ def _from_binary(h: _Input, body: bytes, start: int, end: int, spent: _Spent) ->
     return arr.reshape(h.shape)
 
 
-def _strings_from_binary(body: bytes, start: int, end: int, count: int, name: str) -> np.ndarray:
+def _strings_from_binary(
+    body: bytes, start: int, end: int, count: int, name: str, spent: _Spent
+) -> np.ndarray:
+    """BYTES elements as an object array of str; when one is not UTF-8, as raw bytes
+    (``_raw_strings``)."""
     items: list[str] = []
+    raw: list[bytes] | None = None  # every element as bytes, from the first that is not UTF-8
     offset = start
     for i in range(count):
         if offset + 4 > end:
@@ -728,20 +734,42 @@ def _strings_from_binary(body: bytes, start: int, end: int, count: int, name: st
         offset += 4
         if offset + length > end:
             raise BadRequest(f"input {name!r}: BYTES binary data ends inside element {i}")
-        try:
-            items.append(body[offset : offset + length].decode("utf-8"))
-        except UnicodeDecodeError:
-            raise BadRequest(
-                f"input {name!r}: BYTES element {i} is not UTF-8 (string tensors carry text)"
-            ) from None
+        element = body[offset : offset + length]
         offset += length
+        if raw is not None:
+            raw.append(element)
+            continue
+        try:
+            items.append(element.decode("utf-8"))
+        except UnicodeDecodeError:
+            raw = [*map(str.encode, items), element]
     if offset != end:
         raise BadRequest(
             f"input {name!r}: {end - offset} bytes remain after its {count} BYTES elements"
         )
+    if raw is not None:
+        return _raw_strings(raw, len(items), name, spent)
     arr = np.empty(count, dtype=object)
     arr[:] = items
     return arr
+
+
+def _raw_strings(items: list[bytes], bad: int, name: str, spent: _Spent) -> np.ndarray:
+    """BYTES elements, element ``bad`` the first that is not UTF-8, exactly, as a fixed-width
+    numpy bytes array one byte wider than the longest element. onnxruntime reads each element
+    of such an array up to its first NUL byte (which the extra byte guarantees) and takes bytes
+    objects in an object array as their repr, so this is the one form that carries arbitrary
+    bytes into a model, and only bytes without NUL in them."""
+    nul = next((i for i, item in enumerate(items) if b"\0" in item), None)
+    if nul is not None:
+        raise BadRequest(
+            f"input {name!r}: BYTES element {bad} is not UTF-8 and element {nul} holds a NUL "
+            "byte; onnxruntime string tensors take bytes that are not UTF-8 only without NUL "
+            "bytes (send UTF-8 text, or no NUL)"
+        )
+    width = max(map(len, items)) + 1
+    spent.charge(name, len(items) * width)  # the fixed-width copy, besides the section's bytes
+    return np.array(items, dtype=f"S{width}")
 
 
 # -- encoding ------------------------------------------------------------------------------------

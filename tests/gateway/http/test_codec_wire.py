@@ -200,3 +200,70 @@ def test_an_empty_or_large_output_with_specials() -> None:
     big[5::89] = -np.inf
     parsed = np.array(json.loads(encode({"y": big}))["outputs"][0]["data"], dtype=np.float32)
     np.testing.assert_array_equal(parsed, big)
+
+
+# -- BYTES elements that are not UTF-8 -----------------------------------------------------------
+NOT_UTF8 = [b"\xff\xfe", b"ok", b"", "é".encode(), b"\x80" * 300, b"caf\xe9"]
+
+
+def binary_request(name: str, items: list[bytes], shape: list[int]) -> tuple[bytes, int]:
+    section = strings(items)
+    entry = {
+        "name": name,
+        "datatype": "BYTES",
+        "shape": shape,
+        "parameters": {"binary_data_size": len(section)},
+    }
+    head = orjson.dumps({"inputs": [entry]})
+    return head + section, len(head)
+
+
+def test_bytes_that_are_not_utf8_decode_exactly_to_a_fixed_width_bytes_array() -> None:
+    body, length = binary_request("s", NOT_UTF8, [2, 3])
+    decoded = decode_request(body, length, model(("s", "BYTES", (-1, 3))))
+    array = decoded.inputs["s"]
+    assert array.dtype == np.dtype("S301") and array.shape == (2, 3)
+    assert array.ravel().tolist() == NOT_UTF8
+
+
+def test_utf8_elements_still_decode_to_str() -> None:
+    body, length = binary_request("s", [b"a\x00b", "é".encode()], [2])
+    decoded = decode_request(body, length, model(("s", "BYTES", (-1,))))
+    assert decoded.inputs["s"].dtype == object and decoded.inputs["s"].tolist() == ["a\x00b", "é"]
+
+
+@pytest.mark.parametrize("items", [[b"\xff\x00"], [b"\xff", b"a\x00b"], [b"\x00", b"\xff"]])
+def test_bytes_that_are_not_utf8_with_a_nul_byte_are_a_400(items: list[bytes]) -> None:
+    body, length = binary_request("s", items, [len(items)])
+    with pytest.raises(BadRequest) as exc:
+        decode_request(body, length, model(("s", "BYTES", (-1,))))
+    assert "is not UTF-8" in exc.value.message and "NUL" in exc.value.message
+
+
+def test_the_fixed_width_copy_is_charged_to_the_budget() -> None:
+    """One long element widens every element: 1,000 of them at 1,001 bytes each."""
+    items = [b"\xff" * 1000] + [b"x"] * 999
+    body, length = binary_request("s", items, [1000])
+    m = model(("s", "BYTES", (-1,)))
+    with pytest.raises(PayloadTooLarge):
+        decode_request(body, length, m, budget=1000 * 1001)
+    decode_request(body, length, m, budget=1000 * 1001 + 2000 + 1000 * 64)
+
+
+def test_json_strings_must_be_utf8() -> None:
+    body = b'{"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1], "data": ["\xff"]}]}'
+    with pytest.raises(BadRequest, match="malformed JSON"):
+        decode_request(body, None, model(("s", "BYTES", (-1,))))
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json-asked"])
+def test_bytes_outputs_round_trip_exactly_through_the_binary_extension(binary: bool) -> None:
+    """What a model returns as bytes reaches tritonclient unchanged; asked for JSON, an output
+    that is not UTF-8 goes binary all the same (JSON cannot carry it)."""
+    body, length = binary_request("s", NOT_UTF8, [6])
+    decoded = decode_request(body, length, model(("s", "BYTES", (-1,))))
+    request = InferRequest(None, {}, {}, (), binary)
+    specs = {"y": TensorSpec("y", "BYTES", (-1,))}
+    out, header_length = encode_response("m", "1", "r", {"y": decoded.inputs["s"]}, request, specs)
+    result = triton.InferResult.from_response_body(out, header_length=header_length)
+    assert result.as_numpy("y").tolist() == NOT_UTF8

@@ -11,9 +11,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+import onnx
 import orjson
 import pytest
 import tritonclient.http as tc  # type: ignore[import-untyped]
+from onnx import TensorProto, helper
 from tritonclient.utils import np_to_triton_dtype  # type: ignore[import-untyped]
 
 from gateway.demo import sample_inputs
@@ -262,3 +264,73 @@ def test_tritonclient_reads_back_nan_and_the_sign_of_infinity(server: GatewaySer
         np.testing.assert_array_equal(got, sent)
         assert (np.isposinf(got) == np.isposinf(sent)).all()
         assert (np.isneginf(got) == np.isneginf(sent)).all() and np.isneginf(got).any()
+
+
+# -- BYTES elements that are not UTF-8 (item 5) --------------------------------------------------
+SECRET = b"\xff\xfe-not-text"
+
+
+def write_matcher(folder: Path) -> None:
+    """text BYTES [-1] -> match BOOL [-1]: whether each element is SECRET's exact bytes."""
+    constant = helper.make_tensor("secret", TensorProto.STRING, [1], [SECRET])
+    graph = helper.make_graph(
+        [helper.make_node("Equal", ["text", "secret"], ["match"])],
+        "matcher",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])],
+        [helper.make_tensor_value_info("match", TensorProto.BOOL, ["n"])],
+        initializer=[constant],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9  # Equal takes strings from opset 19
+    folder.mkdir(parents=True)
+    onnx.save(model, folder / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def matcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    root = tmp_path_factory.mktemp("bytes") / "models"
+    write_matcher(root / "matcher" / "1")
+    with InProcessServer(root) as s:
+        yield s
+
+
+def test_bytes_that_are_not_utf8_reach_the_model_exactly(matcher: InProcessServer) -> None:
+    sent = [SECRET, SECRET[:-1], b"\xff\xfe", b"ok", SECRET + b"x", "é".encode(), SECRET]
+    text = tc.InferInput("text", [len(sent)], "BYTES")
+    text.set_data_from_numpy(np.array(sent, dtype=object), binary_data=True)
+    client = tc.InferenceServerClient(url=f"127.0.0.1:{matcher.port}")
+    try:
+        result = client.infer("matcher", [text])
+    finally:
+        client.close()
+    assert result.as_numpy("match").tolist() == [item == SECRET for item in sent]
+
+
+def test_bytes_that_are_not_utf8_cannot_come_back_out_of_onnxruntime(
+    server: GatewayServer,
+) -> None:
+    """echo would return them as a string tensor, which onnxruntime cannot hand back."""
+    inputs = sample_inputs("echo", 1, seed=2)
+    inputs["in_bytes"] = np.array([[b"\xff\xfe"] * inputs["in_bytes"].shape[1]], dtype=object)
+    client = tc.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    try:
+        wire = []
+        for name, array in inputs.items():
+            i = tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            i.set_data_from_numpy(array, binary_data=True)
+            wire.append(i)
+        with pytest.raises(tc.InferenceServerException) as exc:
+            client.infer("echo", wire)
+    finally:
+        client.close()
+    assert exc.value.status() == "400"
+    assert "onnxruntime returns string tensors only as UTF-8 text" in exc.value.message()
+    assert "'in_bytes'" in exc.value.message()
+
+
+def test_a_json_body_that_is_not_utf8_is_a_400(server: GatewayServer) -> None:
+    entry = b'{"name": "in_bytes", "datatype": "BYTES", "shape": [1, 1], "data": ["\xff"]}'
+    body = b'{"inputs": [' + entry + b"]}"
+    assert "malformed JSON" in error_of(
+        httpx.post(server.url + "/v2/models/echo/infer", content=body), 400
+    )
