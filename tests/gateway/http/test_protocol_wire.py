@@ -15,7 +15,7 @@ import onnx
 import orjson
 import pytest
 import tritonclient.http as tc  # type: ignore[import-untyped]
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import np_to_triton_dtype  # type: ignore[import-untyped]
 
 from gateway.demo import sample_inputs
@@ -272,7 +272,7 @@ SECRET = b"\xff\xfe-not-text"
 
 def write_matcher(folder: Path) -> None:
     """text BYTES [-1] -> match BOOL [-1]: whether each element is SECRET's exact bytes."""
-    constant = helper.make_tensor("secret", TensorProto.STRING, [1], [SECRET])
+    constant = numpy_helper.from_array(np.array([SECRET], dtype=object), "secret")
     graph = helper.make_graph(
         [helper.make_node("Equal", ["text", "secret"], ["match"])],
         "matcher",
