@@ -68,6 +68,7 @@ _ELEMENT_BYTES: Final = {
 # smaller ones cannot hold enough strings to matter.
 _COUNTED_JSON: Final = 1 << 16
 DEFAULT_BUDGET: Final = 128 << 20
+_SEQUENCE: Final = frozenset({"sequence_id", "sequence_start", "sequence_end"})
 
 
 # The per-request types below are slots dataclasses but not frozen: a frozen one takes 1.3 µs to
@@ -318,6 +319,8 @@ def _decode(
     binary_output = parameters.get("binary_data_output", False)
     if type(binary_output) is not bool:
         raise BadRequest('"parameters.binary_data_output" must be true or false')
+    if parameters and not _SEQUENCE.isdisjoint(parameters):
+        _refuse_sequence(parameters, model)
     outputs = _requested_outputs(doc.get("outputs"), model, binary_output)
     headers = _input_headers(doc.get("inputs"), model, envelope.binary, max_elements, max_rows)
     spent = _Spent(budget)
@@ -334,6 +337,21 @@ def _decode(
         outputs=outputs,
         binary_output=binary_output,
     )
+
+
+def _refuse_sequence(parameters: dict[str, Any], model: ModelVersion) -> None:
+    """Triton's sequence-batching parameters ask for state kept between requests, which no
+    model here has: a 400 naming the first that asks, rather than a 200 that ignores it. Their
+    "no sequence" values (an id of 0 or "", false flags) ask for nothing and pass."""
+    for key in sorted(_SEQUENCE & parameters.keys()):
+        value = parameters[key]
+        if value is False or value == "" or (type(value) is int and value == 0):
+            continue
+        raise BadRequest(
+            f'"parameters.{key}": model {model.model!r} is not stateful (Turnout has no '
+            f"sequence batching), so it cannot take part in a sequence; send the request "
+            f"without {key}"
+        )
 
 
 def _raw(

@@ -267,3 +267,38 @@ def test_bytes_outputs_round_trip_exactly_through_the_binary_extension(binary: b
     out, header_length = encode_response("m", "1", "r", {"y": decoded.inputs["s"]}, request, specs)
     result = triton.InferResult.from_response_body(out, header_length=header_length)
     assert result.as_numpy("y").tolist() == NOT_UTF8
+
+
+# -- sequence-batching parameters ----------------------------------------------------------------
+def json_request(**parameters: object) -> bytes:
+    entry = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.0] * 4}
+    return orjson.dumps({"inputs": [entry], "parameters": parameters})
+
+
+@pytest.mark.parametrize(
+    ("parameters", "named"),
+    [
+        ({"sequence_id": 7}, "sequence_id"),
+        ({"sequence_id": "corr-1"}, "sequence_id"),
+        ({"sequence_start": True}, "sequence_start"),
+        ({"sequence_end": True}, "sequence_end"),
+        ({"sequence_id": 0, "sequence_end": True}, "sequence_end"),
+        ({"sequence_id": 3, "sequence_start": True, "sequence_end": False}, "sequence_id"),
+        ({"sequence_id": 1.5}, "sequence_id"),
+        ({"sequence_start": "no"}, "sequence_start"),
+    ],
+)
+def test_sequence_parameters_on_a_model_that_is_not_stateful_are_a_400_naming_them(
+    parameters: dict[str, object], named: str
+) -> None:
+    with pytest.raises(BadRequest) as exc:
+        decode_request(json_request(**parameters), None, model(("x", "FP32", (-1, 4))))
+    assert exc.value.message.startswith(f"\"parameters.{named}\": model 'm' is not stateful")
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [{"sequence_id": 0}, {"sequence_id": ""}, {"sequence_start": False, "sequence_end": False}],
+)
+def test_sequence_parameters_that_ask_for_no_sequence_pass(parameters: dict[str, object]) -> None:
+    decode_request(json_request(**parameters), None, model(("x", "FP32", (-1, 4))))

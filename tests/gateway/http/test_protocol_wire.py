@@ -334,3 +334,23 @@ def test_a_json_body_that_is_not_utf8_is_a_400(server: GatewayServer) -> None:
     assert "malformed JSON" in error_of(
         httpx.post(server.url + "/v2/models/echo/infer", content=body), 400
     )
+
+
+# -- sequence-batching parameters (item 7, its sequence part) ------------------------------------
+@pytest.mark.parametrize("start", [True, False])
+def test_tritonclient_sequence_requests_are_refused_naming_the_parameter(
+    server: GatewayServer, start: bool
+) -> None:
+    with pytest.raises(tc.InferenceServerException) as exc:
+        infer_with_triton(
+            server,
+            "fraud",
+            sample_inputs("fraud", 1, seed=1),
+            binary=True,
+            sequence_id=42,
+            sequence_start=start,
+        )
+    assert exc.value.status() == "400"
+    assert exc.value.message().startswith(
+        "\"parameters.sequence_id\": model 'fraud' is not stateful"
+    )
