@@ -158,13 +158,19 @@ class Inference:
         try:
             if ticket is not None:
                 await ticket.before_body()
-            encoding = headers.get("content-encoding")
+            # The two headers the body needs, in one pass (each ``get`` is a pass of its own).
+            length = encoding = None
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    length = value.decode("latin-1")
+                elif name == b"content-encoding":  # repeated, the codings add up (RFC 9110)
+                    text = value.decode("latin-1")
+                    encoding = text if encoding is None else f"{encoding}, {text}"
+            cap = self.settings.max_body_bytes
             if encoding is None or (coding := inflate.coding_of(encoding)) is None:
-                body = await read_body(receive, headers, self.settings.max_body_bytes)
+                body = await read_body(receive, None, cap, length)
             else:
-                body = await inflate.read_inflated(
-                    receive, headers, coding, self.settings.max_body_bytes, self.decoder
-                )
+                body = await inflate.read_inflated(receive, length, coding, cap, self.decoder)
             if len(body) < OFFLOADED_BODY:
                 content, json_length, observed = await self._infer(
                     headers, body, receive, model, pinned, start, labels, principal, ticket

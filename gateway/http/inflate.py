@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Mapping
 from concurrent.futures import Executor
 from typing import Any, Final
 
 from starlette.requests import ClientDisconnect
 
 from gateway.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, cut
-from gateway.http.fields import integer
-from gateway.http.responses import Receive
+from gateway.http.responses import Receive, check_declared_length
 
 CODINGS: Final = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": 0}
 ACCEPTED: Final = "gzip, deflate"  # the Accept-Encoding of a 415
@@ -32,7 +30,6 @@ _IDENTITY: Final = "identity"
 # Inflated bytes a request may reach on the event loop; past it the rest is inflated on the
 # decode pool (as inference.py parses plain bodies of that size there).
 ON_LOOP: Final = 1 << 20
-_MAX_CONTENT_LENGTH = 1 << 62
 STEP: Final = 1 << 18  # most bytes one zlib call inflates
 MAX_MEMBERS: Final = 64  # gzip members in one body: each costs a decompressor
 
@@ -145,16 +142,13 @@ class Inflater:
 
 
 async def read_inflated(
-    receive: Receive, headers: Mapping[str, str], coding: str, limit: int, pool: Executor
+    receive: Receive, declared: str | None, coding: str, limit: int, pool: Executor
 ) -> bytes:
-    """The inflated body of a request whose Content-Encoding is ``coding``, read from ASGI
-    ``receive``. Up to ``ON_LOOP`` bytes in and out are inflated on the event loop, the rest on
-    ``pool``. Raises starlette's ClientDisconnect when the client leaves before the end."""
-    declared = headers.get("content-length")
-    if declared is not None:
-        size = integer("Content-Length", declared, _MAX_CONTENT_LENGTH)
-        if size > limit:
-            raise PayloadTooLarge(f"request body of {size} bytes exceeds the limit of {limit}")
+    """The inflated body of a request whose Content-Encoding is ``coding`` and Content-Length
+    ``declared``, read from ASGI ``receive``. Up to ``ON_LOOP`` bytes in and out are inflated
+    on the event loop, the rest on ``pool``. Raises starlette's ClientDisconnect when the
+    client leaves before the end."""
+    check_declared_length(declared, limit)
     inflater = Inflater(coding, limit)
     loop = asyncio.get_running_loop()
     received = 0

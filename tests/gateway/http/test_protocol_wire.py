@@ -141,6 +141,16 @@ def test_unsupported_and_nested_encodings_are_415_with_accept_encoding(
     assert "Content-Encoding" in message and len(message) < 300
 
 
+def test_repeated_content_encoding_headers_add_up(server: GatewayServer) -> None:
+    body = gzip.compress(gzip.compress(json_body(sample_inputs("fraud", 1, seed=1))))
+    headers = [("Content-Encoding", "gzip"), ("Content-Encoding", "gzip")]
+    r = httpx.post(server.url + INFER, content=body, headers=headers)
+    assert "applies 2 codings" in error_of(r, 415)
+    once = [("Content-Encoding", "identity"), ("Content-Encoding", "gzip")]
+    r = httpx.post(server.url + INFER, content=gzip.decompress(body), headers=once)
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize(
     ("encoding", "mangle", "says"),
     [
