@@ -16,30 +16,19 @@ import orjson
 import pytest
 import tritonclient.http as tc  # type: ignore[import-untyped]
 from onnx import TensorProto, helper, numpy_helper
-from tritonclient.utils import np_to_triton_dtype  # type: ignore[import-untyped]
 
 from gateway.demo import sample_inputs
 from gateway.http.inflate import ACCEPTED, ON_LOOP
 from tests.gateway.http.test_inflate import gzip_of_zeros
-from tests.gateway.http.test_server import json_body, output_array, reference_outputs
+from tests.gateway.http.test_server import (
+    infer_with_triton,
+    json_body,
+    output_array,
+    reference_outputs,
+)
 from tests.support.server import GatewayServer, InProcessServer
 
 INFER = "/v2/models/fraud/versions/1/infer"
-
-
-def infer_with_triton(
-    server: GatewayServer, model: str, inputs: dict[str, np.ndarray], binary: bool, **kwargs: Any
-) -> Any:
-    client = tc.InferenceServerClient(url=f"127.0.0.1:{server.port}")
-    try:
-        wire = []
-        for name, array in inputs.items():
-            i = tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            i.set_data_from_numpy(array, binary_data=binary)
-            wire.append(i)
-        return client.infer(model, wire, model_version="1", **kwargs)
-    finally:
-        client.close()
 
 
 def error_of(r: httpx.Response, status: int) -> str:
@@ -255,19 +244,10 @@ def test_tritonclient_reads_back_nan_and_the_sign_of_infinity(server: GatewaySer
     for suffix in ("fp16", "fp32", "fp64"):
         array = inputs[f"in_{suffix}"]
         inputs[f"in_{suffix}"] = np.resize(np.array(specials, array.dtype), array.shape)
-    client = tc.InferenceServerClient(url=f"127.0.0.1:{server.port}")
-    try:
-        wire = []
-        for name, array in inputs.items():
-            i = tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            i.set_data_from_numpy(array, binary_data=True)
-            wire.append(i)
-        outs = [
-            tc.InferRequestedOutput(f"out_{s}", binary_data=False) for s in ("fp16", "fp32", "fp64")
-        ]
-        result = client.infer("echo", wire, outputs=outs)
-    finally:
-        client.close()
+    outs = [
+        tc.InferRequestedOutput(f"out_{s}", binary_data=False) for s in ("fp16", "fp32", "fp64")
+    ]
+    result = infer_with_triton(server, "echo", inputs, binary=True, outputs=outs)
     for suffix in ("fp16", "fp32", "fp64"):
         got, sent = result.as_numpy(f"out_{suffix}"), inputs[f"in_{suffix}"]
         assert got.dtype == sent.dtype
@@ -322,17 +302,8 @@ def test_bytes_that_are_not_utf8_cannot_come_back_out_of_onnxruntime(
     """echo would return them as a string tensor, which onnxruntime cannot hand back."""
     inputs = sample_inputs("echo", 1, seed=2)
     inputs["in_bytes"] = np.array([[b"\xff\xfe"] * inputs["in_bytes"].shape[1]], dtype=object)
-    client = tc.InferenceServerClient(url=f"127.0.0.1:{server.port}")
-    try:
-        wire = []
-        for name, array in inputs.items():
-            i = tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            i.set_data_from_numpy(array, binary_data=True)
-            wire.append(i)
-        with pytest.raises(tc.InferenceServerException) as exc:
-            client.infer("echo", wire)
-    finally:
-        client.close()
+    with pytest.raises(tc.InferenceServerException) as exc:
+        infer_with_triton(server, "echo", inputs, binary=True)
     assert exc.value.status() == "400"
     assert "onnxruntime returns string tensors only as UTF-8 text" in exc.value.message()
     assert "'in_bytes'" in exc.value.message()
