@@ -105,14 +105,18 @@ def test_a_streamed_gzip_bomb_gets_413_and_the_gateway_keeps_serving(
     assert ok.status_code == 200
 
 
-def test_the_cap_applies_to_the_inflated_size(demo_repo: Path) -> None:
-    body = json_body(sample_inputs("fraud", 3, seed=2))
-    with InProcessServer(demo_repo, args=["--max-body-bytes", str(len(body))]) as small:
+def test_the_cap_and_the_decoded_budget_apply_to_the_inflated_body(demo_repo: Path) -> None:
+    small = json_body(sample_inputs("fraud", 3, seed=2))  # 384 bytes decoded
+    large = json_body(sample_inputs("fraud", 10, seed=2))  # 1,280 bytes decoded
+    args = ["--max-body-bytes", str(len(large)), "--max-decoded-bytes", "1024"]
+    with InProcessServer(demo_repo, args=args) as gateway:
         gz = {"Content-Encoding": "gzip"}
-        at_cap = httpx.post(small.url + INFER, content=gzip.compress(body), headers=gz)
-        assert at_cap.status_code == 200, at_cap.text
-        over = httpx.post(small.url + INFER, content=gzip.compress(body + b" "), headers=gz)
-        assert f"limit of {len(body)} bytes" in error_of(over, 413)
+        r = httpx.post(gateway.url + INFER, content=gzip.compress(small), headers=gz)
+        assert r.status_code == 200, r.text
+        over = httpx.post(gateway.url + INFER, content=gzip.compress(large + b" "), headers=gz)
+        assert f"limit of {len(large)} bytes" in error_of(over, 413)
+        at_cap = httpx.post(gateway.url + INFER, content=gzip.compress(large), headers=gz)
+        assert "budget of 1024 bytes" in error_of(at_cap, 413)
 
 
 @pytest.mark.parametrize(
