@@ -90,7 +90,14 @@ _INFER = {
                 "in": "header",
                 "required": False,
                 "schema": {"type": "integer", "minimum": 0},
-            }
+                "description": "length of the JSON header; 0: the body is the one input's raw bytes",
+            },
+            {
+                "name": "Content-Encoding",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "enum": ["gzip", "x-gzip", "deflate", "identity"]},
+            },
         ],
         "requestBody": {
             "required": True,
@@ -107,7 +114,7 @@ _INFER = {
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                 },
             },
-            **_errors(400, 404, 413, 429, 500, 503, 504),
+            **_errors(400, 404, 413, 415, 429, 500, 503, 504),
         },
     }
 }
