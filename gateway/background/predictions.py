@@ -160,7 +160,9 @@ class PredictionLog:
         threshold = self._thresholds.get(model, self._default)
         if threshold <= 0 or (threshold < _ALL and not sampled(threshold, client_id)):
             return
-        size = held_bytes(inputs) + held_bytes(outputs)
+        size = 0
+        for array in (*inputs.values(), *outputs.values()):
+            size += array.nbytes if array.dtype.kind != "O" else held_bytes({"": array})
         queue = self._queue
         if len(queue) >= self.max_records or self.offered_bytes - self.taken_bytes + size > (
             self.max_bytes
