@@ -2,9 +2,9 @@
 
 In process (``loadtests.handler_cost``'s method): two Turnout apps in one process on one event
 loop, the log off and the log on (every request recorded to a gzip JSONL directory), called in
-turn with the same body, paired rounds; the ratio of their throughputs is the median over
-rounds. Beside it: the writer thread's CPU per record (its own CPU clock over the records it
-wrote) and the request path's share (``PredictionLog.offer`` timed alone).
+turn with the same bodies (512 distinct reference rows, cycled), paired rounds; the ratio of
+their throughputs is the median over rounds. Beside it: the writer thread's CPU per record (its
+own CPU clock over the records it wrote) and the request path's (``PredictionLog.offer`` alone).
 
 Over HTTP: wrk (loadtests/wrk.py) against a real ``turnout serve`` process, log off then on, in
 alternating runs, on the machine's cores (server on CPU 0, wrk on CPU 1); medians of the runs.
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import uvloop
 
 from gateway.app import create_app
@@ -37,7 +38,7 @@ from gateway.background.predictions import PredictionLog
 from gateway.demo import write_demo_repository
 from gateway.serving.registry import Registry
 from gateway.settings import Settings
-from loadtests.handler_cost import _per_request_us, paired_ratio, request_body
+from loadtests.handler_cost import _call, paired_ratio, request_body
 from loadtests.harness import ServerProcess, free_port
 from loadtests.wrk import run_wrk
 
@@ -54,14 +55,32 @@ def _writer_cpu_s() -> float:
     return 0.0
 
 
+def request_bodies(repo: Path, count: int = 512) -> list[bytes]:
+    """Batch-1 bodies of distinct reference rows: logged records that compress as real traffic
+    does (the same body every time would make the log's gzip nearly free)."""
+    rows = np.load(repo / "fraud" / "1" / "reference.npy")[:count].astype(np.float32)
+    return [
+        orjson.dumps({"inputs": [{"name": "input", "shape": [1, row.size], "datatype": "FP32",
+                                  "data": row.tolist()}]})
+        for row in rows
+    ]  # fmt: skip
+
+
+async def _per_request_us(app: Any, bodies: list[bytes], n: int) -> float:
+    start = time.perf_counter()
+    count = len(bodies)
+    for i in range(n):
+        await _call(app, bodies[i % count])
+    return (time.perf_counter() - start) / n * 1e6
+
+
 async def _measure(repo: Path, log_dir: Path, rounds: int, n: int) -> dict[str, Any]:
-    body = request_body(repo)
+    body = request_bodies(repo)
     async with contextlib.AsyncExitStack() as stack:
         apps: dict[str, Any] = {}
-        for name, extra in (
-            ("log off", {}),
-            ("log on", {"prediction_log_sample": {"fraud": 1.0}, "prediction_log_dir": log_dir}),
-        ):
+        on: dict[str, Any] = {"prediction_log_sample": {"fraud": 1.0}}
+        on["prediction_log_dir"] = log_dir
+        for name, extra in (("log off", {}), ("log on", on)):
             app = create_app(Settings(repo, **extra))
             await stack.enter_async_context(app.router.lifespan_context(app))
             while not app.state.endpoints.registry.started:
@@ -77,7 +96,7 @@ async def _measure(repo: Path, log_dir: Path, rounds: int, n: int) -> dict[str, 
                 results[name].append(await _per_request_us(apps[name], body, n))
         await asyncio.sleep(0.5)  # the writer's last batch
         writer_s = _writer_cpu_s() - cpu_before
-        offer_us = _offer_us(apps["log on"].state.endpoints.registry, body)
+        offer_us = _offer_us(apps["log on"].state.endpoints.registry)
         return {
             "results": results,
             "writer_us": writer_s / (rounds * n) * 1e6,
@@ -98,7 +117,7 @@ class _Discard:
         pass
 
 
-def _offer_us(registry: Registry, body: bytes, n: int = 100_000) -> float:
+def _offer_us(registry: Registry, n: int = 100_000) -> float:
     """µs of one ``offer`` as the request path makes it (sampled, queued), median of 5."""
     loaded = registry.latest("fraud")
     row = np.ones((1, 32), np.float32)
