@@ -34,6 +34,7 @@ import orjson
 import uvloop
 
 from gateway.app import create_app
+from gateway.background.prediction_records import Queued
 from gateway.background.predictions import PredictionLog
 from gateway.demo import write_demo_repository
 from gateway.serving.registry import Registry
@@ -107,7 +108,7 @@ async def _measure(repo: Path, log_dir: Path, rounds: int, n: int) -> dict[str, 
 class _Discard:
     """A sink that keeps nothing (the offer is timed alone, never drained)."""
 
-    def write(self, records: list[dict[str, Any]]) -> int:
+    def write(self, taken: Sequence[Queued], lines: list[bytes]) -> int:
         return 0
 
     def tick(self, now: float) -> None:

@@ -10,12 +10,14 @@ import random
 import socket
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 
-from gateway.background.predictions import PredictionLog, Sink, dumps, jsonl
+from gateway.background.prediction_records import ID, INFO, TIME, Queued, dumps
+from gateway.background.predictions import PredictionLog, Sink
 from gateway.settings import Settings
 
 log = logging.getLogger("turnout.predictions")
@@ -75,8 +77,8 @@ class DirectorySink:
         directory.mkdir(parents=True, exist_ok=True)
         self.recovered = self._recover()
 
-    def write(self, records: list[dict[str, Any]]) -> int:
-        data = jsonl(records)
+    def write(self, taken: Sequence[Queued], lines: list[bytes]) -> int:
+        data = b"".join(lines)
         if self._file is None:
             self._open()
         assert self._file is not None
@@ -198,17 +200,20 @@ class CloudEventsSink:
         self.attempts = attempts
         self.backoff_s = backoff_s
         self._client = httpx.Client(timeout=timeout_s)
-
-    def write(self, records: list[dict[str, Any]]) -> int:
-        source = self.source
-        body = dumps(
-            [
-                {"specversion": "1.0", "type": CLOUDEVENT_TYPE, "source": source, "id": r["id"],
-                 "time": rfc3339(r["time"]), "subject": f"{r['model']}/{r['version']}",
-                 "datacontenttype": "application/json", "data": r}
-                for r in records
-            ]
+        self._head = (
+            b'{"specversion":"1.0","type":"' + CLOUDEVENT_TYPE.encode() + b'","source":'
+            + dumps(self.source).replace(b"%", b"%%") + b',"id":%s,"time":"%s","subject":%s,'
+            b'"datacontenttype":"application/json","data":%s}'
         )  # fmt: skip
+
+    def write(self, taken: Sequence[Queued], lines: list[bytes]) -> int:
+        head = self._head
+        events = [
+            head % (dumps(t[ID]), rfc3339(t[TIME]).encode(),
+                    dumps(f"{t[INFO].model}/{t[INFO].version}"), line[:-1])
+            for t, line in zip(taken, lines, strict=True)
+        ]  # fmt: skip
+        body = b"[" + b",".join(events) + b"]"
         problem = ""
         for attempt in range(self.attempts):
             if attempt:
@@ -223,7 +228,7 @@ class CloudEventsSink:
             if response.is_success:
                 return len(body)
             problem = f"HTTP {response.status_code}"
-        raise SinkError(f"{len(records)} records not delivered to {self.url}: {problem}")
+        raise SinkError(f"{len(taken)} records not delivered to {self.url}: {problem}")
 
     def tick(self, now: float) -> None:
         pass

@@ -23,13 +23,13 @@ import threading
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-import orjson
 
-from gateway.serving.types import NUMPY_DTYPES, ModelVersion
+from gateway.background.prediction_records import Queued, encode
+from gateway.serving.types import ModelVersion
 
 log = logging.getLogger("turnout.predictions")
 
@@ -42,15 +42,14 @@ _ALL = 1 << 32
 # Bytes a string element of a BYTES tensor holds beyond its text (a Python str object).
 _STRING_OVERHEAD = 64
 
-_DATATYPE_OF = {dtype: name for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"}
-
 
 class Sink(Protocol):
     """Where batches of records go; called on the writer thread only."""
 
-    def write(self, records: list[dict[str, Any]]) -> int:
-        """Write the records (dicts with numpy arrays in them); the bytes written. Raise to
-        have the batch counted as dropped (``sink_error``)."""
+    def write(self, taken: Sequence[Queued], lines: list[bytes]) -> int:
+        """Write a batch: the queued tuples and each one's JSON line (gateway.background.
+        prediction_records); the bytes written. Raise to have the batch counted as dropped
+        (``sink_error``)."""
         ...
 
     def tick(self, now: float) -> None:
@@ -117,7 +116,7 @@ class PredictionLog:
         self.max_bytes = max_bytes
         self.flush_s = flush_s
         self._clock = clock
-        self._queue: deque[tuple[Any, ...]] = deque()
+        self._queue: deque[Queued] = deque()
         # Bytes queued = offered - taken, each written by one thread only.
         self.offered_bytes = 0
         self.taken_bytes = 0
@@ -206,7 +205,7 @@ class PredictionLog:
         if taken:
             counts = self.logged
             try:
-                self.written_bytes += self.sink.write([_record(t) for t in taken])
+                self.written_bytes += self.sink.write(taken, encode(taken))
             except Exception:
                 log.exception("the prediction log's sink failed: %d records dropped", len(taken))
                 counts = self.failed
@@ -218,61 +217,3 @@ class PredictionLog:
         except Exception:
             log.exception("the prediction log's sink failed to rotate or clean up")
         return len(taken)
-
-
-def _record(t: tuple[Any, ...]) -> dict[str, Any]:
-    """A queued tuple -> the record written (key order is the file's; "id" must come first)."""
-    inference_id, when, info, role, revision, propensity, inputs, outputs, principal, _ = t
-    return {
-        "id": inference_id,
-        "time": when,
-        "model": info.model,
-        "version": info.version,
-        "policy_revision": revision,
-        "route_role": role,
-        # no policy: the one version answers all; pinned by the client: no probability
-        "propensity": 1.0 if propensity is None and role == "default" else propensity,
-        "principal": principal,
-        "inputs": _tensors(inputs, info.input_specs),
-        "outputs": _tensors(outputs, info.output_specs),
-    }
-
-
-def _tensors(arrays: Mapping[str, np.ndarray], specs: Mapping[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for name, array in arrays.items():
-        spec = specs.get(name)
-        if spec is not None:
-            datatype = spec.datatype
-        elif array.dtype.kind in "OUS":
-            datatype = "BYTES"
-        else:
-            datatype = _DATATYPE_OF.get(array.dtype.newbyteorder("="), str(array.dtype))
-        out.append(
-            {"name": name, "datatype": datatype, "shape": array.shape, "data": array.reshape(-1)}
-        )
-    return out
-
-
-def _default(value: Any) -> Any:
-    """What orjson cannot write itself: string tensors, non-contiguous arrays, bytes."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot log a {type(value).__name__}")
-
-
-def dumps(value: Any) -> bytes:
-    return orjson.dumps(value, default=_default, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def jsonl(records: list[dict[str, Any]]) -> bytes:
-    """Records as JSON lines, from one ``orjson.dumps`` of the list. Records start with the key
-    "id" and no nested object does, and inside a JSON string every '"' is escaped, so '},{"id":'
-    occurs exactly at the boundaries between records."""
-    if not records:
-        return b""
-    return dumps(records)[1:-1].replace(b'},{"id":', b'}\n{"id":') + b"\n"
