@@ -7,7 +7,7 @@ their throughputs is the median over rounds. Beside it: the writer thread's CPU 
 own CPU clock over the records it wrote) and the request path's (``PredictionLog.offer`` alone).
 
 Over HTTP: wrk (loadtests/wrk.py) against a real ``turnout serve`` process, log off then on, in
-alternating runs, on the machine's cores (server on CPU 0, wrk on CPU 1); medians of the runs.
+alternating runs, server on CPU 1 and wrk on CPU 0 by default (as loadtests/run.py); medians.
 
 Run: ``python -m loadtests.prediction_log_cost [--rounds 6] [-n 5000] [--http-runs 3]
 [--write]``; pin the in-process part with ``taskset -c 1`` (the HTTP part pins itself).
@@ -143,7 +143,9 @@ def in_process(rounds: int, n: int) -> dict[str, Any]:
     return out
 
 
-def over_http(runs: int, duration_s: float, connections: int) -> dict[str, list[float]]:
+def over_http(
+    runs: int, duration_s: float, connections: int, server_cpus: str | None, wrk_cpus: str | None
+) -> dict[str, list[float]]:
     """req/s of ``turnout serve`` with the log off and on, alternating, ``runs`` each."""
     figures: dict[str, list[float]] = {"log off": [], "log on": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,15 +161,17 @@ def over_http(runs: int, duration_s: float, connections: int) -> dict[str, list[
                 if name == "log on":
                     args += ["--prediction-log-sample", "fraud=1"]
                     args += ["--prediction-log-dir", str(Path(tmp) / f"log{i}")]
-                server = ServerProcess(name.replace(" ", "-"), args, port, Path(tmp), cpus="0")
+                server = ServerProcess(
+                    name.replace(" ", "-"), args, port, Path(tmp), cpus=server_cpus
+                )
                 server.start()
                 try:
                     server.wait_ready()
                     url = f"{server.url}/v2/models/fraud/infer"
-                    run_wrk(url, body_path, connections=connections, duration_s=2, cpus="1")
+                    run_wrk(url, body_path, connections=connections, duration_s=2, cpus=wrk_cpus)
                     point = run_wrk(
                         url, body_path, connections=connections, duration_s=duration_s,
-                        cpus="1", server_cpu=server.cpu_seconds,
+                        cpus=wrk_cpus, server_cpu=server.cpu_seconds,
                     )  # fmt: skip
                 finally:
                     server.stop()
@@ -205,7 +209,8 @@ def section(inproc: dict[str, Any], http: dict[str, list[float]], args: argparse
         h_off, h_on = (statistics.median(http[k]) for k in ("log off", "log on"))
         lines += [
             "",
-            f"Over HTTP: `turnout serve` on CPU 0, wrk on CPU 1 ({args.connections} connections, "
+            f"Over HTTP: `turnout serve` on CPUs {args.server_cpus or 'any'}, wrk on CPUs "
+            f"{args.wrk_cpus or 'any'} ({args.connections} connections, "
             f"{args.duration:.0f} s runs, {args.http_runs} runs each, alternating):",
             "",
             "| HTTP | req/s (median) | runs | ÷ log off |",
@@ -234,12 +239,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--http-runs", type=int, default=3, help="wrk runs per setting (0: none)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     p.add_argument("--connections", type=int, default=4)
+    p.add_argument("--server-cpus", default="1", help="taskset list for the server ('': any)")
+    p.add_argument("--wrk-cpus", default="0", help="taskset list for wrk ('': any)")
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = p.parse_args(argv)
     inproc = in_process(args.rounds, args.n)
-    http = over_http(args.http_runs, args.duration, args.connections) if args.http_runs else {
-        "log off": [], "log on": []
-    }  # fmt: skip
+    http: dict[str, list[float]] = {"log off": [], "log on": []}
+    if args.http_runs:
+        cpus = (args.server_cpus or None, args.wrk_cpus or None)
+        http = over_http(args.http_runs, args.duration, args.connections, *cpus)
     text = section(inproc, http, args)
     print(text)
     if args.write:
