@@ -39,6 +39,8 @@ SINK_ERROR = "sink_error"
 REASONS = (QUEUE_FULL, SINK_ERROR)
 # A rate of 1 samples every request: thresholds compare with 32-bit hashes.
 _ALL = 1 << 32
+# The dtype of string tensors (numpy's builtin dtypes are singletons).
+_OBJECT = np.dtype(object)
 # Bytes a string element of a BYTES tensor holds beyond its text (a Python str object).
 _STRING_OVERHEAD = 64
 
@@ -83,16 +85,11 @@ def sampled(threshold: int, inference_id: str | None) -> bool:
     return random.getrandbits(32) < threshold
 
 
-def held_bytes(arrays: Mapping[str, np.ndarray]) -> int:
-    """Memory the arrays hold: numeric by ``nbytes``; strings by their length plus an overhead."""
-    size = 0
-    for array in arrays.values():
-        if array.dtype.kind != "O":
-            size += array.nbytes
-        else:
-            size += _STRING_OVERHEAD * array.size
-            for element in array.flat:
-                size += len(element) if type(element) in (str, bytes) else 0
+def string_bytes(array: np.ndarray) -> int:
+    """Memory a string tensor holds: each element's length plus an overhead."""
+    size = _STRING_OVERHEAD * array.size
+    for element in array.flat:
+        size += len(element) if type(element) in (str, bytes) else 0
     return size
 
 
@@ -160,8 +157,10 @@ class PredictionLog:
         if threshold <= 0 or (threshold < _ALL and not sampled(threshold, client_id)):
             return
         size = 0
-        for array in (*inputs.values(), *outputs.values()):
-            size += array.nbytes if array.dtype.kind != "O" else held_bytes({"": array})
+        for array in inputs.values():
+            size += array.nbytes if array.dtype is not _OBJECT else string_bytes(array)
+        for array in outputs.values():
+            size += array.nbytes if array.dtype is not _OBJECT else string_bytes(array)
         queue = self._queue
         if len(queue) >= self.max_records or self.offered_bytes - self.taken_bytes + size > (
             self.max_bytes
