@@ -1,7 +1,7 @@
 """Queued prediction references -> JSON lines, on the prediction log's writer thread.
 
 The writer does per record as little Python as it can. Records of one model version whose
-tensors have the same names and shapes (nearly all of a batch) are encoded by columns: each
+tensors have the same names, shapes and dtypes (nearly all of a batch) are encoded by columns: each
 scalar field of the group is one ``orjson.dumps`` of a list, each tensor one ``dumps`` of the
 group's arrays concatenated, and every output is cut at its element boundaries (which JSON
 makes unambiguous: inside a string every '"' is escaped, and a 2-D numeric array has no other
@@ -14,7 +14,7 @@ one dict and one ``dumps`` per record. Both paths write the same bytes for the s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ Queued = tuple[Any, ...]
 
 _DATATYPE_OF = {dtype: name for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"}
 _SHAPE = attrgetter("shape")
+_DTYPE = attrgetter("dtype")
 
 
 def _default(value: Any) -> Any:
@@ -70,25 +71,39 @@ def record(t: Queued) -> dict[str, Any]:
 
 def encode(taken: Sequence[Queued]) -> list[bytes]:
     """One JSON line (ending in a newline) per queued tuple, in their order."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
+    by_version: dict[int, list[int]] = {}
     for i, t in enumerate(taken):
-        inputs, outputs = t[INPUTS], t[OUTPUTS]
-        key = (id(t[INFO]), tuple(inputs), tuple(map(_SHAPE, inputs.values())),
-               tuple(outputs), tuple(map(_SHAPE, outputs.values())))  # fmt: skip
-        members = groups.get(key)
+        members = by_version.get(id(t[INFO]))
         if members is None:
-            groups[key] = [i]
+            by_version[id(t[INFO])] = [i]
         else:
             members.append(i)
     lines = [b""] * len(taken)
-    for members in groups.values():
+    for members in by_version.values():
         group = [taken[i] for i in members]
         encoded = _by_columns(group) if len(group) > 1 else None
-        if encoded is None:
-            encoded = [dumps(record(t)) + b"\n" for t in group]
-        for i, line in zip(members, encoded, strict=True):
-            lines[i] = line
+        if encoded is not None:
+            for i, line in zip(members, encoded, strict=True):
+                lines[i] = line
+            continue
+        # Tensors of several shapes (batch sizes) for one version: by columns, shape by shape.
+        by_layout: dict[tuple[Any, ...], list[int]] = {}
+        for i in members:
+            by_layout.setdefault(_layout(taken[i]), []).append(i)
+        for same in by_layout.values():
+            layout_group = [taken[i] for i in same]
+            encoded = _by_columns(layout_group) if len(layout_group) > 1 else None
+            if encoded is None:
+                encoded = [dumps(record(t)) + b"\n" for t in layout_group]
+            for i, line in zip(same, encoded, strict=True):
+                lines[i] = line
     return lines
+
+
+def _layout(t: Queued) -> tuple[Any, ...]:
+    inputs, outputs = t[INPUTS], t[OUTPUTS]
+    return (tuple(inputs), tuple(map(_SHAPE, inputs.values())),
+            tuple(outputs), tuple(map(_SHAPE, outputs.values())))  # fmt: skip
 
 
 def _tensor(name: str, array: np.ndarray, specs: Mapping[str, TensorSpec]) -> dict[str, Any]:
@@ -122,37 +137,44 @@ def _scalars(values: list[Any], n: int) -> list[bytes] | None:
 
 
 def _by_columns(group: list[Queued]) -> list[bytes] | None:
-    """The lines of records of one version with the same tensor names and shapes; None when
+    """The lines of records of one version with the same tensor names, shapes and dtypes; None when
     they cannot be encoded by columns (string tensors, arrays that do not stack)."""
     n = len(group)
     first = group[0]
     info = first[INFO]
-    columns: list[list[bytes] | None] = [
-        _strings([t[ID] for t in group], n),
-        _scalars([t[TIME] for t in group], n),
-        _scalars([t[REVISION] for t in group], n),
-        _strings([t[ROLE] for t in group], n),
-        _scalars([propensity(t) for t in group], n),
-        _strings([t[PRINCIPAL] for t in group], n),
-    ]
+    data: list[list[bytes] | None] = []  # each tensor's elements, record by record
     tensors: list[bytes] = []
     for side, specs in ((INPUTS, info.input_specs), (OUTPUTS, info.output_specs)):
         pieces = []
+        if len(set(map(len, map(itemgetter(side), group)))) != 1:
+            return None  # not the same tensors
         for name, array in first[side].items():
             if array.dtype.kind in "OUSV" or array.ndim == 0 or array.size == 0:
                 return None
             try:
-                stacked = np.concatenate([t[side][name] for t in group]).reshape(n, -1)
-            except ValueError:
+                arrays = [t[side][name] for t in group]
+            except KeyError:
                 return None
+            if len(set(map(_SHAPE, arrays))) != 1 or len(set(map(_DTYPE, arrays))) != 1:
+                return None
+            stacked = np.concatenate(arrays).reshape(n, -1)
             text = dumps(stacked)
-            columns.append(text[2:-2].split(b"],[") if text.startswith(b"[[") else None)
+            data.append(text[2:-2].split(b"],[") if text.startswith(b"[[") else None)
             pieces.append(
                 b'{"name":' + _const(name) + b',"datatype":'
                 + _const(_datatype(name, array, specs)) + b',"shape":'
                 + _const(list(array.shape)) + b',"data":[%s]}'
             )  # fmt: skip
         tensors.append(b",".join(pieces))
+    columns = [
+        _strings([t[ID] for t in group], n),
+        _scalars([t[TIME] for t in group], n),
+        _scalars([t[REVISION] for t in group], n),
+        _strings([t[ROLE] for t in group], n),
+        _scalars([propensity(t) for t in group], n),
+        _strings([t[PRINCIPAL] for t in group], n),
+        *data,
+    ]
     if any(column is None or len(column) != n for column in columns):
         return None
     template = (
