@@ -223,6 +223,14 @@ def section(inproc: dict[str, Any], http: dict[str, list[float]], args: argparse
     return "\n".join(lines)
 
 
+def kept_section(doc: str) -> str:
+    """This script's section of an existing docs/benchmarks.md ('' if none), for
+    ``loadtests.run`` to keep when it rewrites the file."""
+    if START not in doc:
+        return ""
+    return doc[doc.index(START) : doc.index(END) + len(END)]
+
+
 def write(block: str) -> None:
     doc = BENCHMARKS.read_text()
     if START in doc:
