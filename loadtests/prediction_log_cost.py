@@ -39,12 +39,11 @@ from gateway.background.predictions import PredictionLog
 from gateway.demo import write_demo_repository
 from gateway.serving.registry import Registry
 from gateway.settings import Settings
+from loadtests import compare_commits
 from loadtests.handler_cost import _call, paired_ratio, request_body
 from loadtests.harness import ServerProcess, free_port
 from loadtests.wrk import run_wrk
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- prediction-log-cost -->", "<!-- /prediction-log-cost -->"
 
 
@@ -223,23 +222,6 @@ def section(inproc: dict[str, Any], http: dict[str, list[float]], args: argparse
     return "\n".join(lines)
 
 
-def kept_section(doc: str) -> str:
-    """This script's section of an existing docs/benchmarks.md ('' if none), for
-    ``loadtests.run`` to keep when it rewrites the file."""
-    if START not in doc:
-        return ""
-    return doc[doc.index(START) : doc.index(END) + len(END)]
-
-
-def write(block: str) -> None:
-    doc = BENCHMARKS.read_text()
-    if START in doc:
-        doc = doc[: doc.index(START)] + block + doc[doc.index(END) + len(END) :]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
-    BENCHMARKS.write_text(doc)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="loadtests.prediction_log_cost", description=__doc__)
     p.add_argument("--rounds", type=int, default=6)
@@ -259,8 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = section(inproc, http, args)
     print(text)
     if args.write:
-        write(text)
-        print(f"wrote {BENCHMARKS}")
+        compare_commits.write(text, START, END)
+        print(f"wrote {compare_commits.BENCHMARKS}")
     return 0
 
 

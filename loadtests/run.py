@@ -381,7 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     o.docs.mkdir(parents=True, exist_ok=True)
     target = o.docs / "benchmarks.md"
     doc = target.read_text() if target.exists() else ""
-    sections = (compare_commits.kept_section(doc), prediction_log_cost.kept_section(doc))
+    sections = (
+        compare_commits.kept_section(doc),
+        compare_commits.kept_section(doc, prediction_log_cost.START, prediction_log_cost.END),
+    )
     kept = "\n\n".join(section for section in sections if section)
     target.write_text(report.markdown(r, "benchmarks.png") + ("\n" + kept + "\n" if kept else ""))
     report.plot(r, o.docs / "benchmarks.png")

@@ -4,12 +4,10 @@ files, a real HTTP server for the CloudEvents sink, a writer thread where the te
 from __future__ import annotations
 
 import gzip
-import http.server
 import math
 import os
 import subprocess
 import sys
-import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,6 +27,7 @@ from gateway.background.prediction_sinks import (
 from gateway.background.predictions import QUEUE_FULL, SINK_ERROR, PredictionLog
 from gateway.serving.types import ModelVersion, TensorSpec
 from tests.support.server import until
+from tests.support.sink import Receiver, receiving
 
 INFO = ModelVersion(
     "fraud", "2", Path("."), "0" * 64,
@@ -286,7 +285,6 @@ import os, sys
 from pathlib import Path
 import numpy as np
 from gateway.background.prediction_sinks import DirectorySink
-from gateway.background.prediction_records import Queued, dumps, encode, record
 from gateway.background.predictions import PredictionLog
 from tests.gateway.background.test_predictions import INFO, arrays, batch
 log = PredictionLog({"fraud": 1.0}, DirectorySink(Path(sys.argv[1])))
@@ -351,44 +349,10 @@ def test_string_tensors_are_charged_by_their_bytes() -> None:
 # -- the CloudEvents sink, with a real HTTP server ---------------------------------------------
 
 
-class Receiver(http.server.ThreadingHTTPServer):
-    """An HTTP sink: keeps each POST; answers ``status``; waits for ``release`` first when it
-    is cleared."""
-
-    def __init__(self) -> None:
-        self.bodies: list[tuple[str, bytes]] = []
-        self.status = 200
-        self.release = threading.Event()
-        self.release.set()
-        self.arrived = threading.Event()
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                receiver.arrived.set()
-                receiver.release.wait(30)
-                receiver.bodies.append((self.headers["content-type"], body))
-                self.send_response(receiver.status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}/events"
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.release.set()
-    server.shutdown()
-    server.server_close()
+    with receiving() as server:
+        yield server
 
 
 def test_cloudevents_batches_reach_a_real_http_sink(receiver: Receiver) -> None:

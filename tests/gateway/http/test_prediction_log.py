@@ -16,8 +16,8 @@ import pytest
 
 from gateway.cli import serve_settings
 from gateway.settings import Settings, SettingsError
-from tests.gateway.background.test_predictions import Receiver
 from tests.support.server import ADMIN, InProcessServer, until
+from tests.support.sink import Receiver, receiving
 
 KEY = {"X-API-Key": "alpha-key-0123"}
 FRAUD = "/v2/models/fraud/infer"
@@ -52,13 +52,8 @@ def metric(server: InProcessServer, series: str) -> float:
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.release.set()
-    server.shutdown()
-    server.server_close()
+    with receiving() as server:
+        yield server
 
 
 def test_records_of_routed_requests_are_complete_and_exact(demo_repo: Path, tmp_path: Path) -> None:
