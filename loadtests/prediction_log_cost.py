@@ -42,7 +42,7 @@ from gateway.settings import Settings
 from loadtests import compare_commits
 from loadtests.handler_cost import _call, paired_ratio, request_body
 from loadtests.harness import ServerProcess, free_port
-from loadtests.wrk import run_wrk
+from loadtests.wrk import WrkPoint, run_wrk
 
 START, END = "<!-- prediction-log-cost -->", "<!-- /prediction-log-cost -->"
 
@@ -144,9 +144,9 @@ def in_process(rounds: int, n: int) -> dict[str, Any]:
 
 def over_http(
     runs: int, duration_s: float, connections: int, server_cpus: str | None, wrk_cpus: str | None
-) -> dict[str, list[float]]:
-    """req/s of ``turnout serve`` with the log off and on, alternating, ``runs`` each."""
-    figures: dict[str, list[float]] = {"log off": [], "log on": []}
+) -> dict[str, list[WrkPoint]]:
+    """wrk runs of ``turnout serve`` with the log off and on, alternating, ``runs`` each."""
+    figures: dict[str, list[WrkPoint]] = {"log off": [], "log on": []}
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "models"
         write_demo_repository(repo, heavy=False)
@@ -176,11 +176,13 @@ def over_http(
                     server.stop()
                 if point.error:
                     raise RuntimeError(point.error)
-                figures[name].append(point.rps)
+                figures[name].append(point)
     return figures
 
 
-def section(inproc: dict[str, Any], http: dict[str, list[float]], args: argparse.Namespace) -> str:
+def section(
+    inproc: dict[str, Any], http: dict[str, list[WrkPoint]], args: argparse.Namespace
+) -> str:
     results = inproc["results"]
     ratio = paired_ratio(results, "log on", "log off")
     off, on = (statistics.median(results[k]) for k in ("log off", "log on"))
@@ -205,18 +207,33 @@ def section(inproc: dict[str, Any], http: dict[str, list[float]], args: argparse
         "record on disk.",
     ]
     if http["log off"]:
-        h_off, h_on = (statistics.median(http[k]) for k in ("log off", "log on"))
+        rps = {k: [p.rps for p in v] for k, v in http.items()}
+        cpu = {k: [p.server_cpu_us_per_request for p in v] for k, v in http.items()}
+        other = statistics.median(p.other_cpu for v in http.values() for p in v)
+        r_off, r_on = (statistics.median(rps[k]) for k in ("log off", "log on"))
+        c_off, c_on = (statistics.median(cpu[k]) for k in ("log off", "log on"))
+
+        def each(values: list[float]) -> str:
+            return ", ".join(f"{x:.0f}" for x in values)
+
         lines += [
             "",
             f"Over HTTP: `turnout serve` on CPUs {args.server_cpus or 'any'}, wrk on CPUs "
             f"{args.wrk_cpus or 'any'} ({args.connections} connections, "
-            f"{args.duration:.0f} s runs, {args.http_runs} runs each, alternating):",
+            f"{args.duration:.0f} s runs, {args.http_runs} runs each, alternating; one body, "
+            "so the records compress better than real traffic's). The server's CPU per request "
+            "(its process tree, writer thread included) is the steadier figure on a shared "
+            f"machine: other tenants took a median {other:.2f} of a CPU during the runs.",
             "",
-            "| HTTP | req/s (median) | runs | ÷ log off |",
-            "|---|---|---|---|",
-            f"| log off | {h_off:.0f} | {', '.join(f'{x:.0f}' for x in http['log off'])} | 1.000 |",
-            f"| log on (100 %) | {h_on:.0f} | {', '.join(f'{x:.0f}' for x in http['log on'])} "
-            f"| {h_on / h_off:.3f} |",
+            "| HTTP | req/s (median) | runs | server CPU µs/request (median) | runs |",
+            "|---|---|---|---|---|",
+            f"| log off | {r_off:.0f} | {each(rps['log off'])} | {c_off:.0f} "
+            f"| {each(cpu['log off'])} |",
+            f"| log on (100 %) | {r_on:.0f} | {each(rps['log on'])} | {c_on:.0f} "
+            f"| {each(cpu['log on'])} |",
+            "",
+            f"Log on ÷ off: req/s {r_on / r_off:.3f}; CPU per request {c_on / c_off:.3f} (a "
+            f"throughput of {c_off / c_on:.3f} where the server's CPU is the limit).",
         ]
     lines.append(END)
     return "\n".join(lines)
@@ -234,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = p.parse_args(argv)
     inproc = in_process(args.rounds, args.n)
-    http: dict[str, list[float]] = {"log off": [], "log on": []}
+    http: dict[str, list[WrkPoint]] = {"log off": [], "log on": []}
     if args.http_runs:
         cpus = (args.server_cpus or None, args.wrk_cpus or None)
         http = over_http(args.http_runs, args.duration, args.connections, *cpus)
