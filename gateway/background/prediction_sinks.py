@@ -35,12 +35,23 @@ class SinkError(Exception):
     """A batch could not be delivered (it is counted as dropped)."""
 
 
-def file_name(opened: float, pid: int, sequence: int) -> str:
-    """``predictions-20261206T021500.123456Z-<pid>-<seq>.jsonl.gz``: sorted by name, files are in
-    the order they were opened (by time, then by process, then by sequence)."""
+def file_name(opened: float, host: str, pid: int, sequence: int) -> str:
+    """``predictions-20261206T021500.123456Z-<host>-<pid>-<seq>.jsonl.gz``: sorted by name,
+    files are in the order they were opened (by time, then by writer). The host keeps apart the
+    writers of several containers in one shared directory (each may be pid 1)."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(opened))
     micros = int(opened % 1 * 1e6)
-    return f"{PREFIX}{stamp}.{micros:06d}Z-{pid}-{sequence:06d}{SUFFIX}"
+    return f"{PREFIX}{stamp}.{micros:06d}Z-{host}-{pid}-{sequence:06d}{SUFFIX}"
+
+
+def writer_of(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a file named by ``file_name`` (``.partial`` or not); None for another."""
+    try:
+        _, rest = name[len(PREFIX) :].split("-", 1)
+        host, pid, _ = rest.rsplit("-", 2)
+        return host, int(pid)
+    except ValueError:
+        return None
 
 
 class DirectorySink:
@@ -67,6 +78,7 @@ class DirectorySink:
         self.retain_bytes = retain_bytes
         self._clock = clock
         self._pid = os.getpid()
+        self._host = socket.gethostname().replace("/", "_")
         self._sequence = 0
         self._file: IO[bytes] | None = None
         self._path: Path | None = None
@@ -101,7 +113,9 @@ class DirectorySink:
     def _open(self) -> None:
         self._opened = self._clock()
         self._sequence += 1
-        self._path = self.directory / (file_name(self._opened, self._pid, self._sequence) + OPEN)
+        self._path = self.directory / (
+            file_name(self._opened, self._host, self._pid, self._sequence) + OPEN
+        )
         self._file = open(self._path, "xb")  # noqa: SIM115 (closed by _seal)
         self._z = zlib.compressobj(LEVEL, zlib.DEFLATED, _GZIP)
         self._size = 0
@@ -131,14 +145,14 @@ class DirectorySink:
             self.deleted += 1
 
     def _recover(self) -> int:
-        """Seal the ``.partial`` files that no running process is writing; how many."""
+        """Seal the ``.partial`` files of this host that no running process is writing (another
+        host's are its own to seal); how many."""
         sealed = 0
         for path in sorted(self.directory.glob(f"{PREFIX}*{SUFFIX}{OPEN}")):
-            try:
-                pid = int(path.name[len(PREFIX) :].split("-")[1])
-            except (IndexError, ValueError):
+            writer = writer_of(path.name)
+            if writer is None or writer[0] != self._host:
                 continue
-            if pid != self._pid and _alive(pid):
+            if writer[1] != self._pid and _alive(writer[1]):
                 continue
             data = _readable_prefix(path.read_bytes())
             data = data[: data.rfind(b"\n") + 1]  # whole lines only

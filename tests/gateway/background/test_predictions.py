@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import socket
 import subprocess
 import sys
 import zlib
@@ -23,6 +24,7 @@ from gateway.background.prediction_sinks import (
     CLOUDEVENT_TYPE,
     CloudEventsSink,
     DirectorySink,
+    file_name,
 )
 from gateway.background.predictions import QUEUE_FULL, SINK_ERROR, PredictionLog
 from gateway.serving.types import ModelVersion, TensorSpec
@@ -313,9 +315,14 @@ def test_a_restart_loses_at_most_the_unflushed_batch(tmp_path: Path) -> None:
     assert closed_files(tmp_path)[0].name == partial.name.removesuffix(".partial")
 
 
-def test_a_partial_file_of_a_running_process_is_left_alone(tmp_path: Path) -> None:
-    parent = os.getppid()  # a process that is running and is not this one
-    name = f"predictions-20261206T000000.000000Z-{parent}-000001.jsonl.gz.partial"
+@pytest.mark.parametrize("who", ["running process", "other host"])
+def test_a_partial_file_of_another_writer_is_left_alone(tmp_path: Path, who: str) -> None:
+    host = socket.gethostname()
+    if who == "running process":
+        pid = os.getppid()  # running, and not this process
+    else:
+        pid, host = 2**22 + 1, host + "-elsewhere"  # above Linux's pid_max: never running here
+    name = file_name(1796523175.0, host, pid, 1) + ".partial"
     (tmp_path / name).write_bytes(gzip.compress(b'{"id":"x"}\n'))
     assert DirectorySink(tmp_path).recovered == 0
     assert (tmp_path / name).exists()
