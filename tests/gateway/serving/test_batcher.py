@@ -498,7 +498,7 @@ def test_config_file_errors_name_the_key(tmp_path: Path, text: str, match: str) 
 def test_a_merged_run_is_one_batch_and_each_request_counts_its_wait(
     repo: Path, executor: ThreadPoolExecutor
 ) -> None:
-    delay_s = 0.05
+    delay_s = 0.3  # long enough for the four to queue behind the blocker on a loaded machine
     info, model = load(repo, executor, "fraud", delay_s=delay_s)
     rt = batcher(info, model, executor)
     rows = [2, 1, 3, 1]
@@ -530,7 +530,8 @@ def test_a_merged_run_is_one_batch_and_each_request_counts_its_wait(
 
 
 def test_failures_and_their_time_are_counted(repo: Path, executor: ThreadPoolExecutor) -> None:
-    info, model = load(repo, executor, "fraud", delay_s=0.02)
+    # each run sleeps 0.3 s: the blocker still runs while the next two arrive, however loaded
+    info, model = load(repo, executor, "fraud", delay_s=0.3)
     rt = batcher(info, model, executor, max_queue=1)
     outputs = ["probability"]
     poisoned = sample_inputs("fraud", 1, seed=1)
@@ -552,7 +553,7 @@ def test_failures_and_their_time_are_counted(repo: Path, executor: ThreadPoolExe
     asyncio.run(main())
     stats = rt.stats
     assert (stats.failed, stats.rejected, stats.timed_out, stats.fail) == (1, 1, 1, 3)
-    assert stats.fail_s >= 0.02  # the poisoned run slept before it failed
+    assert stats.fail_s >= 0.3  # the poisoned run slept before it failed
     assert stats.succeeded == 2
 
 
