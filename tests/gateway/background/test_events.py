@@ -1,0 +1,390 @@
+"""The event stream end to end against a real HTTP sink (tests.support.event_sink) that checks
+every signature: CloudEvents attributes, order, outages, restarts of the gateway (file outbox and
+Redis), once per fleet with two replicas on one Redis, bounded outbox, poison events, filters
+and a sinks file rejected at start."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.background.events import (
+    KINDS,
+    Events,
+    Sink,
+    SinkConfigError,
+    read_sinks,
+    signature,
+    verify,
+)
+from router.state.outbox import FileOutbox, MemoryOutbox, Outbox
+from router.state.redis_outbox import RedisOutbox
+from tests.conftest import REDIS_URL
+from tests.support.event_sink import EventSink
+from tests.support.redis_server import fresh_prefix
+
+pytestmark = pytest.mark.anyio
+SECRET = "sink-secret-0123456789abcdef"
+
+
+def make(outbox: Outbox, sinks: Sequence[Sink] = (), source: str | None = None) -> Events:
+    """A stream with the short periods of tests."""
+    return Events(outbox, sinks, source=source, tick_s=0.02, lease_ttl_s=0.5)
+
+
+def sink_of(server: EventSink, tmp_path: Path, **extra: Any) -> Sink:
+    path = tmp_path / f"sinks-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps([server.config(**extra)]))
+    return read_sinks(path)[0]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[EventSink]:
+    with EventSink(SECRET) as server:
+        yield server
+
+
+def emit_numbered(events: Events, n: int, start: int = 0, kind: str = "model.loaded") -> None:
+    for i in range(start, start + n):
+        events.emit(kind, f"fraud/{i}", {"n": i})
+
+
+async def test_events_arrive_as_signed_cloudevents(sink: EventSink, tmp_path: Path) -> None:
+    events = make(MemoryOutbox(1000, 1 << 20), [sink_of(sink, tmp_path)], source="turnout/t")
+    await events.start()
+    try:
+        events.emit("drift.changed", "fraud/2/amount", {"from": "stable", "to": "act", "psi": 0.4})
+        await until(lambda: len(sink.taken()) == 1)
+    finally:
+        await events.stop()
+    (event,) = sink.taken()
+    assert not sink.bad
+    assert event["specversion"] == "1.0" and event["type"] == "dev.turnout.drift.changed"
+    assert event["source"] == "turnout/t" and event["subject"] == "fraud/2/amount"
+    assert event["datacontenttype"] == "application/json"
+    assert event["data"] == {"from": "stable", "to": "act", "psi": 0.4}
+    assert datetime.fromisoformat(event["time"]).utcoffset() is not None  # RFC 3339, with a zone
+    assert len(event["id"]) == 36
+    assert events.deliveries[("test", "delivered")] == 1 and events.emitted["drift.changed"] == 1
+
+
+def test_signature_is_the_documented_hmac() -> None:
+    body = b'{"id":"x"}'
+    header = signature(b"k" * 16, 1700000000, body)
+    import hashlib
+    import hmac
+
+    mac = hmac.new(b"k" * 16, b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert header == f"t=1700000000,v1={mac}"
+    assert verify(b"k" * 16, header, body, 1700000000 + 299, 300)
+    assert not verify(b"k" * 16, header, body, 1700000000 + 301, 300)  # replayed too late
+    assert not verify(b"k" * 16, header, body + b" ", 1700000000, 300)  # body changed
+    assert not verify(b"x" * 16, header, body, 1700000000, 300)  # another secret
+
+
+async def test_an_outage_delays_but_loses_nothing_and_keeps_order(
+    sink: EventSink, tmp_path: Path
+) -> None:
+    with EventSink(SECRET) as healthy:
+        events = make(
+            MemoryOutbox(1000, 1 << 20),
+            [sink_of(sink, tmp_path, name="down"), sink_of(healthy, tmp_path, name="up")],
+        )
+        sink.status = 503
+        await events.start()
+        try:
+            emit_numbered(events, 30)
+            # the healthy sink is not held back by the one that is down
+            await until(lambda: len(healthy.taken()) == 30)
+            await until(lambda: events.deliveries[("down", "failed")] >= 3)
+            assert sink.taken() == [] and events.depth["down"] == 30
+            sink.status = 200
+            await until(lambda: len(sink.taken()) == 30)
+            await until(lambda: events.depth == {"down": 0, "up": 0})
+        finally:
+            await events.stop()
+        for server in (sink, healthy):
+            assert [e["data"]["n"] for e in server.taken()] == list(range(30))
+
+
+async def test_a_sink_off_the_network_is_retried_until_it_is_back(tmp_path: Path) -> None:
+    server = EventSink(SECRET)
+    events = make(MemoryOutbox(1000, 1 << 20), [sink_of(server, tmp_path)])
+    await events.start()
+    try:
+        emit_numbered(events, 5)
+        await until(lambda: events.deliveries[("test", "failed")] >= 3)
+        server.start()
+        await until(lambda: len(server.taken()) == 5)
+    finally:
+        await events.stop()
+        server.stop()
+    assert len({e["id"] for e in server.taken()}) == 5
+
+
+async def test_type_filters_choose_what_a_sink_gets(sink: EventSink, tmp_path: Path) -> None:
+    events = make(
+        MemoryOutbox(1000, 1 << 20), [sink_of(sink, tmp_path, types=["drift.*", "guard.acted"])]
+    )
+    await events.start()
+    try:
+        for kind in KINDS:
+            events.emit(kind, "fraud", {})
+        await until(lambda: events.depth.get("test", 1) == 0)
+    finally:
+        await events.stop()
+    assert [e["type"] for e in sink.taken()] == [
+        "dev.turnout.guard.acted",
+        "dev.turnout.drift.changed",
+    ]
+
+
+async def test_a_poison_event_is_skipped_after_its_attempts_and_counted(
+    sink: EventSink, tmp_path: Path
+) -> None:
+    outbox = MemoryOutbox(1000, 1 << 20)
+    events = make(outbox, [sink_of(sink, tmp_path, poison_attempts=3)])
+    emit_numbered(events, 3)
+    poison = json.loads(outbox_bodies(events)[1])["id"]
+    sink.refuse.add(poison)
+    await events.start()
+    try:
+        await until(lambda: len(sink.taken()) == 2)
+    finally:
+        await events.stop()
+    assert [e["data"]["n"] for e in sink.taken()] == [0, 2]
+    assert sink.attempts.count(poison) == 3
+    assert events.deliveries[("test", "rejected")] == 3
+    assert events.deliveries[("test", "poisoned")] == 1
+
+
+def outbox_bodies(events: Events) -> list[bytes]:
+    return [body for _, body in events._pending]
+
+
+async def test_a_full_outbox_drops_the_newest_and_counts(sink: EventSink, tmp_path: Path) -> None:
+    sink.status = 503
+    events = make(MemoryOutbox(5, 1 << 20), [sink_of(sink, tmp_path)])
+    await events.start()
+    try:
+        emit_numbered(events, 8)
+        await until(lambda: events.dropped["outbox_full"] == 3)
+        sink.status = 200
+        await until(lambda: len(sink.taken()) == 5)
+        emit_numbered(events, 8, start=8)  # delivered entries make room again
+        await until(lambda: len(sink.taken()) == 10)
+    finally:
+        await events.stop()
+    assert [e["data"]["n"] for e in sink.taken()] == [0, 1, 2, 3, 4, 8, 9, 10, 11, 12]
+    assert events.dropped["outbox_full"] == 6  # 13, 14, 15: only 5 fit while 5 wait
+
+
+async def test_the_outbox_is_bounded_in_bytes_too(sink: EventSink, tmp_path: Path) -> None:
+    sink.status = 503
+    outbox = MemoryOutbox(1000, 4000)
+    events = make(outbox, [sink_of(sink, tmp_path)])
+    await events.start()
+    try:
+        for i in range(10):
+            events.emit("model.failed", f"fraud/{i}", {"reason": "x" * 1000})
+        await until(lambda: events.dropped["outbox_full"] == 7)
+    finally:
+        await events.stop()
+    assert outbox._bytes <= 4000 and len(outbox._entries) == 3
+
+
+async def test_emit_never_raises_and_counts_what_it_drops() -> None:
+    events = Events(MemoryOutbox(10, 1 << 20))
+    events.emit("model.exploded", "fraud/1", {})
+    events.emit("model.loaded", "fraud/1", {"x": object()})
+    events.emit("model.loaded", "fraud/1", {"x": "y" * 70_000})
+    assert events.dropped == {"unknown_kind": 1, "unserializable": 1, "too_large": 1}
+    assert not events.emitted
+
+
+async def test_file_outbox_survives_a_gateway_restart(sink: EventSink, tmp_path: Path) -> None:
+    directory = tmp_path / "events"
+    sink.status = 503
+    first = make(FileOutbox(directory, 1000, 1 << 20), [sink_of(sink, tmp_path)])
+    await first.start()
+    emit_numbered(first, 4)
+    await until(lambda: first.deliveries[("test", "failed")] >= 1)
+    emit_numbered(first, 3, start=4)  # still in the buffer at stop: the last pump keeps them
+    await first.stop()
+    sink.status = 200
+    second = make(FileOutbox(directory, 1000, 1 << 20), [sink_of(sink, tmp_path)])
+    await second.start()
+    try:
+        await until(lambda: len(sink.taken()) == 7)
+        emit_numbered(second, 1, start=7)
+        await until(lambda: len(sink.taken()) == 8)
+    finally:
+        await second.stop()
+    assert [e["data"]["n"] for e in sink.taken()] == list(range(8))
+    # a third start delivers nothing again
+    third = make(FileOutbox(directory, 1000, 1 << 20), [sink_of(sink, tmp_path)])
+    await third.start()
+    await asyncio.sleep(0.2)
+    await third.stop()
+    assert len(sink.taken()) == 8
+
+
+async def test_file_outbox_is_compacted_once_delivered(sink: EventSink, tmp_path: Path) -> None:
+    directory = tmp_path / "events"
+    events = make(FileOutbox(directory, 100, 1 << 20), [sink_of(sink, tmp_path)])
+    await events.start()
+    try:
+        for start in range(100, 700, 100):
+            emit_numbered(events, 100, start=start - 100)
+            await until(lambda: events.depth.get("test") == 0 and len(sink.taken()) == start)  # noqa: B023
+    finally:
+        await events.stop()
+    assert events.dropped["outbox_full"] == 0
+    assert len({e["id"] for e in sink.taken()}) == 600
+    lines = (directory / "outbox.jsonl").read_bytes().count(b"\n")
+    assert lines <= 2 * 100 + 100  # rewritten without the delivered entries, not 600 lines
+
+
+async def test_redis_outbox_survives_a_gateway_restart(sink: EventSink, tmp_path: Path) -> None:
+    prefix = await fresh_prefix(REDIS_URL)
+    sink.status = 503
+    first = make(RedisOutbox(REDIS_URL, prefix, 1000, 1 << 20), [sink_of(sink, tmp_path)])
+    await first.start()
+    emit_numbered(first, 5)
+    await until(lambda: first.deliveries[("test", "failed")] >= 1)
+    await first.stop()
+    await asyncio.sleep(0.6)  # the first one's lease runs out
+    sink.status = 200
+    second = make(RedisOutbox(REDIS_URL, prefix, 1000, 1 << 20), [sink_of(sink, tmp_path)])
+    await second.start()
+    try:
+        await until(lambda: len(sink.taken()) == 5)
+    finally:
+        await second.stop()
+    assert [e["data"]["n"] for e in sink.taken()] == list(range(5))
+
+
+async def test_two_replicas_on_redis_deliver_each_event_once(
+    sink: EventSink, tmp_path: Path
+) -> None:
+    prefix = await fresh_prefix(REDIS_URL)
+    replicas = [
+        make(RedisOutbox(REDIS_URL, prefix, 10_000, 16 << 20), [sink_of(sink, tmp_path)])
+        for _ in range(2)
+    ]
+    for replica in replicas:
+        await replica.start()
+    try:
+        for i in range(100):
+            replicas[i % 2].emit("policy.changed", "fraud", {"n": i})
+            if i % 10 == 0:
+                await asyncio.sleep(0.01)
+        await until(lambda: len(sink.taken()) >= 100)
+        await asyncio.sleep(0.3)  # time for a duplicate, were there one
+    finally:
+        for replica in replicas:
+            await replica.stop()
+    ids = [e["id"] for e in sink.taken()]
+    assert len(ids) == 100 and len(set(ids)) == 100
+    assert sorted(e["data"]["n"] for e in sink.taken()) == list(range(100))
+    assert sum(r.deliveries[("test", "delivered")] for r in replicas) == 100
+
+
+async def test_a_replica_taking_over_resumes_where_the_other_stopped(
+    sink: EventSink, tmp_path: Path
+) -> None:
+    prefix = await fresh_prefix(REDIS_URL)
+    a = make(RedisOutbox(REDIS_URL, prefix, 1000, 1 << 20), [sink_of(sink, tmp_path)])
+    b = make(RedisOutbox(REDIS_URL, prefix, 1000, 1 << 20), [sink_of(sink, tmp_path)])
+    await a.start()
+    emit_numbered(a, 10)
+    await until(lambda: len(sink.taken()) == 10)
+    await b.start()
+    await a.stop()  # the leader leaves; b takes the lease once it runs out
+    try:
+        emit_numbered(b, 10, start=10)
+        await until(lambda: len(sink.taken()) == 20)
+    finally:
+        await b.stop()
+    assert [e["data"]["n"] for e in sink.taken()] == list(range(20))
+
+
+def write(tmp_path: Path, doc: Any) -> Path:
+    path = tmp_path / "sinks.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+GOOD = {"name": "ci", "url": "https://hooks.example.com/t", "secret": "s" * 16}
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"name": "ci"}, "must be a JSON list"),
+        ([GOOD] * 33, "at most 32 sinks"),
+        (["x"], "sink 0: must be an object"),
+        ([{**GOOD, "nmae": 1}], "unknown field 'nmae'"),
+        ([{**GOOD, "name": "Bad Name"}], "name: required"),
+        ([{**GOOD, "name": "x" * 64}], "name: required"),
+        ([GOOD, GOOD], "name 'ci' given twice"),
+        ([{**GOOD, "url": "ftp://x/y"}], "url: must be an http"),
+        ([{**GOOD, "url": "http://"}], "url: must be an http"),
+        ([{**GOOD, "url": "http://x/" + "a" * 3000}], "url: required"),
+        ([{**GOOD, "types": []}], "types: a non-empty list"),
+        ([{**GOOD, "types": ["drfit.*"]}], "'drfit.*' matches no event kind"),
+        ([{**GOOD, "types": ["*"] * 65}], "types: a non-empty list"),
+        ([{k: v for k, v in GOOD.items() if k != "secret"}], "one of secret or secret_env"),
+        ([{**GOOD, "secret_env": "X"}], "one of secret or secret_env"),
+        ([{**GOOD, "secret": "short"}], "secret: at least 16"),
+        ([{"name": "ci", "url": GOOD["url"], "secret_env": "TURNOUT_TEST_UNSET"}], "is not set"),
+        ([{**GOOD, "timeout_s": 0}], "timeout_s: a number"),
+        ([{**GOOD, "timeout_s": True}], "timeout_s: a number"),
+        ([{**GOOD, "max_backoff_s": 1e9}], "max_backoff_s: a number"),
+        ([{**GOOD, "poison_attempts": 0}], "poison_attempts: an integer"),
+    ],
+)
+def test_a_bad_sinks_file_is_rejected_naming_the_problem(
+    tmp_path: Path, doc: Any, message: str
+) -> None:
+    with pytest.raises(
+        SinkConfigError, match=message.replace("*", r"\*").replace(".", r"\.")
+    ) as exc:
+        read_sinks(write(tmp_path, doc), environ={})
+    assert "s" * 16 not in str(exc.value)  # a secret is never shown
+
+
+def test_unreadable_sinks_files_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(SinkConfigError, match="cannot read it"):
+        read_sinks(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    with pytest.raises(SinkConfigError, match="not JSON"):
+        read_sinks(bad)
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * ((1 << 20) + 1))
+    with pytest.raises(SinkConfigError, match="larger than"):
+        read_sinks(big)
+
+
+def test_a_secret_may_come_from_the_environment(tmp_path: Path) -> None:
+    doc = [{"name": "ci", "url": GOOD["url"], "secret_env": "HOOK_SECRET", "types": ["model.*"]}]
+    (sink,) = read_sinks(write(tmp_path, doc), environ={"HOOK_SECRET": "e" * 20})
+    assert (
+        sink.secret == b"e" * 20 and sink.wants("model.failed") and not sink.wants("drift.changed")
+    )
