@@ -17,6 +17,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from gateway.background.drift_events import DriftWatcher
+from gateway.background.events import Events, read_sinks
 from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
 from gateway.background.shadow import ShadowRunner
@@ -26,7 +28,7 @@ from gateway.http.auth import TokenAuth, key_check
 from gateway.http.endpoints import Endpoints
 from gateway.http.inference import Inference, infer_target
 from gateway.http.limits import Limits, read_limits
-from gateway.http.metrics import ClientCollector, GatewayCollector
+from gateway.http.metrics import ClientCollector, EventsCollector, GatewayCollector
 from gateway.http.openapi import openapi_document
 from gateway.http.responses import HANDLERS, json_response
 from gateway.serving.backlog import STATE_KEY, Backlog
@@ -35,6 +37,7 @@ from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, Traffic
 from gateway.settings import Settings
 from monitors import warm_up
+from router.state.outbox import FileOutbox, MemoryOutbox, Outbox
 from router.state.store import MemoryStore, StateStore
 from router.state.table import RouteTable
 
@@ -72,14 +75,42 @@ def open_store(redis_url: str | None, prefix: str = "turnout:") -> StateStore:
     return RedisStore(redis_url, prefix)
 
 
+def open_outbox(settings: Settings) -> Outbox:
+    """The event outbox: a Redis stream when Redis is configured, else a file under
+    ``events_dir``, else the process's memory."""
+    if settings.redis_url:
+        from router.state.redis_outbox import RedisOutbox
+
+        prefix = settings.redis_prefix + "events:"
+        return RedisOutbox(
+            settings.redis_url, prefix, settings.events_max, settings.events_max_bytes
+        )
+    if settings.events_dir is not None:
+        return FileOutbox(settings.events_dir, settings.events_max, settings.events_max_bytes)
+    return MemoryOutbox(settings.events_max, settings.events_max_bytes)
+
+
 def create_app(settings: Settings) -> Gateway:
     executor = ThreadPoolExecutor(settings.execution_threads, thread_name_prefix="turnout-run")
 
+    outbox = open_outbox(settings)
+    events = Events(
+        outbox,
+        read_sinks(settings.event_sinks) if settings.event_sinks is not None else (),
+        source=settings.event_source,
+        tick_s=settings.events_tick_s,
+        lease_ttl_s=settings.lease_ttl_s,
+    )
     backlog = Backlog()
-    registry = Registry(settings.model_repository, version_loader(settings, executor, backlog.busy))
+    registry = Registry(
+        settings.model_repository,
+        version_loader(settings, executor, backlog.busy),
+        emit=events.emit,
+    )
     store = open_store(settings.redis_url, settings.redis_prefix)
     table = RouteTable(
         store,
+        emit=events.emit,
         shared=settings.redis_url is not None,
         feedback_ttl_s=settings.feedback_ttl_s,
         flush_s=settings.flush_s,
@@ -115,6 +146,16 @@ def create_app(settings: Settings) -> Gateway:
         guard_metrics,
         tick_s=settings.guard_tick_s,
         lease_ttl_s=settings.lease_ttl_s,
+        emit=events.emit,
+    )
+    drift_watch = DriftWatcher(
+        registry,
+        exchange,
+        store,
+        outbox,
+        events.emit,
+        tick_s=settings.events_tick_s,
+        lease_ttl_s=settings.lease_ttl_s,
     )
     limits = Limits(
         store,
@@ -125,23 +166,29 @@ def create_app(settings: Settings) -> Gateway:
     )
     ep = Endpoints(settings, registry, table, access, keys, exchange, feedback_keys)
     inference = Inference(settings, registry, table, shadows, traffic, keys, limits)
-    admin = Admin(access, registry, table, shadows, guards, limits, monitors=settings.monitors)
+    admin = Admin(
+        access, registry, table, shadows, guards, limits, monitors=settings.monitors, events=events
+    )
     metrics_registry = CollectorRegistry(auto_describe=False)
     collector = GatewayCollector(registry, table, shadows, guard_metrics)
     metrics_registry.register(collector)
     metrics_registry.register(ClientCollector(limits))
+    metrics_registry.register(EventsCollector(events))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async def start() -> None:
             # Compile (or load from the cache) every kernel before any request can need one.
             await asyncio.get_running_loop().run_in_executor(None, warm_up)
+            await events.start()
             await registry.load_all()
             table.start()
             await table.synced.wait()
             guards.start()
             exchange.start()
             limits.start()
+            if settings.monitors:
+                drift_watch.start()
             # Everything loaded so far (numba, scipy, sessions) lives as long as the process:
             # keep it out of the collector's full passes, which otherwise stall the loop for
             # 100+ ms under load.
@@ -163,12 +210,14 @@ def create_app(settings: Settings) -> Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await guards.stop()
+            await drift_watch.stop()
             await exchange.stop()
             await limits.stop()
             await table.stop()
             await shadows.close()
             await store.close()
             await registry.close()
+            await events.stop()  # last: the events of the shutdown itself reach the outbox
             executor.shutdown(wait=True)
             inference.close()
 
@@ -204,6 +253,7 @@ def create_app(settings: Settings) -> Gateway:
         AdminRoute("GET", "/admin/routes/{model}/report", admin.report),
         AdminRoute("GET", "/admin/routes/{model}/guards", admin.guards_view),
         AdminRoute("GET", "/admin/audit", admin.audit),
+        AdminRoute("GET", "/admin/events", admin.events_page),
         AdminRoute("GET", "/admin/limits", admin.get_limits),
         AdminRoute("PUT", "/admin/limits", admin.put_limits),
         Route("/openapi.json", openapi, methods=["GET"]),

@@ -109,6 +109,16 @@ class Settings:
     guard_tick_s: float = 0.5
     lease_ttl_s: float = 3.0
     publish_s: float = 1.0
+    # The event stream (docs/events.md): the CloudEvents ``source`` (none: turnout/<host>); the
+    # sinks file (JSON, read and validated when the CLI starts; none: events are only listed by
+    # GET /admin/events); the directory of the outbox when there is no Redis (none: the
+    # process's memory, lost on restart); the outbox's bounds; the delivery and drift-watch tick.
+    event_source: str | None = None
+    event_sinks: Path | None = None
+    events_dir: Path | None = None
+    events_max: int = 100_000
+    events_max_bytes: int = 64 << 20
+    events_tick_s: float = 1.0
 
     @classmethod
     def from_env(
@@ -208,6 +218,13 @@ class Settings:
                 f"{ENV_PREFIX}LEASE_TTL_S must exceed {ENV_PREFIX}GUARD_TICK_S, or the guard "
                 "lease lapses between two ticks of its holder"
             )
+        if self.events_max < 100 or self.events_max_bytes < 1 << 20:
+            raise SettingsError(
+                f"{ENV_PREFIX}EVENTS_MAX must be at least 100 and {ENV_PREFIX}EVENTS_MAX_BYTES at "
+                "least 1048576 (1 MiB)"
+            )
+        if self.event_source is not None and not 0 < len(self.event_source) <= 256:
+            raise SettingsError(f"{ENV_PREFIX}EVENT_SOURCE must be 1 to 256 characters")
         if self.graph_optimization not in get_args(GraphOptimization):
             choices = ", ".join(get_args(GraphOptimization))
             raise SettingsError(f"{ENV_PREFIX}GRAPH_OPTIMIZATION must be one of {choices}")
@@ -232,6 +249,7 @@ _SECONDS = (
     "guard_tick_s",
     "lease_ttl_s",
     "publish_s",
+    "events_tick_s",
     "head_timeout_s",
     "body_timeout_s",
     "keep_alive_timeout_s",
@@ -335,9 +353,16 @@ def _expiry(name: str, who: str, text: str) -> datetime:
 
 
 def _cast(env_name: str, field_name: str, raw: str) -> object:
-    if field_name in ("model_repository", "cache_dir", "limits"):
+    if field_name in ("model_repository", "cache_dir", "limits", "event_sinks", "events_dir"):
         return Path(raw)
-    if field_name in ("host", "redis_url", "redis_prefix", "log_level", "graph_optimization"):
+    if field_name in (
+        "host",
+        "redis_url",
+        "redis_prefix",
+        "log_level",
+        "graph_optimization",
+        "event_source",
+    ):
         return raw
     if field_name in ("version_override", "batching", "monitors"):
         if raw.lower() in ("1", "true", "yes", "on"):

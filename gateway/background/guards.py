@@ -36,6 +36,7 @@ from gateway.background.tasks import stop_task
 from gateway.errors import GatewayError, NotFound
 from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, Traffic, judged
+from gateway.serving.types import Emit, emit_nothing
 from monitors import LatencyHistogram
 from router.policy.guard_spec import CONDITIONS, GuardSpec
 from router.policy.guards import (
@@ -104,8 +105,13 @@ class GuardEvaluator:
         *,
         tick_s: float = 0.5,
         lease_ttl_s: float = 3.0,
+        emit: Emit = emit_nothing,
     ) -> None:
+        """``emit``: where ``guard.breached`` (a verdict turning to breach) and ``guard.acted``
+        (a change applied) go; only the lease holder evaluates, so each is emitted once per
+        fleet. The change itself is a ``policy.changed`` of the route table's."""
         self.table = table
+        self.emit = emit
         self.registry = registry
         self.shadows = shadows
         self.traffic = traffic
@@ -194,6 +200,7 @@ class GuardEvaluator:
             state.healthy_since = now if state.healthy_since is None else state.healthy_since
         else:
             state.healthy_since = None
+        breached = evaluation.verdict == "breach" and state.verdict != "breach"
         if evaluation.verdict != state.verdict:
             level = logging.WARNING if evaluation.verdict == "breach" else logging.INFO
             log.log(level, "guards of %s rev %d: %s", model, route.revision, evaluation.verdict)
@@ -205,6 +212,22 @@ class GuardEvaluator:
         change = plan(
             route.doc, spec, evaluation, healthy_for_s=healthy_for, last_change_by_guard=by_guard
         )
+        if breached:
+            first = evaluation.breaches[0]
+            self.emit(
+                "guard.breached",
+                model,
+                {
+                    "condition": first.guard,
+                    "version": first.version,
+                    "value": first.value,
+                    "threshold": first.threshold,
+                    "action": change.action if change is not None else None,
+                    "who": f"guard:{change.guard if change is not None else first.guard}",
+                    "revision": route.revision,
+                    "breaches": [c.as_json() for c in evaluation.breaches],
+                },
+            )
         if change is not None:
             await self._apply(model, route, spec, judged, change)
 
@@ -230,6 +253,20 @@ class GuardEvaluator:
             return
         self.metrics.actions[(model, change.action)] += 1
         revision = record.revision if record is not None else None
+        breach = next((c for c in judged.evaluation.breaches if c.guard == change.guard), None)
+        self.emit(
+            "guard.acted",
+            model,
+            {
+                "condition": change.guard,
+                "version": breach.version if breach is not None else None,
+                "action": change.action,
+                "who": f"guard:{change.guard}",
+                "reason": change.reason,
+                "revision": revision,
+                "from_revision": route.revision,
+            },
+        )
         log.warning(
             "guards of %s: %s (revision %d -> %s): %s",
             model, change.action, route.revision, revision, change.reason,

@@ -18,6 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from gateway.background.events import DROP_REASONS, KINDS, OUTCOMES, Events
 from gateway.background.shadow import ShadowRunner
 from gateway.http.limits import Limits
 from gateway.http.refusals import REFUSALS
@@ -414,3 +415,58 @@ class ClientCollector(Collector):
             outside.add_metric([label], client.outside)
             ratio.add_metric([label], client.volume_ratio)
         yield from (requests, checked, outside, ratio)
+
+
+class EventsCollector(Collector):
+    """The event stream (gateway.background.events): what was emitted and dropped here, the
+    deliveries this process made, and each sink's backlog as this process last read it."""
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+
+    def collect(self) -> Iterator[Metric]:
+        e = self.events
+        emitted = CounterMetricFamily(
+            "turnout_events_emitted", "Events handed to the stream, by kind", labels=["kind"]
+        )
+        for kind in KINDS:
+            emitted.add_metric([kind], e.emitted.get(kind, 0))
+        yield emitted
+        dropped = CounterMetricFamily(
+            "turnout_events_dropped",
+            "Events dropped before the outbox took them, by reason (outbox_full: the outbox is "
+            "full of undelivered events)",
+            labels=["reason"],
+        )
+        for reason in DROP_REASONS:
+            dropped.add_metric([reason], e.dropped.get(reason, 0))
+        yield dropped
+        deliveries = CounterMetricFamily(
+            "turnout_event_deliveries",
+            "Delivery attempts by this process, by sink and outcome (delivered: 2xx; failed: "
+            "error, timeout, 5xx, 408 or 429, retried; rejected: another 4xx; poisoned: skipped "
+            "after its rejections)",
+            labels=["sink", "outcome"],
+        )
+        for sink in e.sinks:
+            for outcome in OUTCOMES:
+                deliveries.add_metric(
+                    [sink.name, outcome], e.deliveries.get((sink.name, outcome), 0)
+                )
+        yield deliveries
+        depth = GaugeMetricFamily(
+            "turnout_event_outbox_depth",
+            "Events in the outbox a sink has not passed yet",
+            labels=["sink"],
+        )
+        age = GaugeMetricFamily(
+            "turnout_event_outbox_oldest_age_seconds",
+            "Age of the oldest event a sink has not passed yet (0: none)",
+            labels=["sink"],
+        )
+        for sink in e.sinks:
+            if sink.name in e.depth:
+                depth.add_metric([sink.name], e.depth[sink.name])
+                age.add_metric([sink.name], e.oldest_age_s.get(sink.name, 0.0))
+        yield depth
+        yield age

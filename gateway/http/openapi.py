@@ -359,6 +359,11 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
                          "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"}},
                                         {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                                         {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}, "description": "`next` of the previous page (opaque)"}]},
+        "/admin/events": {**_get("The recent events (CloudEvents 1.0, docs/events.md), newest first, a page at a time; `next` is the cursor of the following page, null after the last",
+                                 {"type": "object", "required": ["events", "next"], "properties": {"events": {"type": "array", "items": {"type": "object", "required": ["specversion", "id", "source", "type", "time", "data"]}}, "next": {"type": "string", "nullable": True}}}, 400, 401, 503, security=_ADMIN),
+                          "parameters": [{"name": "kind", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 64}, "description": "an event kind (`drift.changed`) or a pattern of kinds (`model.*`)"},
+                                         {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                                         {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}, "description": "`next` of the previous page (opaque)"}]},
         "/admin/limits": {
             **_get("The rate-limits document in force (null: none)", {"type": "object", "required": ["limits"], "properties": {"limits": {"type": "object", "nullable": True}}}, 401, security=_ADMIN),
             "put": {
