@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,21 @@ from gateway.background.events import (
     signature,
     verify,
 )
+from gateway.background.guards import GuardEvaluator
+from gateway.background.shadow import ShadowRunner
+from gateway.serving.loader import version_loader
+from gateway.serving.registry import Registry
+from gateway.serving.traffic import GuardMetrics, Traffic
+from gateway.settings import Settings
+from router.policy.spec import parse_policy
 from router.state.outbox import FileOutbox, MemoryOutbox, Outbox
 from router.state.redis_outbox import RedisOutbox
+from router.state.store import MemoryStore
+from router.state.table import RouteTable
 from tests.conftest import REDIS_URL
 from tests.support.event_sink import EventSink
 from tests.support.redis_server import fresh_prefix
+from tests.support.server import reference_cache
 
 pytestmark = pytest.mark.anyio
 SECRET = "sink-secret-0123456789abcdef"
@@ -388,3 +400,111 @@ def test_a_secret_may_come_from_the_environment(tmp_path: Path) -> None:
     assert (
         sink.secret == b"e" * 20 and sink.wants("model.failed") and not sink.wants("drift.changed")
     )
+
+
+# -- the events of today's components --------------------------------------------------------
+
+
+async def kinds_and_data(events: Events) -> list[tuple[str, str, dict[str, Any]]]:
+    """Everything emitted so far, oldest first, as (kind, subject, data)."""
+    await events.pump()
+    page = await events.outbox.page(None, 1000, None)
+    bodies = [json.loads(e.body) for e in reversed(page.entries)]
+    return [(b["type"].removeprefix("dev.turnout."), b["subject"], b["data"]) for b in bodies]
+
+
+async def test_guard_breaches_and_actions_are_events(registry: Registry) -> None:
+    events = make(MemoryOutbox(1000, 1 << 20))
+    table = RouteTable(MemoryStore(), emit=events.emit)
+    traffic = Traffic()
+    shadows = ShadowRunner(registry, 8)
+    guards = GuardEvaluator(table, registry, shadows, traffic, GuardMetrics(), emit=events.emit)
+    try:
+        doc = parse_policy(
+            {"strategy": "canary", "baseline": "1", "candidate": "2", "weight": 0.25,
+             "guards": {"window_s": 30, "min_requests": 100, "interval_s": 1,
+                        "max_error_ratio": 0.05}}
+        )  # fmt: skip
+        record = await table.write(
+            "fraud", doc, expected=None, who="tester", action="put", reason="canary",
+            artifacts={"1": "a", "2": "b"},
+        )  # fmt: skip
+        assert record is not None
+        await guards.tick(100.0)
+        traffic.requests[("fraud", "1", "baseline", "200")] += 300
+        traffic.requests[("fraud", "2", "candidate", "200")] += 80
+        traffic.requests[("fraud", "2", "candidate", "500")] += 20
+        await guards.tick(101.0)
+        await guards.tick(102.0)  # the verdict on the new revision: no second breach event
+    finally:
+        await shadows.close()
+    seen = await kinds_and_data(events)
+    assert [k for k, _, _ in seen] == [
+        "policy.changed", "guard.breached", "policy.changed", "guard.acted",
+    ]  # fmt: skip
+    assert all(subject == "fraud" for _, subject, _ in seen)
+    put, breached, rolled_back, acted = (data for _, _, data in seen)
+    assert put == {"who": "tester", "why": "canary", "revision": record.revision,
+                   "policy": "canary", "action": "put"}  # fmt: skip
+    assert breached["condition"] == "max_error_ratio" and breached["version"] == "2"
+    assert breached["value"] > breached["threshold"] == 0.05  # the bound judged, not the ratio
+    assert breached["action"] == "rollback" and breached["who"] == "guard:max_error_ratio"
+    assert rolled_back["who"] == "guard:max_error_ratio" and rolled_back["policy"] == "single"
+    assert rolled_back["revision"] == record.revision + 1
+    assert acted == {
+        "condition": "max_error_ratio", "version": "2", "action": "rollback",
+        "who": "guard:max_error_ratio", "reason": acted["reason"],
+        "revision": record.revision + 1, "from_revision": record.revision,
+    }  # fmt: skip
+
+
+async def test_a_guard_without_the_lease_emits_nothing(registry: Registry) -> None:
+    store = MemoryStore()
+    assert await store.acquire_lease("guards", "someone else", 60.0)
+    events = make(MemoryOutbox(1000, 1 << 20))
+    table = RouteTable(store)
+    traffic = Traffic()
+    shadows = ShadowRunner(registry, 8)
+    guards = GuardEvaluator(table, registry, shadows, traffic, GuardMetrics(), emit=events.emit)
+    try:
+        doc = parse_policy(
+            {"strategy": "canary", "baseline": "1", "candidate": "2", "weight": 0.25,
+             "guards": {"window_s": 30, "min_requests": 100, "max_error_ratio": 0.05}}
+        )  # fmt: skip
+        await table.write("fraud", doc, expected=None, who="t", action="put", reason="r",
+                          artifacts={})  # fmt: skip
+        await guards.tick(100.0)
+        traffic.requests[("fraud", "2", "candidate", "500")] += 200
+        traffic.requests[("fraud", "1", "baseline", "200")] += 200
+        await guards.tick(102.0)
+    finally:
+        await shadows.close()
+    assert await kinds_and_data(events) == []
+
+
+async def test_model_loads_unloads_and_failures_are_events(
+    fraud_repo: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(fraud_repo / "fraud", root / "fraud")
+    (root / "fraud" / "3").mkdir()
+    (root / "fraud" / "3" / "model.onnx").write_bytes(b"not a model")
+    events = make(MemoryOutbox(1000, 1 << 20))
+    settings = Settings(model_repository=root, cache_dir=reference_cache())
+    with ThreadPoolExecutor(2) as executor:
+        registry = Registry(
+            root, version_loader(settings, executor, lambda: False), emit=events.emit
+        )
+        await registry.load_all()
+        await registry.unload("fraud", ["1"])
+        await registry.close()
+    seen = await kinds_and_data(events)
+    assert sorted((k, s) for k, s, _ in seen) == sorted(
+        [("model.loaded", "fraud/1"), ("model.loaded", "fraud/2"), ("model.failed", "fraud/3"),
+         ("model.unloaded", "fraud/1"), ("model.unloaded", "fraud/2")]
+    )  # fmt: skip
+    assert len({d["replica"] for _, _, d in seen}) == 1
+    failed = next(d for k, _, d in seen if k == "model.failed")
+    assert failed["version"] == "3" and failed["reason"] and failed["serving"] is None
+    loaded = next(d for k, s, d in seen if k == "model.loaded" and s == "fraud/1")
+    assert len(loaded["sha256"]) == 64 and loaded["replaced"] is None
