@@ -1,5 +1,5 @@
-"""Write Turnout's Prometheus rules: SLO burn rates, burn-rate alerts, drift, shadow, liveness and
-clients (the model-extraction signal).
+"""Write Turnout's Prometheus rules: SLO burn rates, burn-rate alerts, drift, shadow, liveness,
+clients (the model-extraction signal) and the event stream.
 
     python deploy/prometheus/generate_rules.py > deploy/prometheus/rules/turnout.rules.yml
 
@@ -319,6 +319,37 @@ def client_alerts(targets: Targets) -> list[Yaml]:
     ]
 
 
+# The event stream (gateway.background.events; docs/events.md). A sink that has not taken its
+# oldest event for this long is down, refusing, or too slow for the events emitted.
+EVENT_STUCK_MINUTES = 15
+
+
+def event_alerts(targets: Targets) -> list[Yaml]:
+    return [
+        _alert(
+            "TurnoutEventOutboxStuck",
+            f"max by (sink) (turnout_event_outbox_oldest_age_seconds) > {EVENT_STUCK_MINUTES * 60}",
+            "5m",
+            "ticket",
+            "event sink {{ $labels.sink }}: undelivered for {{ $value | humanizeDuration }}",
+            "The oldest event waiting for sink {{ $labels.sink }} was emitted more than "
+            f"{EVENT_STUCK_MINUTES} minutes ago: the sink is down, answers errors, or cannot keep "
+            "up. Events wait in the outbox (nothing is lost until it is full).",
+            f"{targets.runbook}#turnout-event-outbox-stuck",
+        ),
+        _alert(
+            "TurnoutEventsDropped",
+            "sum by (reason) (increase(turnout_events_dropped_total[15m])) > 0",
+            "0m",
+            "ticket",
+            "events dropped ({{ $labels.reason }})",
+            "Events were dropped in the last 15 minutes for {{ $labels.reason }}: they reach no "
+            "sink and no listing. outbox_full: the outbox is full of events a sink has not taken.",
+            f"{targets.runbook}#turnout-events-dropped",
+        ),
+    ]
+
+
 def rules(targets: Targets) -> Yaml:
     return {
         "groups": [
@@ -327,6 +358,7 @@ def rules(targets: Targets) -> Yaml:
             {"name": "turnout-model-alerts", "rules": drift_alerts(targets)},
             {"name": "turnout-liveness-alerts", "rules": liveness_alerts(targets)},
             {"name": "turnout-client-alerts", "rules": client_alerts(targets)},
+            {"name": "turnout-event-alerts", "rules": event_alerts(targets)},
         ]
     }
 

@@ -28,6 +28,7 @@ import pytest
 
 from gateway.demo import sample_inputs
 from gateway.http.metrics import LATENCY_BUCKETS
+from tests.support.event_sink import EventSink
 from tests.support.server import ADMIN, Server, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +77,11 @@ EXPORTED_FAMILIES = (
     "turnout_shadow_deferrals_total",
     "turnout_shadow_mean_abs_diff",
     "turnout_shadow_disagreement_ratio",
+    "turnout_events_emitted_total",
+    "turnout_events_dropped_total",
+    "turnout_event_deliveries_total",
+    "turnout_event_outbox_depth",
+    "turnout_event_outbox_oldest_age_seconds",
 )
 
 T = TypeVar("T")
@@ -183,7 +189,7 @@ def test_every_alert_has_a_unit_test_that_fires_it_and_one_that_does_not() -> No
     # A firing case lists exp_labels; a quiet case has `exp_alerts: []`.
     fired = set(re.findall(r"alertname: (\w+)\n\s+exp_alerts:\n\s+- exp_labels", tests))
     quiet = set(re.findall(r"alertname: (\w+),? *\n?\s*exp_alerts: \[\]", tests))
-    assert len(alerts) == 16
+    assert len(alerts) == 18
     assert alerts - fired == set()
     assert alerts - quiet == set()
 
@@ -191,7 +197,7 @@ def test_every_alert_has_a_unit_test_that_fires_it_and_one_that_does_not() -> No
 def test_every_alert_is_labelled_and_annotated() -> None:
     text = RULES.read_text()
     blocks = text.split("      - alert: ")[1:]
-    assert len(blocks) == 16
+    assert len(blocks) == 18
     for block in blocks:
         name = block.split("\n", 1)[0]
         assert re.search(r"severity: (page|ticket|warning)\n", block), name
@@ -409,9 +415,16 @@ def stack(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     reference = np.load(demo_repo / "fraud" / "1" / "reference.npy")
     shift = np.zeros(reference.shape[1], dtype=np.float32)
     shift[list(DRIFTED)] = SHIFT_SDS * reference[:, list(DRIFTED)].std(axis=0)
-    gateway = Server(demo_repo, args=["--drift-window-s", "60"], wait_ready=False)
+    # An event sink, so that the event families have their per-sink series.
+    sink = EventSink("stack-sink-secret-0123456789")
+    sinks = tmp_path_factory.mktemp("sinks") / "sinks.json"
+    sinks.write_text(json.dumps([sink.config("stack")]))
+    gateway = Server(
+        demo_repo, args=["--drift-window-s", "60", "--event-sinks", str(sinks)], wait_ready=False
+    )
     target = gateway.url.removeprefix("http://")
     with (
+        sink,
         prometheus(tmp_path_factory.mktemp("prometheus"), target) as prometheus_ready,
         gateway,
         httpx.Client(timeout=10.0) as client,
@@ -536,5 +549,5 @@ def test_rules_evaluate_cleanly_and_drift_alerts_go_pending(stack: Stack) -> Non
     assert poll(burns, 30.0, "burn rates of both SLOs") == {"availability", "latency"}
     groups = stack.get("/api/v1/rules").json()["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == 26
+    assert len(rules) == 28
     assert {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"} == {}
