@@ -33,7 +33,7 @@ from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, Traffic
 from gateway.settings import Settings
 from router.policy.spec import parse_policy
-from router.state.outbox import FileOutbox, MemoryOutbox, Outbox
+from router.state.outbox import FileOutbox, MemoryOutbox, Outbox, Page
 from router.state.redis_outbox import RedisOutbox
 from router.state.store import MemoryStore
 from router.state.table import RouteTable
@@ -63,6 +63,24 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+OutboxFactory = Callable[[int, int], Outbox]
+
+
+@pytest.fixture(params=["memory", "file", "redis"])
+async def new_outbox(request: pytest.FixtureRequest, tmp_path: Path) -> OutboxFactory:
+    """Each outbox implementation, made with (max events, max bytes)."""
+    prefix = await fresh_prefix(REDIS_URL) if request.param == "redis" else ""
+
+    def factory(max_events: int, max_bytes: int) -> Outbox:
+        if request.param == "memory":
+            return MemoryOutbox(max_events, max_bytes)
+        if request.param == "file":
+            return FileOutbox(tmp_path / "outbox", max_events, max_bytes)
+        return RedisOutbox(REDIS_URL, prefix, max_events, max_bytes)
+
+    return factory
 
 
 @pytest.fixture
@@ -110,11 +128,11 @@ def test_signature_is_the_documented_hmac() -> None:
 
 
 async def test_an_outage_delays_but_loses_nothing_and_keeps_order(
-    sink: EventSink, tmp_path: Path
+    sink: EventSink, tmp_path: Path, new_outbox: OutboxFactory
 ) -> None:
     with EventSink(SECRET) as healthy:
         events = make(
-            MemoryOutbox(1000, 1 << 20),
+            new_outbox(1000, 1 << 20),
             [sink_of(sink, tmp_path, name="down"), sink_of(healthy, tmp_path, name="up")],
         )
         sink.status = 503
@@ -149,15 +167,18 @@ async def test_a_sink_off_the_network_is_retried_until_it_is_back(tmp_path: Path
     assert len({e["id"] for e in server.taken()}) == 5
 
 
-async def test_type_filters_choose_what_a_sink_gets(sink: EventSink, tmp_path: Path) -> None:
+async def test_type_filters_choose_what_a_sink_gets(
+    sink: EventSink, tmp_path: Path, new_outbox: OutboxFactory
+) -> None:
     events = make(
-        MemoryOutbox(1000, 1 << 20), [sink_of(sink, tmp_path, types=["drift.*", "guard.acted"])]
+        new_outbox(1000, 1 << 20), [sink_of(sink, tmp_path, types=["drift.*", "guard.acted"])]
     )
     await events.start()
     try:
         for kind in KINDS:
             events.emit(kind, "fraud", {})
-        await until(lambda: events.depth.get("test", 1) == 0)
+        await until(lambda: len(sink.taken()) == 2 and events.depth.get("test") == 0)
+        await asyncio.sleep(0.1)  # nothing more arrives
     finally:
         await events.stop()
     assert [e["type"] for e in sink.taken()] == [
@@ -167,9 +188,9 @@ async def test_type_filters_choose_what_a_sink_gets(sink: EventSink, tmp_path: P
 
 
 async def test_a_poison_event_is_skipped_after_its_attempts_and_counted(
-    sink: EventSink, tmp_path: Path
+    sink: EventSink, tmp_path: Path, new_outbox: OutboxFactory
 ) -> None:
-    outbox = MemoryOutbox(1000, 1 << 20)
+    outbox = new_outbox(1000, 1 << 20)
     events = make(outbox, [sink_of(sink, tmp_path, poison_attempts=3)])
     emit_numbered(events, 3)
     poison = json.loads(outbox_bodies(events)[1])["id"]
@@ -189,35 +210,63 @@ def outbox_bodies(events: Events) -> list[bytes]:
     return [body for _, body in events._pending]
 
 
-async def test_a_full_outbox_drops_the_newest_and_counts(sink: EventSink, tmp_path: Path) -> None:
+async def test_a_full_outbox_drops_the_newest_and_counts(
+    sink: EventSink, tmp_path: Path, new_outbox: OutboxFactory
+) -> None:
     sink.status = 503
-    events = make(MemoryOutbox(5, 1 << 20), [sink_of(sink, tmp_path)])
+    outbox = new_outbox(5, 1 << 20)
+    events = make(outbox, [sink_of(sink, tmp_path)])
     await events.start()
     try:
         emit_numbered(events, 8)
         await until(lambda: events.dropped["outbox_full"] == 3)
         sink.status = 200
-        await until(lambda: len(sink.taken()) == 5)
+        await until(lambda: len(sink.taken()) == 5 and events.depth["test"] == 0)
         emit_numbered(events, 8, start=8)  # delivered entries make room again
         await until(lambda: len(sink.taken()) == 10)
+        listed = await outbox.page(None, 100, None)
     finally:
         await events.stop()
     assert [e["data"]["n"] for e in sink.taken()] == [0, 1, 2, 3, 4, 8, 9, 10, 11, 12]
     assert events.dropped["outbox_full"] == 6  # 13, 14, 15: only 5 fit while 5 wait
+    assert [json.loads(e.body)["data"]["n"] for e in listed.entries] == [12, 11, 10, 9, 8]
 
 
-async def test_the_outbox_is_bounded_in_bytes_too(sink: EventSink, tmp_path: Path) -> None:
+async def test_the_outbox_is_bounded_in_bytes_too(
+    sink: EventSink, tmp_path: Path, new_outbox: OutboxFactory
+) -> None:
     sink.status = 503
-    outbox = MemoryOutbox(1000, 4000)
+    outbox = new_outbox(1000, 4000)
     events = make(outbox, [sink_of(sink, tmp_path)])
     await events.start()
     try:
         for i in range(10):
             events.emit("model.failed", f"fraud/{i}", {"reason": "x" * 1000})
         await until(lambda: events.dropped["outbox_full"] == 7)
+        kept = (await outbox.page(None, 100, None)).entries
     finally:
         await events.stop()
-    assert outbox._bytes <= 4000 and len(outbox._entries) == 3
+    assert len(kept) == 3 and sum(len(e.body) for e in kept) <= 4000
+
+
+async def test_pages_of_the_outbox_go_back_through_every_entry_once(
+    new_outbox: OutboxFactory,
+) -> None:
+    outbox = new_outbox(1000, 1 << 20)
+    items = [(KINDS[i % 3], b'{"n":%d}' % i) for i in range(25)]
+    assert await outbox.append(items) == 25
+    seen: list[bytes] = []
+    cursor = None
+    while True:
+        page = await outbox.page(cursor, 4, frozenset(KINDS[:2]))
+        seen += [e.body for e in page.entries]
+        if page.next is None:
+            break
+        cursor = page.next
+    assert seen == [b for k, b in reversed(items) if k in KINDS[:2]]
+    assert (await outbox.page(None, 1, None)).next == 25
+    assert (await outbox.page(1, 10, None)) == Page([], None)
+    await outbox.close()
 
 
 async def test_emit_never_raises_and_counts_what_it_drops() -> None:
