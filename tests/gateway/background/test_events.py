@@ -15,8 +15,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from gateway.background.drift_events import DriftWatcher
 from gateway.background.events import (
     KINDS,
     Events,
@@ -26,6 +28,7 @@ from gateway.background.events import (
     signature,
     verify,
 )
+from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
 from gateway.background.shadow import ShadowRunner
 from gateway.serving.loader import version_loader
@@ -557,3 +560,36 @@ async def test_model_loads_unloads_and_failures_are_events(
     assert failed["version"] == "3" and failed["reason"] and failed["serving"] is None
     loaded = next(d for k, s, d in seen if k == "model.loaded" and s == "fraud/1")
     assert len(loaded["sha256"]) == 64 and loaded["replaced"] is None
+
+
+async def test_drift_changes_are_announced_once_across_a_handover(registry: Registry) -> None:
+    loaded = registry.get("fraud", "1")
+    reference = np.load(registry.root / "fraud" / "1" / "reference.npy").astype(np.float32)
+    rows = reference[:1500].copy()
+    rows[:, 0] += 5.0 * reference[:, 0].std()  # feature 0 shifted by five standard deviations
+    loaded.monitor.observe(rows, {}, 0.001, 0.001, time.monotonic())
+    store, outbox = MemoryStore(), MemoryOutbox(1000, 1 << 20)
+    events = make(outbox)
+    exchange = CountsExchange(store, registry, Traffic(), shared=False, workers=1)
+
+    def watcher() -> DriftWatcher:
+        return DriftWatcher(registry, exchange, store, outbox, events.emit, lease_ttl_s=1.0)
+
+    first, second = watcher(), watcher()
+    await first.tick()
+    await second.tick()  # not the leader: judges nothing, emits nothing
+    await first.tick()  # the status holds: nothing new
+    seen = await kinds_and_data(events)
+    assert [(k, s.rsplit("/", 1)[0]) for k, s, _ in seen] == [("drift.changed", "fraud/1")]
+    (_, subject, data) = seen[0]
+    assert subject == f"fraud/1/{loaded.monitor.snapshot(time.monotonic())['features'][0]['name']}"
+    assert data["from"] == "stable" and data["to"] in ("watch", "act")
+    assert data["psi"] > 0.1 and data["column"] == "feature"
+    assert first.leader and not second.leader
+    await asyncio.sleep(1.1)  # the first one's lease runs out: the second takes over
+    await second.tick()
+    assert second.leader and len(await kinds_and_data(events)) == 1  # it read the statuses
+    # a watcher that had not kept them would have announced the drift again
+    fresh = DriftWatcher(registry, exchange, MemoryStore(), MemoryOutbox(10, 1 << 20), events.emit)
+    await fresh.tick()
+    assert len(await kinds_and_data(events)) == 2
