@@ -154,7 +154,7 @@ def create_app(settings: Settings) -> Gateway:
         store,
         outbox,
         events.emit,
-        tick_s=settings.events_tick_s,
+        tick_s=settings.drift_events_s,
         lease_ttl_s=settings.lease_ttl_s,
     )
     limits = Limits(

@@ -276,6 +276,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--events-max", type=int, help="events the outbox holds (default 100000)")
     serve.add_argument("--events-max-bytes", type=int, help="bytes the outbox holds (64 MiB)")
     serve.add_argument("--events-tick-s", type=float, help="event delivery tick (default 1)")
+    serve.add_argument(
+        "--drift-events-s", type=float, help="drift.changed: seconds between looks (default 10)"
+    )
     serve.add_argument("--redis-url", help="share routing state through Redis")
     serve.add_argument("--redis-prefix", help="key prefix in Redis (default turnout:)")
     serve.add_argument("--feedback-ttl-s", type=int, help="how long an inference id joins feedback")

@@ -119,6 +119,8 @@ class Settings:
     events_max: int = 100_000
     events_max_bytes: int = 64 << 20
     events_tick_s: float = 1.0
+    # Seconds between the drift watcher's looks at every version's drift status (drift.changed).
+    drift_events_s: float = 10.0
 
     @classmethod
     def from_env(
@@ -250,6 +252,7 @@ _SECONDS = (
     "lease_ttl_s",
     "publish_s",
     "events_tick_s",
+    "drift_events_s",
     "head_timeout_s",
     "body_timeout_s",
     "keep_alive_timeout_s",
