@@ -21,6 +21,7 @@ from gateway.background.drift_events import DriftWatcher
 from gateway.background.events import Events, read_sinks
 from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
+from gateway.background.rollout import RolloutEngine
 from gateway.background.shadow import ShadowRunner
 from gateway.http.access import Access, AdminRoute
 from gateway.http.admin import Admin
@@ -31,6 +32,7 @@ from gateway.http.limits import Limits, read_limits
 from gateway.http.metrics import ClientCollector, EventsCollector, GatewayCollector
 from gateway.http.openapi import openapi_document
 from gateway.http.responses import HANDLERS, json_response
+from gateway.http.rollouts import RolloutAdmin, RolloutCollector
 from gateway.serving.backlog import STATE_KEY, Backlog
 from gateway.serving.loader import version_loader
 from gateway.serving.registry import Registry
@@ -157,6 +159,14 @@ def create_app(settings: Settings) -> Gateway:
         tick_s=settings.drift_events_s,
         lease_ttl_s=settings.lease_ttl_s,
     )
+    rollouts = RolloutEngine(
+        table,
+        registry,
+        guards,
+        emit=events.emit,
+        tick_s=settings.guard_tick_s,
+        lease_ttl_s=settings.lease_ttl_s,
+    )
     limits = Limits(
         store,
         settings.api_keys,
@@ -173,6 +183,8 @@ def create_app(settings: Settings) -> Gateway:
     collector = GatewayCollector(registry, table, shadows, guard_metrics)
     metrics_registry.register(collector)
     metrics_registry.register(ClientCollector(limits))
+    metrics_registry.register(RolloutCollector(rollouts))
+    rollout_admin = RolloutAdmin(access, registry, rollouts, monitors=settings.monitors)
     metrics_registry.register(EventsCollector(events))
 
     @contextlib.asynccontextmanager
@@ -185,6 +197,7 @@ def create_app(settings: Settings) -> Gateway:
             table.start()
             await table.synced.wait()
             guards.start()
+            rollouts.start()
             exchange.start()
             limits.start()
             if settings.monitors:
@@ -210,6 +223,7 @@ def create_app(settings: Settings) -> Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await guards.stop()
+            await rollouts.stop()
             await drift_watch.stop()
             await exchange.stop()
             await limits.stop()
@@ -249,7 +263,13 @@ def create_app(settings: Settings) -> Gateway:
         AdminRoute("GET", "/admin/routes/{model}", admin.get_route),
         AdminRoute("PUT", "/admin/routes/{model}", admin.put_route),
         AdminRoute("DELETE", "/admin/routes/{model}", admin.delete_route),
+        # before actions/{action}, which would take approve and reject for policy actions
+        AdminRoute("POST", "/admin/routes/{model}/actions/approve", rollout_admin.approve),
+        AdminRoute("POST", "/admin/routes/{model}/actions/reject", rollout_admin.reject),
         AdminRoute("POST", "/admin/routes/{model}/actions/{action}", admin.action),
+        AdminRoute("GET", "/admin/routes/{model}/rollout", rollout_admin.get),
+        AdminRoute("PUT", "/admin/routes/{model}/rollout", rollout_admin.put),
+        AdminRoute("DELETE", "/admin/routes/{model}/rollout", rollout_admin.delete),
         AdminRoute("GET", "/admin/routes/{model}/report", admin.report),
         AdminRoute("GET", "/admin/routes/{model}/guards", admin.guards_view),
         AdminRoute("GET", "/admin/audit", admin.audit),

@@ -120,6 +120,7 @@ class GuardEvaluator:
         self.metrics = metrics
         self.holder = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._history: deque[_Snapshot] = deque()
+        self._last: _Snapshot | None = None  # the latest tick's snapshot
         self._states: dict[str, _ModelState] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -146,10 +147,11 @@ class GuardEvaluator:
             self.metrics.forget(model)
         if not routes:  # nothing to evaluate: hold no lease, keep no history
             self._history.clear()
+            self._last = None
             self.metrics.leader = False
             return
         await self._lead()
-        current = self._snapshot(now, routes)
+        current = self._last = self._snapshot(now, routes)
         self._remember(current, routes)
         for model, route in routes.items():
             state = self._state(model, route, now)
@@ -421,6 +423,19 @@ class GuardEvaluator:
             "versions": versions,
             "shadows": shadows,
         }
+
+    def verdict(self, model: str) -> str | None:
+        """The guards' verdict on the model's current policy, judged on this replica's windows
+        as of its latest tick, whether or not it holds the lease (the rollout engine asks before
+        each step). None when the policy has no guards or was not seen by a tick yet."""
+        route = self.table.get(model)
+        current, state = self._last, self._states.get(model)
+        if route is None or route.doc.guards is None or current is None:
+            return None
+        if state is None or state.revision != route.revision:
+            return None
+        judged = self._judge(model, route, route.doc.guards, current, current.at)
+        return judged.evaluation.verdict
 
     async def view(self, model: str) -> dict[str, Any]:
         """The verdict on this replica's current windows, the figures and thresholds behind it,
