@@ -254,6 +254,7 @@ class Events:
         self.oldest_age_s: dict[str, float] = {}
         self._pending: deque[tuple[str, bytes]] = deque()
         self._pending_bytes = 0
+        self._batch: tuple[str, int] | None = None  # the id and size of a batch in doubt
         self._lock = threading.Lock()  # emit may be called from other threads
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -364,8 +365,13 @@ class Events:
     async def pump(self) -> None:
         """Move the buffer into the outbox, in order; what the outbox refuses is dropped."""
         while self._pending:
-            batch = [self._pending[i] for i in range(min(BATCH, len(self._pending)))]
-            taken = await self.outbox.append(batch)
+            # A batch that failed (timed out: it may yet apply) is resent whole, under its id.
+            if self._batch is None:
+                self._batch = (uuid.uuid4().hex, min(BATCH, len(self._pending)))
+            ident, n = self._batch
+            batch = [self._pending[i] for i in range(n)]
+            taken = await self.outbox.append(batch, ident)
+            self._batch = None
             with self._lock:
                 for _ in batch:
                     _, body = self._pending.popleft()

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ import orjson
 
 log = logging.getLogger("turnout.outbox")
 
+BATCH_MEMORY = 1000  # recent append batches remembered (resent batches count once)
 SCAN_CAP = 10_000  # entries one listing page looks at, at most (a rare kind stops a page early)
 
 
@@ -68,9 +69,10 @@ class Outbox(Protocol):
         entries back from eviction."""
         ...
 
-    async def append(self, items: Sequence[tuple[str, bytes]]) -> int:
+    async def append(self, items: Sequence[tuple[str, bytes]], batch: str) -> int:
         """Append (kind, body) items in order; the number taken (a prefix of ``items``): the
-        rest did not fit (the outbox is full of undelivered entries)."""
+        rest did not fit (the outbox is full of undelivered entries). ``batch`` names the items:
+        sent again after a failure that left it in doubt, the same batch is appended once."""
         ...
 
     async def read(self, after: int, limit: int) -> list[Entry]:
@@ -115,6 +117,7 @@ class MemoryOutbox:
         self._sinks: tuple[str, ...] = ()
         self._leases: dict[str, tuple[str, float]] = {}
         self._state: dict[str, bytes] = {}
+        self._batches: OrderedDict[str, int] = OrderedDict()  # recent batch -> number taken
 
     # -- the semantics, shared with FileOutbox ----------------------------------------------
     async def register(self, sinks: Sequence[str]) -> None:
@@ -127,7 +130,9 @@ class MemoryOutbox:
         """The seq up to which every registered sink has passed."""
         return min((self._cursors.get(s, 0) for s in self._sinks), default=self._head)
 
-    async def append(self, items: Sequence[tuple[str, bytes]]) -> int:
+    async def append(self, items: Sequence[tuple[str, bytes]], batch: str = "") -> int:
+        if batch in self._batches:
+            return self._batches[batch]
         taken: list[Entry] = []
         delivered = self._delivered()
         now = time.time()
@@ -148,6 +153,10 @@ class MemoryOutbox:
             taken.append(entry)
         if taken:
             self._appended(taken)
+        if batch:
+            self._batches[batch] = len(taken)
+            while len(self._batches) > BATCH_MEMORY:
+                self._batches.popitem(last=False)
         return len(taken)
 
     async def read(self, after: int, limit: int) -> list[Entry]:

@@ -6,6 +6,7 @@ Keys, all under ``prefix``::
     head            seq of the last entry appended
     bytes           bytes of the bodies in the stream
     cursors         hash: sink -> seq of the last entry it passed
+    batch:<id>      the number an append of that id took, with PX expiry (idempotent resends)
     sinks           set: the sinks whose cursors hold entries back from eviction
     lease:<sink>    the delivering replica's id, with PX expiry
     state:<name>    a state blob (the drift watcher's last statuses)
@@ -17,6 +18,7 @@ script's own bound never reaches. Redis errors leave this module as OutboxUnavai
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -28,10 +30,13 @@ from redis.exceptions import RedisError
 
 from router.state.outbox import SCAN_CAP, Backlog, Entry, OutboxUnavailable, Page
 
-# KEYS: stream, head, bytes, cursors, sinks. ARGV: max events, max bytes, now, then kind, body
-# pairs. Evicts delivered entries (oldest first) to make room; stops at the first item that does
-# not fit. Returns the number of items taken.
+# KEYS: stream, head, bytes, cursors, sinks, batch:<id>. ARGV: max events, max bytes, now, batch
+# marker ttl in ms, then kind, body pairs. Evicts delivered entries (oldest first) to make room;
+# stops at the first item that does not fit. Returns the number of items taken; a batch already
+# applied (its timed-out first try ran late) changes nothing and returns what it took then.
 APPEND = """
+local done = redis.call('GET', KEYS[6])
+if done then return tonumber(done) end
 local head = tonumber(redis.call('GET', KEYS[2]) or '0')
 local delivered = head
 for _, s in ipairs(redis.call('SMEMBERS', KEYS[5])) do
@@ -42,7 +47,7 @@ local maxn, maxb = tonumber(ARGV[1]), tonumber(ARGV[2])
 local bytes = tonumber(redis.call('GET', KEYS[3]) or '0')
 local n = redis.call('XLEN', KEYS[1])
 local taken = 0
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local size = string.len(ARGV[i + 1])
   while n > 0 and (n >= maxn or bytes + size > maxb) do
     local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
@@ -62,8 +67,12 @@ for i = 4, #ARGV, 2 do
 end
 redis.call('SET', KEYS[2], head)
 redis.call('SET', KEYS[3], bytes)
+redis.call('SET', KEYS[6], taken, 'PX', ARGV[4])
 return taken
 """
+
+# How long an append is remembered: a batch resent after a timeout within this counts once.
+BATCH_MEMORY_MS = 600_000
 
 # KEYS: head, cursors, sinks. ARGV: sinks. A new sink starts at the head.
 REGISTER = """
@@ -140,11 +149,12 @@ class RedisOutbox:
             keys = [self._key("head"), self._key("cursors"), self._key("sinks")]
             await self._register(keys=keys, args=list(sinks))
 
-    async def append(self, items: Sequence[tuple[str, bytes]]) -> int:
+    async def append(self, items: Sequence[tuple[str, bytes]], batch: str = "") -> int:
         if not items:
             return 0
         keys = [self._key(k) for k in ("stream", "head", "bytes", "cursors", "sinks")]
-        args: list[Any] = [self.max_events, self.max_bytes, f"{time.time():.6f}"]
+        keys.append(self._key("batch", batch or uuid.uuid4().hex))
+        args: list[Any] = [self.max_events, self.max_bytes, f"{time.time():.6f}", BATCH_MEMORY_MS]
         for kind, body in items:
             args += [kind, body]
         with _translated():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,7 @@ from router.state.store import MemoryStore
 from router.state.table import RouteTable
 from tests.conftest import REDIS_URL
 from tests.support.event_sink import EventSink
-from tests.support.redis_server import fresh_prefix
+from tests.support.redis_server import RedisServer, fresh_prefix
 from tests.support.server import reference_cache
 
 pytestmark = pytest.mark.anyio
@@ -102,7 +103,7 @@ async def test_events_arrive_as_signed_cloudevents(sink: EventSink, tmp_path: Pa
     await events.start()
     try:
         events.emit("drift.changed", "fraud/2/amount", {"from": "stable", "to": "act", "psi": 0.4})
-        await until(lambda: len(sink.taken()) == 1)
+        await until(lambda: events.deliveries[("test", "delivered")] == 1)
     finally:
         await events.stop()
     (event,) = sink.taken()
@@ -257,7 +258,8 @@ async def test_pages_of_the_outbox_go_back_through_every_entry_once(
 ) -> None:
     outbox = new_outbox(1000, 1 << 20)
     items = [(KINDS[i % 3], b'{"n":%d}' % i) for i in range(25)]
-    assert await outbox.append(items) == 25
+    assert await outbox.append(items, "first") == 25
+    assert await outbox.append(items, "first") == 25  # resent (in doubt): appended once
     seen: list[bytes] = []
     cursor = None
     while True:
@@ -593,3 +595,35 @@ async def test_drift_changes_are_announced_once_across_a_handover(registry: Regi
     fresh = DriftWatcher(registry, exchange, MemoryStore(), MemoryOutbox(10, 1 << 20), events.emit)
     await fresh.tick()
     assert len(await kinds_and_data(events)) == 2
+
+
+async def test_events_wait_in_memory_while_redis_is_down(sink: EventSink, tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as server:
+        events = make(RedisOutbox(server.url, "t:", 1000, 1 << 20), [sink_of(sink, tmp_path)])
+        await events.start()
+        try:
+            emit_numbered(events, 3)
+            await until(lambda: len(sink.taken()) == 3)
+            server.pause()  # a hung Redis: every command times out
+            emit_numbered(events, 4, start=3)
+            await asyncio.sleep(1.5)  # at least one pump times out
+            assert len(events._pending) == 4 and len(sink.taken()) == 3
+            server.resume()
+            await until(lambda: len(sink.taken()) == 7)
+        finally:
+            await events.stop()
+    assert [e["data"]["n"] for e in sink.taken()] == list(range(7))
+    assert not events.dropped
+
+
+async def test_emit_from_another_thread_is_delivered(sink: EventSink, tmp_path: Path) -> None:
+    events = make(MemoryOutbox(1000, 1 << 20), [sink_of(sink, tmp_path)])
+    await events.start()
+    try:
+        thread = threading.Thread(target=emit_numbered, args=(events, 50))
+        thread.start()
+        thread.join()
+        await until(lambda: len(sink.taken()) == 50)
+    finally:
+        await events.stop()
+    assert [e["data"]["n"] for e in sink.taken()] == list(range(50))
