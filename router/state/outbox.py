@@ -30,6 +30,8 @@ from typing import Protocol
 
 import orjson
 
+from router.state.store import take_lease
+
 log = logging.getLogger("turnout.outbox")
 
 BATCH_MEMORY = 1000  # recent append batches remembered (resent batches count once)
@@ -201,12 +203,7 @@ class MemoryOutbox:
         return Page(out, following)
 
     async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
-        now = time.monotonic()
-        current = self._leases.get(name)
-        if current is not None and current[0] != holder and current[1] > now:
-            return False
-        self._leases[name] = (holder, now + ttl_s)
-        return True
+        return take_lease(self._leases, name, holder, ttl_s)
 
     async def load_state(self, name: str) -> bytes | None:
         return self._state.get(name)

@@ -23,12 +23,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from router.state.outbox import SCAN_CAP, Backlog, Entry, OutboxUnavailable, Page
+from router.state.redis_store import ACQUIRE_LEASE, connect
 
 # KEYS: stream, head, bytes, cursors, sinks, batch:<id>. ARGV: max events, max bytes, now, batch
 # marker ttl in ms, then kind, body pairs. Evicts delivered entries (oldest first) to make room;
@@ -93,16 +91,6 @@ if tonumber(ARGV[3]) > current then redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]
 return 1
 """
 
-# KEYS: lease:<name>; ARGV: holder, ttl in ms (as router.state.redis_store's lease).
-ACQUIRE_LEASE = """
-local current = redis.call('GET', KEYS[1])
-if current == false or current == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-
 
 @contextmanager
 def _translated() -> Iterator[None]:
@@ -124,15 +112,7 @@ class RedisOutbox:
     def __init__(
         self, url: str, prefix: str, max_events: int, max_bytes: int, timeout_s: float = 1.0
     ) -> None:
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=8,
-            timeout=10.0,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._redis = Redis.from_pool(pool)
+        self._redis = connect(url, timeout_s, max_connections=8)
         self._prefix = prefix
         self.max_events = max_events
         self.max_bytes = max_bytes
