@@ -480,15 +480,22 @@ class Events:
     async def _post(self, sink: Sink, body: bytes, headers: dict[str, str]) -> int:
         """POST ``body``, renewing the sink's lease while the sink takes its time, so no other
         replica takes over a delivery in flight; the status answered."""
-        assert self._client is not None
-        post = asyncio.ensure_future(
-            self._client.post(sink.url, content=body, headers=headers, timeout=sink.timeout_s)
-        )
+        client = self._client
+        assert client is not None
+
+        async def send() -> int:
+            # The status only: the answer's body is never read (a sink cannot make us hold it).
+            async with client.stream(
+                "POST", sink.url, content=body, headers=headers, timeout=sink.timeout_s
+            ) as response:
+                return response.status_code
+
+        post = asyncio.ensure_future(send())
         try:
             while True:
                 done, _ = await asyncio.wait({post}, timeout=self.lease_ttl_s / 3)
                 if done:
-                    return post.result().status_code
+                    return post.result()
                 await self._renew(sink)
         finally:
             post.cancel()
