@@ -30,6 +30,7 @@ from gateway.http import codec
 from gateway.http.fields import integer
 from gateway.http.refusals import REFUSALS
 from router.policy.policies import ActionConflict, PolicyError
+from router.state.outbox import OutboxUnavailable
 from router.state.store import StaleRevision, StoreUnavailable
 from router.state.table import RewardConflict, UnknownInference
 
@@ -131,6 +132,7 @@ ROUTER_ERRORS: dict[type[Exception], Callable[[Exception], GatewayError]] = {
     UnknownInference: lambda exc: NotFound(cut(str(exc), ROUTER_MESSAGE_CHARS)),
     StaleRevision: _stale,
     StoreUnavailable: lambda exc: NotReady(f"routing state store unavailable: {exc}"),
+    OutboxUnavailable: lambda exc: NotReady(f"event outbox unavailable: {exc}"),
 }
 
 

@@ -18,6 +18,7 @@ import pytest
 from gateway.demo import sample_inputs
 from tests.conftest import REDIS_URL
 from tests.support.event_sink import EventSink
+from tests.support.redis_server import RedisServer
 from tests.support.server import ADMIN, InProcessServer
 
 SECRET = "sink-secret-0123456789abcdef"
@@ -252,3 +253,17 @@ def test_a_bad_sinks_file_stops_the_start(demo_repo: Path, tmp_path: Path) -> No
     path.write_text(json.dumps([{"name": "x", "url": "ftp://nope", "secret": "s" * 16}]))
     with pytest.raises(SettingsError, match=r"--event-sinks: .*url: must be an http"):
         serve_settings(["--model-repository", str(demo_repo), "--event-sinks", str(path)], {})
+
+
+def test_listing_while_redis_hangs_is_a_503(demo_repo: Path, tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as redis:
+        args = ["--redis-url", redis.url]
+        with InProcessServer(demo_repo, args=args) as gateway:
+            assert listed_admin(gateway)  # the loads
+            redis.pause()
+            try:
+                r = httpx.get(gateway.url + "/admin/events", headers=ADMIN, timeout=10)
+            finally:
+                redis.resume()
+            assert r.status_code == 503, r.text
+            assert r.json()["error"].startswith("event outbox unavailable: ")
