@@ -348,6 +348,7 @@ class Events:
     # -- pump: buffer -> outbox -----------------------------------------------------------------
     async def _pump_loop(self) -> None:
         registered = False
+        failing = False  # logged when the outbox fails and when it is back, not every tick
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.tick_s)
@@ -357,8 +358,13 @@ class Events:
                     await self.outbox.register([s.name for s in self.sinks])
                     registered = True
                 await self.pump()
+                if failing:
+                    log.warning("event outbox available again")
+                failing = False
             except OutboxUnavailable as exc:
-                log.warning("events wait in memory, the outbox is unavailable: %s", exc)
+                if not failing:
+                    log.warning("events wait in memory, the outbox is unavailable: %s", exc)
+                failing = True
             except Exception:
                 log.exception("event pump failed")
 
@@ -387,6 +393,7 @@ class Events:
     # -- delivery: outbox -> sink ---------------------------------------------------------------
     async def _sink_loop(self, sink: Sink) -> None:
         appended = self._appended[sink.name]
+        failing = False
         while True:
             try:
                 await self._backlog(sink)
@@ -394,10 +401,13 @@ class Events:
                 if await self._renew(sink):
                     more = await self._deliver_some(sink)
                     await self._backlog(sink)
+                    failing = False
                     if more:
                         continue  # more may be waiting
             except OutboxUnavailable as exc:
-                log.warning("events for %s wait, the outbox is unavailable: %s", sink.name, exc)
+                if not failing:
+                    log.warning("events for %s wait, the outbox is unavailable: %s", sink.name, exc)
+                failing = True
             except Exception:
                 log.exception("event delivery to %s failed", sink.name)
             with contextlib.suppress(TimeoutError):
