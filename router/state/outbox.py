@@ -84,8 +84,10 @@ class Outbox(Protocol):
     async def cursor(self, sink: str) -> int: ...
 
     async def advance(self, sink: str, seq: int, holder: str) -> bool:
-        """Move ``sink``'s cursor forward to ``seq`` if ``holder`` holds its lease (``sink``'s
-        name); False, changing nothing, otherwise. A cursor never moves back."""
+        """Move ``sink``'s cursor forward to ``seq`` unless another holder than ``holder`` holds
+        its lease (``sink``'s name): False, changing nothing, then. A lease that lapsed without
+        being taken (a stalled loop) still lets its holder record what it delivered. A cursor
+        never moves back."""
         ...
 
     async def backlog(self, sink: str) -> Backlog: ...
@@ -175,7 +177,7 @@ class MemoryOutbox:
 
     async def advance(self, sink: str, seq: int, holder: str) -> bool:
         lease = self._leases.get(sink)
-        if lease is None or lease[0] != holder or lease[1] <= time.monotonic():
+        if lease is not None and lease[0] != holder and lease[1] > time.monotonic():
             return False
         if seq > self._cursors.get(sink, 0):
             self._cursors[sink] = seq

@@ -83,9 +83,11 @@ end
 return 1
 """
 
-# KEYS: lease:<sink>, cursors. ARGV: holder, sink, seq. Forward only, and only by the holder.
+# KEYS: lease:<sink>, cursors. ARGV: holder, sink, seq. Forward only, and not while another
+# replica holds the lease (a lapsed lease nobody took still lets its holder record its delivery).
 ADVANCE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local current_holder = redis.call('GET', KEYS[1])
+if current_holder and current_holder ~= ARGV[1] then return 0 end
 local current = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
 if tonumber(ARGV[3]) > current then redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) end
 return 1
