@@ -21,6 +21,8 @@ from gateway.background.drift_events import DriftWatcher
 from gateway.background.events import Events, read_sinks
 from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
+from gateway.background.prediction_sinks import prediction_log
+from gateway.background.predictions import record_nothing
 from gateway.background.rollout import RolloutEngine
 from gateway.background.shadow import ShadowRunner
 from gateway.http.access import Access, AdminRoute
@@ -29,7 +31,12 @@ from gateway.http.auth import TokenAuth, key_check
 from gateway.http.endpoints import Endpoints
 from gateway.http.inference import Inference, infer_target
 from gateway.http.limits import Limits, read_limits
-from gateway.http.metrics import ClientCollector, EventsCollector, GatewayCollector
+from gateway.http.metrics import (
+    ClientCollector,
+    EventsCollector,
+    GatewayCollector,
+    PredictionLogCollector,
+)
 from gateway.http.openapi import openapi_document
 from gateway.http.responses import HANDLERS, json_response
 from gateway.http.rollouts import RolloutAdmin, RolloutCollector
@@ -176,8 +183,10 @@ def create_app(settings: Settings) -> Gateway:
         period_s=settings.publish_s,
     )
     ep = Endpoints(settings, registry, table, access, keys, exchange, feedback_keys)
+    predictions = prediction_log(settings)  # None: off for every model
+    record = record_nothing if predictions is None else predictions.offer
     triton = Triton(settings, registry, keys, exchange)
-    inference = Inference(settings, registry, table, shadows, traffic, keys, limits)
+    inference = Inference(settings, registry, table, shadows, traffic, keys, limits, record)
     admin = Admin(
         access, registry, table, shadows, guards, limits, monitors=settings.monitors, events=events
     )
@@ -185,6 +194,8 @@ def create_app(settings: Settings) -> Gateway:
     collector = GatewayCollector(registry, table, shadows, guard_metrics)
     metrics_registry.register(collector)
     metrics_registry.register(ClientCollector(limits))
+    if predictions is not None:
+        metrics_registry.register(PredictionLogCollector(predictions))
     metrics_registry.register(RolloutCollector(rollouts))
     rollout_admin = RolloutAdmin(access, registry, rollouts, monitors=settings.monitors)
     metrics_registry.register(EventsCollector(events))
@@ -212,6 +223,8 @@ def create_app(settings: Settings) -> Gateway:
             registry.started = True
             log.info("ready: %d model versions loaded", len(registry.loaded()))
 
+        if predictions is not None:
+            predictions.start()
         # Loading runs in the background so liveness answers while large models load.
         task = asyncio.create_task(start())
         if settings.workers > 1:
@@ -236,6 +249,8 @@ def create_app(settings: Settings) -> Gateway:
             await events.stop()  # last: the events of the shutdown itself reach the outbox
             executor.shutdown(wait=True)
             inference.close()
+            if predictions is not None:  # writes what is queued: a join of up to a second
+                await asyncio.get_running_loop().run_in_executor(None, predictions.stop)
 
     async def openapi(request: Request) -> Response:
         document = openapi_document(bool(settings.api_keys), bool(settings.feedback_keys))
