@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
+from gateway.background.quality import Quality
 from gateway.background.shadow import ShadowRunner
 from gateway.http.access import Access, AdminRoute
 from gateway.http.admin import Admin
@@ -26,8 +27,9 @@ from gateway.http.auth import TokenAuth, key_check
 from gateway.http.endpoints import Endpoints
 from gateway.http.inference import Inference, infer_target
 from gateway.http.limits import Limits, read_limits
-from gateway.http.metrics import ClientCollector, GatewayCollector
+from gateway.http.metrics import ClientCollector, GatewayCollector, QualityCollector
 from gateway.http.openapi import openapi_document
+from gateway.http.outcomes import OutcomesEndpoints
 from gateway.http.responses import HANDLERS, json_response
 from gateway.serving.backlog import STATE_KEY, Backlog
 from gateway.serving.loader import version_loader
@@ -35,6 +37,7 @@ from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, Traffic
 from gateway.settings import Settings
 from monitors import warm_up
+from router.state.outcomes import MemoryPredictions, PredictionStore
 from router.state.store import MemoryStore, StateStore
 from router.state.table import RouteTable
 
@@ -72,6 +75,17 @@ def open_store(redis_url: str | None, prefix: str = "turnout:") -> StateStore:
     return RedisStore(redis_url, prefix)
 
 
+def open_predictions(settings: Settings) -> PredictionStore:
+    """The outcome join's store: Redis when configured (the fleet's), else bounded memory."""
+    if not settings.redis_url:
+        return MemoryPredictions(
+            settings.outcome_ttl_s, settings.outcome_max_entries, settings.outcome_max_bytes
+        )
+    from router.state.redis_outcomes import RedisPredictions
+
+    return RedisPredictions(settings.redis_url, settings.redis_prefix, settings.outcome_ttl_s)
+
+
 def create_app(settings: Settings) -> Gateway:
     executor = ThreadPoolExecutor(settings.execution_threads, thread_name_prefix="turnout-run")
 
@@ -106,6 +120,13 @@ def create_app(settings: Settings) -> Gateway:
         interval_s=settings.publish_s,
         monitors=settings.monitors,
     )
+    quality = Quality(
+        registry,
+        open_predictions(settings),
+        window_s=settings.quality_window_s,
+        flush_s=settings.flush_s,
+        exchange=exchange,
+    )
     guard_metrics = GuardMetrics()
     guards = GuardEvaluator(
         table,
@@ -115,6 +136,7 @@ def create_app(settings: Settings) -> Gateway:
         guard_metrics,
         tick_s=settings.guard_tick_s,
         lease_ttl_s=settings.lease_ttl_s,
+        quality=quality,
     )
     limits = Limits(
         store,
@@ -124,12 +146,15 @@ def create_app(settings: Settings) -> Gateway:
         period_s=settings.publish_s,
     )
     ep = Endpoints(settings, registry, table, access, keys, exchange, feedback_keys)
-    inference = Inference(settings, registry, table, shadows, traffic, keys, limits)
+    inference = Inference(settings, registry, table, shadows, traffic, keys, limits, quality)
+    outcomes = OutcomesEndpoints(quality, keys, feedback_keys)
     admin = Admin(access, registry, table, shadows, guards, limits, monitors=settings.monitors)
     metrics_registry = CollectorRegistry(auto_describe=False)
     collector = GatewayCollector(registry, table, shadows, guard_metrics)
     metrics_registry.register(collector)
     metrics_registry.register(ClientCollector(limits))
+    quality_collector = QualityCollector(registry, quality)
+    metrics_registry.register(quality_collector)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -139,6 +164,7 @@ def create_app(settings: Settings) -> Gateway:
             await registry.load_all()
             table.start()
             await table.synced.wait()
+            quality.start()
             guards.start()
             exchange.start()
             limits.start()
@@ -164,6 +190,7 @@ def create_app(settings: Settings) -> Gateway:
                 await task
             await guards.stop()
             await exchange.stop()
+            await quality.stop()
             await limits.stop()
             await table.stop()
             await shadows.close()
@@ -179,6 +206,7 @@ def create_app(settings: Settings) -> Gateway:
     async def metrics(request: Request) -> Response:
         # The process group's counts: the same figures whichever worker answers the scrape.
         collector.view = await exchange.view("group")
+        quality_collector.view = (await quality.view("window", "fleet"))[0]
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
@@ -193,6 +221,8 @@ def create_app(settings: Settings) -> Gateway:
         Route("/v2/models/{model}/versions/{version}", ep.model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/ready", ep.model_ready, methods=["GET"]),
         Route("/v2/models/{model}/feedback", ep.feedback, methods=["POST"]),
+        Route("/v2/models/{model}/outcomes", outcomes.post, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/quality", outcomes.report, methods=["GET"]),
         AdminRoute("POST", "/v2/repository/index", ep.repository_index),
         AdminRoute("POST", "/v2/repository/models/{model}/load", ep.repository_load),
         AdminRoute("POST", "/v2/repository/models/{model}/unload", ep.repository_unload),

@@ -31,18 +31,20 @@ from typing import Any
 
 import numpy as np
 
+from gateway.background.quality import Quality
 from gateway.background.shadow import ShadowRunner
 from gateway.background.tasks import stop_task
 from gateway.errors import GatewayError, NotFound
 from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, Traffic, judged
 from monitors import LatencyHistogram
-from router.policy.guard_spec import CONDITIONS, GuardSpec
+from router.policy.guard_spec import CONDITIONS, QUALITY_CONDITIONS, GuardSpec
 from router.policy.guards import (
     ColumnPsi,
     Evaluation,
     Figures,
     Plan,
+    QualityWindow,
     ShadowWindow,
     VersionWindow,
     evaluate,
@@ -58,6 +60,7 @@ log = logging.getLogger("turnout.guards")
 LEASE_NAME = "guards"  # a dead leader is replaced within the lease's TTL (Settings.lease_ttl_s)
 HISTORY_POINTS = 120  # snapshots kept per longest window: its resolution is window_s / 120
 AUDIT_LOOKBACK = 100  # entries searched for the last guard action
+GUARD_NAMES = frozenset((*CONDITIONS, *QUALITY_CONDITIONS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +107,11 @@ class GuardEvaluator:
         *,
         tick_s: float = 0.5,
         lease_ttl_s: float = 3.0,
+        quality: Quality | None = None,
     ) -> None:
         self.table = table
+        # the quality figures the quality guards judge; None: no quality guard ever has labels
+        self.quality = quality
         self.registry = registry
         self.shadows = shadows
         self.traffic = traffic
@@ -187,9 +193,12 @@ class GuardEvaluator:
         current: _Snapshot,
         now: float,
     ) -> None:
-        judged = self._judge(model, route, spec, current, now)
+        quality = await self._quality(model, route, spec)
+        judged = self._judge(model, route, spec, current, now, quality)
         evaluation = judged.evaluation
         self._export(model, route, spec, judged)
+        if self.quality is not None and spec.judges_quality:
+            self.quality.judged(model, evaluation)
         if evaluation.verdict == "pass":
             state.healthy_since = now if state.healthy_since is None else state.healthy_since
         else:
@@ -289,8 +298,21 @@ class GuardEvaluator:
         """The oldest snapshot taken at or after ``start`` (the current one if none)."""
         return next((s for s in self._history if s.at >= start), current)
 
+    async def _quality(
+        self, model: str, route: Route, spec: GuardSpec
+    ) -> Mapping[str, QualityWindow]:
+        if self.quality is None or not spec.judges_quality:
+            return {}
+        return await self.quality.guard_windows(model, route.doc, spec)
+
     def _judge(
-        self, model: str, route: Route, spec: GuardSpec, current: _Snapshot, now: float
+        self,
+        model: str,
+        route: Route,
+        spec: GuardSpec,
+        current: _Snapshot,
+        now: float,
+        quality: Mapping[str, QualityWindow] | None = None,
     ) -> _Judgement:
         state = self._states.get(model)
         since = state.since if state is not None and state.revision == route.revision else now
@@ -322,7 +344,7 @@ class GuardEvaluator:
                 cur_s.rows - old_s.rows,
                 cur_s.disagreements - old_s.disagreements,
             )
-        figures = Figures(versions, shadows)
+        figures = Figures(versions, shadows, quality or {})
         return _Judgement(evaluate(spec, route.doc, figures), figures, current.at - base.at)
 
     def _drift(
@@ -353,7 +375,7 @@ class GuardEvaluator:
         for guard, threshold in spec.thresholds().items():
             self.metrics.thresholds[(model, guard)] = threshold
         for check in judged.evaluation.checks:
-            if check.value is not None and check.guard in CONDITIONS:
+            if check.value is not None and check.guard.partition(".")[0] in GUARD_NAMES:
                 self.metrics.values[(model, check.version, check.guard)] = check.value
         for subject in route.doc.subjects():
             window = judged.figures.versions.get(subject.version, VersionWindow())
@@ -377,13 +399,24 @@ class GuardEvaluator:
             }
             for v, s in judged.figures.shadows.items()
         }
-        return {
+        out = {
             "revision": route.revision,
             **judged.evaluation.as_json(),
             "window": {"window_s": spec.window_s, "covered_s": judged.covered_s},
             "versions": versions,
             "shadows": shadows,
         }
+        if spec.judges_quality:
+            out["quality"] = {
+                v: {
+                    "labels": q.labels,
+                    "figures": {m: dataclasses.asdict(f) for m, f in q.figures.items()},
+                    "drops": dict(q.drops),
+                    "baseline_labels": q.baseline_labels,
+                }
+                for v, q in judged.figures.quality.items()
+            }
+        return out
 
     async def view(self, model: str) -> dict[str, Any]:
         """The verdict on this replica's current windows, the figures and thresholds behind it,
@@ -395,7 +428,9 @@ class GuardEvaluator:
         if spec is None:
             raise NotFound(f"the policy of {model!r} has no guards")
         now = time.monotonic()
-        judged = self._judge(model, route, spec, self._snapshot(now, {model: route}), now)
+        quality = await self._quality(model, route, spec)
+        snapshot = self._snapshot(now, {model: route})
+        judged = self._judge(model, route, spec, snapshot, now, quality)
         entries = await self.table.store.audit(model, AUDIT_LOOKBACK)
         last = next((e for e in entries if e.who.startswith("guard:")), None)
         state = self._states.get(model)
