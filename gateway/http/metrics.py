@@ -498,8 +498,13 @@ class QualityCollector(Collector):
             "Responses of a version with a task whose task output was missing or misshapen",
         )
         unshaped.add_metric([], self.quality.unshaped)
-        yield from (dropped, unshaped)
         join = self.quality.join_stats()
+        pending = GaugeMetricFamily(
+            "turnout_outcome_predictions_pending",
+            "Served predictions waiting for the next flush to the outcome join's store",
+        )
+        pending.add_metric([], join["pending"])
+        yield from (dropped, unshaped, pending)
         evictions = CounterMetricFamily(
             "turnout_outcome_join_evictions",
             "Predictions the in-process outcome join let go before their horizon: the entry "

@@ -13,7 +13,6 @@ checked against the task (``label``) before anything is recorded.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args
@@ -79,6 +78,19 @@ class Task:
             out["classes"] = list(self.names) if self.names else self.classes
         return out
 
+    def one(self, array: np.ndarray) -> float | None:
+        """The value of a one-row output (``array.shape[0] == 1``), the request path's usual
+        case, without the arrays ``values`` makes; None when not shaped as declared."""
+        if self.type == "binary" and self.positive_index is not None:
+            if array.ndim != 2 or array.shape[1] <= self.positive_index:
+                return None
+            return float(array[0, self.positive_index])
+        if self.type == "multiclass" and not self.indices:
+            if array.ndim != 2 or array.shape[1] != self.classes:
+                return None
+            return float(array.argmax())
+        return float(array.item()) if array.size == 1 else None
+
     def values(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
         """One value per row of a response's outputs (see the module); None when the output is
         missing (not asked for) or not shaped as declared. The request path calls this."""
@@ -122,7 +134,7 @@ class Task:
                 f"a multiclass label is a class index in [0, {self.classes}){named}, "
                 f"got {_shown(raw)}"
             )
-        if type(raw) not in (int, float) or not math.isfinite(raw) or abs(raw) > MAX_REGRESSION_ABS:
+        if type(raw) not in (int, float) or not abs(raw) <= MAX_REGRESSION_ABS:  # NaN too
             raise TaskError(
                 f"a regression label is a finite number within ±{MAX_REGRESSION_ABS:g}, "
                 f"got {_shown(raw)}"

@@ -120,7 +120,9 @@ class MemoryPredictions:
                 continue
             at, version, value, taken = entry
             assert isinstance(at, float) and isinstance(version, str) and isinstance(value, float)
-            if now - at > self.horizon_s:
+            if now - at > self._keep_s:  # as Redis would have let it go (expire() pops in order)
+                out.append(Claimed("unknown"))
+            elif now - at > self.horizon_s:
                 out.append(Claimed("expired"))
             elif taken is not None:
                 out.append(Claimed("duplicate" if taken == label else "conflict"))
