@@ -71,17 +71,10 @@ class CountsExchange:
     async def view(self, scope: Scope) -> View:
         """This process merged with the other live members of ``scope``."""
         view = self.local(time.monotonic())
-        if not self.shared or scope == "process" or (scope == "group" and self.workers == 1):
-            return view
-        try:
-            members = await self.store.read_counts(self.group if scope == "group" else "")
-        except StoreUnavailable as exc:
-            log.warning("%s view is this process only: %s", scope, exc)
-            return view
-        for member, blobs in members.items():
-            if member != self.member:
-                _merge(view, blobs)
-                view.members += 1
+        others, _ = await self.others(scope)
+        for blobs in others:
+            _merge(view, blobs)
+            view.members += 1
         return view
 
     async def others(self, scope: Scope) -> tuple[list[dict[str, bytes]], int]:
