@@ -356,7 +356,7 @@ def quality_alerts(targets: Targets) -> list[Yaml]:
             f"{targets.quality_floor}",
             f"The lower 95% confidence bound of the {metric} of {{{{ $labels.model }}}} version "
             "{{ $labels.version }}, from the outcomes joined to its predictions over the quality "
-            f"window, has been {{{{ $value | printf \"%.3f\" }}}}, under the floor of "
+            f'window, has been {{{{ $value | printf "%.3f" }}}}, under the floor of '
             f"{targets.quality_floor}, for 30 minutes.",
             f"{targets.runbook}#turnout-quality-below-floor",
         ),

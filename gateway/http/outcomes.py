@@ -10,21 +10,16 @@
 
 from __future__ import annotations
 
-import asyncio
-
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.background.quality import MAX_OUTCOMES, WHICH, Quality
 from gateway.errors import BadRequest, PayloadTooLarge
 from gateway.http.auth import KeyCheck
-from gateway.http.responses import json_response, read_body
+from gateway.http.responses import json_response, read_json_object
 
 # 10,000 outcomes of 400-character ids and their labels take under 4.5 MB of JSON
 MAX_OUTCOMES_BODY = 8 << 20
-# bodies from this size are parsed off the event loop
-OFFLOADED_JSON = 1 << 20
 SCOPES = ("process", "group", "fleet")
 
 
@@ -38,16 +33,7 @@ class OutcomesEndpoints:
         self.feedback_keys.check(request.headers)
         model = request.path_params["model"]
         task = self.quality.task_of(model)  # 404 / 400 before the body is read
-        body = await read_body(request.receive, request.headers, MAX_OUTCOMES_BODY)
-        try:
-            if len(body) >= OFFLOADED_JSON:
-                value = await asyncio.to_thread(orjson.loads, body)
-            else:
-                value = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"malformed JSON body: {exc}") from None
-        if not isinstance(value, dict):
-            raise BadRequest('request body must be a JSON object {"outcomes": [...]}')
+        value = await read_json_object(request, MAX_OUTCOMES_BODY)
         items = value.get("outcomes")
         if isinstance(items, list) and len(items) > MAX_OUTCOMES:
             raise PayloadTooLarge(

@@ -172,3 +172,24 @@ def test_quality_events_breached_and_recovered_once(tmp_path: Path) -> None:
         ("quality.recovered", "fraud/2",
          {"metric": "recall", "value": 0.7, "bound": 0.63, "floor": 0.6}),
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("guards", "error"),
+    [
+        ({"min_quality": {"recal": 0.7}}, "policy.guards.min_quality.recal: unknown metric"),
+        ({"min_quality": {"recall": 7}}, "policy.guards.min_quality.recall: must be in [0, 1]"),
+        ({"max_quality_drop_vs_baseline": {"mae": -1}},
+         "policy.guards.max_quality_drop_vs_baseline.mae: must be in [0, 1e+15]"),
+        ({"min_labels": 0}, "policy.guards.min_labels: must be in [1, 1e9]"),
+    ],
+)  # fmt: skip
+def test_the_admin_api_refuses_bad_quality_guards_naming_the_field(
+    server: InProcessServer, guards: dict[str, Any], error: str
+) -> None:
+    before = httpx.get(server.url + "/admin/routes/fraud", headers=ADMIN)
+    body = {"policy": {**CANARY, "guards": guards}, "reason": "bad quality guard"}
+    r = httpx.put(server.url + "/admin/routes/fraud", json=body, headers=ADMIN)
+    assert r.status_code == 400 and r.json()["error"].startswith(error), r.text
+    after = httpx.get(server.url + "/admin/routes/fraud", headers=ADMIN)
+    assert (after.status_code, after.content) == (before.status_code, before.content)

@@ -157,7 +157,7 @@ def test_hostile_ids_and_labels_are_invalid_never_recorded(
     ("body", "status", "error"),
     [
         (b'{"outcomes": [{"id": "a", "label": NaN}]}', 400, "malformed JSON body"),
-        (b"[1, 2]", 400, 'request body must be a JSON object {"outcomes": [...]}'),
+        (b"[1, 2]", 400, "request body must be a JSON object"),
         (b'{"outcomes": {"id": "a"}}', 400, 'outcomes: required, a list of {"id": ...'),
         (b'{"outcomes": []}', 400, "outcomes: must not be empty"),
         (b"{}", 400, "outcomes: required"),
