@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
 from gateway.background.quality import Quality
+from gateway.background.rollout import RolloutEngine
 from gateway.background.shadow import ShadowRunner
 from gateway.http.access import Access, AdminRoute
 from gateway.http.admin import Admin
@@ -31,6 +32,7 @@ from gateway.http.metrics import ClientCollector, GatewayCollector, QualityColle
 from gateway.http.openapi import openapi_document
 from gateway.http.outcomes import OutcomesEndpoints
 from gateway.http.responses import HANDLERS, json_response
+from gateway.http.rollouts import RolloutAdmin, RolloutCollector
 from gateway.serving.backlog import STATE_KEY, Backlog
 from gateway.serving.loader import version_loader
 from gateway.serving.registry import Registry
@@ -138,6 +140,9 @@ def create_app(settings: Settings) -> Gateway:
         lease_ttl_s=settings.lease_ttl_s,
         quality=quality,
     )
+    rollouts = RolloutEngine(
+        table, registry, guards, tick_s=settings.guard_tick_s, lease_ttl_s=settings.lease_ttl_s
+    )
     limits = Limits(
         store,
         settings.api_keys,
@@ -155,6 +160,8 @@ def create_app(settings: Settings) -> Gateway:
     metrics_registry.register(ClientCollector(limits))
     quality_collector = QualityCollector(registry, quality)
     metrics_registry.register(quality_collector)
+    metrics_registry.register(RolloutCollector(rollouts))
+    rollout_admin = RolloutAdmin(access, registry, rollouts, monitors=settings.monitors)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -166,6 +173,7 @@ def create_app(settings: Settings) -> Gateway:
             await table.synced.wait()
             quality.start()
             guards.start()
+            rollouts.start()
             exchange.start()
             limits.start()
             # Everything loaded so far (numba, scipy, sessions) lives as long as the process:
@@ -189,6 +197,7 @@ def create_app(settings: Settings) -> Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await guards.stop()
+            await rollouts.stop()
             await exchange.stop()
             await quality.stop()
             await limits.stop()
@@ -230,7 +239,13 @@ def create_app(settings: Settings) -> Gateway:
         AdminRoute("GET", "/admin/routes/{model}", admin.get_route),
         AdminRoute("PUT", "/admin/routes/{model}", admin.put_route),
         AdminRoute("DELETE", "/admin/routes/{model}", admin.delete_route),
+        # before actions/{action}, which would take approve and reject for policy actions
+        AdminRoute("POST", "/admin/routes/{model}/actions/approve", rollout_admin.approve),
+        AdminRoute("POST", "/admin/routes/{model}/actions/reject", rollout_admin.reject),
         AdminRoute("POST", "/admin/routes/{model}/actions/{action}", admin.action),
+        AdminRoute("GET", "/admin/routes/{model}/rollout", rollout_admin.get),
+        AdminRoute("PUT", "/admin/routes/{model}/rollout", rollout_admin.put),
+        AdminRoute("DELETE", "/admin/routes/{model}/rollout", rollout_admin.delete),
         AdminRoute("GET", "/admin/routes/{model}/report", admin.report),
         AdminRoute("GET", "/admin/routes/{model}/guards", admin.guards_view),
         AdminRoute("GET", "/admin/audit", admin.audit),

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,10 @@ class _ModelState:
     next_at: float
     healthy_since: float | None = None
     verdict: str | None = None
+    # the quality windows last read (fleet-wide, every interval_s on every replica, so that
+    # ``verdict`` has them whoever leads) and when to read them next
+    quality: Mapping[str, QualityWindow] = field(default_factory=dict)
+    quality_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -120,6 +124,7 @@ class GuardEvaluator:
         self.metrics = metrics
         self.holder = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._history: deque[_Snapshot] = deque()
+        self._last: _Snapshot | None = None  # the latest tick's snapshot
         self._states: dict[str, _ModelState] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -146,17 +151,21 @@ class GuardEvaluator:
             self.metrics.forget(model)
         if not routes:  # nothing to evaluate: hold no lease, keep no history
             self._history.clear()
+            self._last = None
             self.metrics.leader = False
             return
         await self._lead()
-        current = self._snapshot(now, routes)
+        current = self._last = self._snapshot(now, routes)
         self._remember(current, routes)
         for model, route in routes.items():
             state = self._state(model, route, now)
-            if not self.metrics.leader or now < state.next_at:
-                continue
             spec = route.doc.guards
             assert spec is not None
+            if spec.judges_quality and now >= state.quality_at:
+                state.quality_at = now + spec.interval_s
+                state.quality = await self._quality(model, route, spec)
+            if not self.metrics.leader or now < state.next_at:
+                continue
             state.next_at = now + spec.interval_s
             try:
                 await self._evaluate(model, route, spec, state, current, now)
@@ -193,8 +202,7 @@ class GuardEvaluator:
         current: _Snapshot,
         now: float,
     ) -> None:
-        quality = await self._quality(model, route, spec)
-        judged = self._judge(model, route, spec, current, now, quality)
+        judged = self._judge(model, route, spec, current, now, state.quality)
         evaluation = judged.evaluation
         self._export(model, route, spec, judged)
         if self.quality is not None and spec.judges_quality:
@@ -417,6 +425,19 @@ class GuardEvaluator:
                 for v, q in judged.figures.quality.items()
             }
         return out
+
+    def verdict(self, model: str) -> str | None:
+        """The guards' verdict on the model's current policy, judged on this replica's windows
+        as of its latest tick, whether or not it holds the lease (the rollout engine asks before
+        each step). None when the policy has no guards or was not seen by a tick yet."""
+        route = self.table.get(model)
+        current, state = self._last, self._states.get(model)
+        if route is None or route.doc.guards is None or current is None:
+            return None
+        if state is None or state.revision != route.revision:
+            return None
+        judged = self._judge(model, route, route.doc.guards, current, current.at, state.quality)
+        return judged.evaluation.verdict
 
     async def view(self, model: str) -> dict[str, Any]:
         """The verdict on this replica's current windows, the figures and thresholds behind it,

@@ -16,7 +16,6 @@ live replicas it last saw, gateway.background.fleet) from its own buckets, says 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from gateway.background.tasks import stop_task
 from gateway.errors import BadRequest, RateLimited
 from gateway.http.clients import Clients
 from gateway.serving.registry import Loaded
@@ -216,10 +216,7 @@ class Limits:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)  # repeats the cancellation a Redis command may swallow
 
     async def refresh(self) -> None:
         """Take the document another replica put; count the live replicas."""

@@ -404,6 +404,26 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
             "parameters": [_MODEL, {"name": "action", "in": "path", "required": True, "schema": {"type": "string", "enum": ["advance", "pause", "resume", "promote", "rollback", "switch"]}}],
             "post": {"summary": "Apply an action to the policy", "security": _ADMIN, "requestBody": _REASON, "responses": {"200": _json(_ref("Route"), "applied"), **_errors(400, 401, 404, 409, 412, 503)}},
         },
+        "/admin/routes/{model}/rollout": {
+            "parameters": [_MODEL],
+            "get": {"summary": "The model's rollout template (ETag: its revision) and its latest rollout (docs/rollouts.md)", "security": _ADMIN, "responses": {"200": _json({"type": "object"}, "ok"), **_errors(401, 404, 503)}},
+            "put": {
+                "summary": "Replace the rollout template (If-Match: revision)",
+                "security": _ADMIN,
+                "parameters": [{"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"}}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object", "required": ["rollout", "reason"], "properties": {"rollout": {"type": "object"}, "reason": {"type": "string"}}}}}},
+                "responses": {"200": _json({"type": "object"}, "stored"), **_errors(400, 401, 404, 412, 413, 503)},
+            },
+            "delete": {"summary": "Remove the rollout template (a running rollout finishes)", "security": _ADMIN, "requestBody": _REASON, "responses": {"200": _json({"type": "object"}, "removed"), **_errors(400, 401, 404, 412, 503)}},
+        },
+        "/admin/routes/{model}/actions/approve": {
+            "parameters": [_MODEL],
+            "post": {"summary": "Approve what the model's rollout awaits (the next step or the promotion); reason optional", "security": _ADMIN, "responses": {"200": _json({"type": "object"}, "recorded; the rollout acts at its next tick"), **_errors(400, 401, 404, 409, 503)}},
+        },
+        "/admin/routes/{model}/actions/reject": {
+            "parameters": [_MODEL],
+            "post": {"summary": "Reject what the model's rollout awaits: it rolls back (reason required)", "security": _ADMIN, "requestBody": _REASON, "responses": {"200": _json({"type": "object"}, "recorded; the rollout rolls back at its next tick"), **_errors(400, 401, 404, 409, 503)}},
+        },
         "/admin/routes/{model}/guards": {**_get("Rollout guards: the verdict on this replica's windows, the figures and thresholds behind it, the last guard action", _ref("Guards"), 401, 404, 503, security=_ADMIN), "parameters": [_MODEL]},
         "/admin/routes/{model}/report": {**_get("Per-version counts, feedback, SRM check, sequential test, shadow divergence", {"type": "object"}, 401, 404, 503, security=_ADMIN), "parameters": [_MODEL]},
         "/admin/audit": {**_get("The audit trail, newest first, a page at a time (up to `limit` entries and about 1 MiB); `next` is the cursor of the following page, null after the last",

@@ -15,6 +15,8 @@ Keys, all under ``prefix``::
     members                set of processes that publish counters
     counts:<member>        hash: field -> a process's counters (opaque bytes), with PX expiry
     limits                 the rate-limits document (JSON)
+    rollouts / rollout_revs      hashes: model -> JSON rollout template / the revision that wrote it
+    rollout_states / rollout_seqs  hashes: model -> JSON rollout state / its sequence number
     limit:<model>:<who>    hash: a principal's token buckets and daily rows, with PX expiry
     changes                pub/sub channel: the new revision after each change
 
@@ -25,8 +27,9 @@ dead Redis fails fast, and a write is never replayed after a timeout (it may hav
 A command that timed out is not lost: a hung Redis runs it when it resumes. Writes whose caller
 was told "failed" must therefore refuse to run late, or be safe to run twice:
 
-- ``put_route`` carries a deadline (the caller's clock + the command timeout) that the script
-  checks against Redis's TIME before changing anything: an admin who got a 503 changed nothing.
+- ``put_route`` and the rollout writes carry a deadline (the caller's clock + the command
+  timeout) that the script checks against Redis's TIME before changing anything: an admin who
+  got a 503 changed nothing.
   This needs the replicas' clocks within the command timeout of Redis's (NTP does far better).
 - ``add_stats`` carries a batch id; the script applies a batch only if it can SET its marker
   (NX), so the caller resends an in-doubt batch with the same id and it counts once.
@@ -58,6 +61,7 @@ from router.state.store import (
     ArmStats,
     Assignment,
     AuditEntry,
+    AuditNote,
     AuditPage,
     RouteRecord,
     StaleRevision,
@@ -223,8 +227,11 @@ return 0
 """
 
 
-# KEYS: revision, limits, audit, audit:_limits; ARGV: document, audit body, audit cap
-PUT_LIMITS = """
+# KEYS: revision, limits, audit, audit:_limits, audit_seq
+# ARGV: document, audit body, audit cap, the limits trail's field in audit_seq
+PUT_LIMITS = (
+    APPEND_AUDIT
+    + """
 local now = redis.call('TIME')
 local before = redis.call('GET', KEYS[2]) or 'null'
 local revision = redis.call('INCR', KEYS[1])
@@ -232,12 +239,11 @@ redis.call('SET', KEYS[2], ARGV[1])
 local entry = '{"revision":' .. revision .. ',"at":' .. now[1] .. '.'
   .. string.format('%06d', tonumber(now[2])) .. ',"before":' .. before .. ','
   .. string.sub(ARGV[2], 2)
-for _, key in ipairs({KEYS[3], KEYS[4]}) do
-  redis.call('LPUSH', key, entry)
-  redis.call('LTRIM', key, 0, tonumber(ARGV[3]) - 1)
-end
+append_audit(KEYS[3], KEYS[5], '', entry, tonumber(ARGV[3]))
+append_audit(KEYS[4], KEYS[5], ARGV[4], entry, tonumber(ARGV[3]))
 return revision
 """
+)
 
 # KEYS: limit:<model>:<principal>. ARGV: requests/s, burst, rows/s, rows burst, rows per day
 # ('' = unlimited), rows of this request, key TTL in ms. The same all-or-nothing check as
@@ -280,6 +286,34 @@ redis.call('HSET', KEYS[1], 'day', day, 'used', used + rows)
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 return {'', '0', '0'}
 """
+
+
+# KEYS: rollout_states, rollout_seqs, revision, audit, audit:<model>, audit_seq
+# ARGV: model, expected sequence number, state JSON, not-after (Unix time in µs), audit body JSON
+#       ("" = no entry), cap. Returns {1, sequence}, {0, current} on a mismatch, {2, 0} late.
+PUT_ROLLOUT_STATE = (
+    APPEND_AUDIT
+    + """
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[4]) then
+  return {2, 0}
+end
+local current = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if tonumber(ARGV[2]) ~= current then
+  return {0, current}
+end
+local seq = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if ARGV[5] ~= '' then
+  local revision = redis.call('INCR', KEYS[3])
+  local entry = '{"revision":' .. revision .. ',"at":' .. now[1] .. '.'
+    .. string.format('%06d', tonumber(now[2])) .. ',"before":null,' .. string.sub(ARGV[5], 2)
+  append_audit(KEYS[4], KEYS[6], '', entry, tonumber(ARGV[6]))
+  append_audit(KEYS[5], KEYS[6], ARGV[1], entry, tonumber(ARGV[6]))
+end
+return {1, seq}
+"""
+)
 
 
 def _increments(version: str, totals: ArmStats) -> list[tuple[str, str, str]]:
@@ -340,6 +374,7 @@ class RedisStore:
         self._claim = self._redis.register_script(CLAIM)
         self._put_limits = self._redis.register_script(PUT_LIMITS)
         self._take = self._redis.register_script(TAKE_LIMITS)
+        self._put_rollout_state = self._redis.register_script(PUT_ROLLOUT_STATE)
         self._closed = False
 
     def _key(self, *parts: str) -> str:
@@ -377,34 +412,7 @@ class RedisStore:
     ) -> RouteRecord | None:
         after = None if doc is None else orjson.dumps(doc)
         body = audit_body(who, model, action, reason, after, artifacts, details)
-        keys = [
-            self._key("revision"),
-            self._key("docs"),
-            self._key("revs"),
-            self._key("audit"),
-            self._key("audit", model),
-            self._key("audit_seq"),
-        ]
-        args: list[bytes | str | int] = [
-            model,
-            "" if expected is None else str(expected),
-            after or b"",
-            body,
-            AUDIT_CAP,
-            self._key("changes"),
-            # the caller hears "failed" once the timeout passes: after that, change nothing
-            round((time.time() + self._timeout_s) * 1e6),
-        ]
-        with _translated():
-            applied, revision = await self._put(keys=keys, args=args)
-        if applied == 2:
-            raise StoreUnavailable(
-                "redis ran the change after its deadline (it was hung, or clocks differ by more "
-                f"than {self._timeout_s} s); nothing was changed"
-            )
-        if not applied:
-            assert expected is not None  # the script refuses only on an If-Match mismatch
-            raise StaleRevision(model, expected, int(revision))
+        revision = await self._put_doc("docs", "revs", model, after, body, expected)
         return None if after is None else RouteRecord(model, orjson.loads(after), int(revision))
 
     async def audit(self, model: str | None = None, limit: int = 100) -> list[AuditEntry]:
@@ -574,9 +582,11 @@ class RedisStore:
             self._key("limits"),
             self._key("audit"),
             self._key("audit", LIMITS_AUDIT),
+            self._key("audit_seq"),
         ]
+        args: list[bytes | str | int] = [after, body, AUDIT_CAP, LIMITS_AUDIT]
         with _translated():
-            return int(await self._put_limits(keys=keys, args=[after, body, AUDIT_CAP]))
+            return int(await self._put_limits(keys=keys, args=args))
 
     async def limits(self) -> dict[str, Any] | None:
         with _translated():
@@ -609,6 +619,99 @@ class RedisStore:
             return None
         wait_s = float(wait)
         return Refusal(_text(which), math.inf if wait_s < 0 else wait_s, int(float(left)))
+
+    async def put_rollout(
+        self,
+        model: str,
+        doc: dict[str, Any] | None,
+        *,
+        expected: int | None,
+        who: str,
+        action: str,
+        reason: str,
+    ) -> int:
+        after = None if doc is None else orjson.dumps(doc)
+        body = audit_body(who, model, action, reason, after, {}, None)
+        return await self._put_doc("rollouts", "rollout_revs", model, after, body, expected)
+
+    async def _put_doc(
+        self,
+        docs: str,
+        revs: str,
+        model: str,
+        after: bytes | None,
+        body: bytes,
+        expected: int | None,
+    ) -> int:
+        """PUT_ROUTE on the hashes ``docs`` and ``revs``: policies, or rollout templates."""
+        keys = [
+            self._key("revision"),
+            self._key(docs),
+            self._key(revs),
+            self._key("audit"),
+            self._key("audit", model),
+            self._key("audit_seq"),
+        ]
+        args: list[bytes | str | int] = [
+            model, "" if expected is None else str(expected), after or b"", body, AUDIT_CAP,
+            self._key("changes"), self._deadline(),
+        ]  # fmt: skip
+        with _translated():
+            applied, revision = await self._put(keys=keys, args=args)
+        return self._applied(model, expected, applied, revision)
+
+    async def rollouts(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        return await self._read_pairs("rollouts", "rollout_revs")
+
+    async def put_rollout_state(
+        self, model: str, state: dict[str, Any], *, expected: int, note: AuditNote | None = None
+    ) -> int:
+        body = b""
+        if note is not None:
+            body = audit_body(note.who, model, note.action, note.reason, None, {}, note.details)
+        keys = [
+            self._key("rollout_states"),
+            self._key("rollout_seqs"),
+            self._key("revision"),
+            self._key("audit"),
+            self._key("audit", model),
+            self._key("audit_seq"),
+        ]
+        args: list[bytes | str | int] = [
+            model, expected, orjson.dumps(state), self._deadline(), body, AUDIT_CAP,
+        ]  # fmt: skip
+        with _translated():
+            applied, seq = await self._put_rollout_state(keys=keys, args=args)
+        return self._applied(model, expected, applied, seq)
+
+    async def rollout_states(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        return await self._read_pairs("rollout_states", "rollout_seqs")
+
+    def _deadline(self) -> int:
+        """A script's not-after time: the caller hears "failed" once its timeout passes, so
+        after that the script changes nothing."""
+        return round((time.time() + self._timeout_s) * 1e6)
+
+    def _applied(self, model: str, expected: int | None, applied: int, number: int) -> int:
+        if applied == 2:
+            raise StoreUnavailable(
+                "redis ran the change after its deadline (it was hung, or clocks differ by more "
+                f"than {self._timeout_s} s); nothing was changed"
+            )
+        if not applied:
+            assert expected is not None  # the scripts refuse only on an If-Match mismatch
+            raise StaleRevision(model, expected, int(number))
+        return int(number)
+
+    async def _read_pairs(self, docs: str, numbers: str) -> dict[str, tuple[int, dict[str, Any]]]:
+        with _translated():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self._key(docs))
+                pipe.hgetall(self._key(numbers))
+                found, revs = await pipe.execute()
+        return {
+            _text(m): (int(revs.get(m, 0)), dict(orjson.loads(doc))) for m, doc in found.items()
+        }
 
     async def ping(self) -> bool:
         try:

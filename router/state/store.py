@@ -108,6 +108,16 @@ def page_of(
 
 
 @dataclass(frozen=True, slots=True)
+class AuditNote:
+    """An audit entry that changes no policy (an approval, a rejection): who, what, why."""
+
+    who: str
+    action: str
+    reason: str
+    details: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ArmStats:
     """Additive totals of one (model, revision, version)."""
 
@@ -255,6 +265,37 @@ class StateStore(Protocol):
         by every process on the backend."""
         ...
 
+    async def put_rollout(
+        self,
+        model: str,
+        doc: dict[str, Any] | None,
+        *,
+        expected: int | None,
+        who: str,
+        action: str,
+        reason: str,
+    ) -> int:
+        """Replace (``doc`` None: delete) the model's rollout template and append its audit entry
+        under the next global revision, in one atomic step; returns that revision, which is the
+        template's. If-Match on ``expected`` (0: no template yet), else StaleRevision."""
+        ...
+
+    async def rollouts(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        """Every model's rollout template: model -> (revision, document)."""
+        ...
+
+    async def put_rollout_state(
+        self, model: str, state: dict[str, Any], *, expected: int, note: AuditNote | None = None
+    ) -> int:
+        """Replace the model's rollout state if its sequence number is ``expected`` (0: none
+        yet), else StaleRevision; with ``note``, append that audit entry (under the next global
+        revision) in the same atomic step. Returns the new sequence number."""
+        ...
+
+    async def rollout_states(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        """Every model's rollout state: model -> (sequence number, state)."""
+        ...
+
     async def ping(self) -> bool:
         """True when the backend answers; False (never an exception) when it does not."""
         ...
@@ -371,6 +412,8 @@ class MemoryStore:
         self._changed = asyncio.Event()  # replaced after each set: one event per change
         self._leases: dict[str, tuple[str, float]] = {}  # name -> (holder, monotonic deadline)
         self._counts: dict[str, tuple[float, dict[str, bytes]]] = {}  # member -> (deadline, blobs)
+        self._rollouts: dict[str, tuple[int, bytes]] = {}  # model -> (revision, template JSON)
+        self._rollout_states: dict[str, tuple[int, bytes]] = {}  # model -> (sequence, JSON)
         self._closed = False
 
     async def routes(self) -> tuple[int, dict[str, RouteRecord]]:
@@ -531,8 +574,7 @@ class MemoryStore:
         self._revision += 1
         entry = audit_entry(self._revision, time.time(), self._limits, body)
         self._limits = after
-        self._audit.append(entry)
-        self._model_audit.setdefault(LIMITS_AUDIT, deque(maxlen=AUDIT_CAP)).append(entry)
+        self._append(LIMITS_AUDIT, entry)
         return self._revision
 
     async def limits(self) -> dict[str, Any] | None:
@@ -542,6 +584,54 @@ class MemoryStore:
         self, principal: str, model: str, rule: Rule, rows: int
     ) -> Refusal | None:
         return self._limiter.take(principal, model, rule, rows, time.time())
+
+    async def put_rollout(
+        self,
+        model: str,
+        doc: dict[str, Any] | None,
+        *,
+        expected: int | None,
+        who: str,
+        action: str,
+        reason: str,
+    ) -> int:
+        previous = self._rollouts.get(model)
+        current = previous[0] if previous else 0
+        if expected is not None and expected != current:
+            raise StaleRevision(model, expected, current)
+        after = None if doc is None else orjson.dumps(doc)
+        body = audit_body(who, model, action, reason, after, {}, None)
+        self._revision += 1
+        entry = audit_entry(self._revision, time.time(), previous[1] if previous else None, body)
+        if after is None:
+            self._rollouts.pop(model, None)
+        else:
+            self._rollouts[model] = (self._revision, after)
+        self._append(model, entry)
+        return self._revision
+
+    async def rollouts(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        return {m: (rev, orjson.loads(doc)) for m, (rev, doc) in self._rollouts.items()}
+
+    async def put_rollout_state(
+        self, model: str, state: dict[str, Any], *, expected: int, note: AuditNote | None = None
+    ) -> int:
+        current = self._rollout_states.get(model, (0, b""))[0]
+        if expected != current:
+            raise StaleRevision(model, expected, current)
+        raw = orjson.dumps(state)
+        entry = None
+        if note is not None:
+            body = audit_body(note.who, model, note.action, note.reason, None, {}, note.details)
+            entry = audit_entry(self._revision + 1, time.time(), None, body)
+        self._rollout_states[model] = (current + 1, raw)
+        if entry is not None:
+            self._revision += 1
+            self._append(model, entry)
+        return current + 1
+
+    async def rollout_states(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        return {m: (seq, orjson.loads(raw)) for m, (seq, raw) in self._rollout_states.items()}
 
     async def ping(self) -> bool:
         return not self._closed

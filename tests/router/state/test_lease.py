@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
-from redis.asyncio import Redis
 
 from router.state.redis_store import RedisStore
-from router.state.store import MemoryStore, StateStore, StoreUnavailable
-from tests.support.redis_server import fresh_prefix
+from router.state.store import StateStore, StoreUnavailable
 
 pytestmark = pytest.mark.anyio
 
@@ -18,35 +16,6 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 TTL_S = 0.3
 # Sleeping this long past a deadline leaves room for a loaded machine's scheduling delays.
 MARGIN_S = 0.2
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def handles(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[], StateStore]]:
-    """A factory of handles on one shared state, as replicas hold them."""
-    if request.param == "memory":
-        shared = MemoryStore()
-        yield lambda: shared
-        await shared.close()
-        return
-    prefix = await fresh_prefix(REDIS_URL)
-    opened: list[StateStore] = []
-
-    def make() -> StateStore:
-        opened.append(RedisStore(REDIS_URL, prefix))
-        return opened[-1]
-
-    yield make
-    for store in opened:
-        await store.close()
-    raw = Redis.from_url(REDIS_URL)
-    async for key in raw.scan_iter(match=f"{prefix}*"):
-        await raw.delete(key)
-    await raw.aclose()
 
 
 async def test_a_free_lease_is_taken_and_refused_to_others_until_it_expires(

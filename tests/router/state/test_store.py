@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from router.state.redis_store import RedisStore
 from router.state.store import (
+    LIMITS_AUDIT,
     ArmStats,
     Assignment,
     MemoryStore,
@@ -227,6 +228,22 @@ async def test_audit_pages_walk_a_trail_longer_than_a_page_while_entries_are_app
     assert await walk(store, "risk", 100, append) == list(range(24, 0, -2))
     page = await store.audit_page("unknown", 10)
     assert (page.entries, page.next) == ([], None)
+
+
+async def test_limits_writes_keep_audit_cursors_in_step(store: StateStore) -> None:
+    """A rate-limits write is an entry of the global trail like a route write: paging the trail
+    while limits are put between pages repeats and skips nothing (its entries count in the
+    trail's sequence, which cursors are measured from)."""
+    for i in range(6):
+        await put(store, "fraud", CANARY | {"weight": i / 100})
+        await store.put_limits({"rules": []}, who="alice", reason=f"limits {i}")
+
+    async def put_limits() -> None:
+        await store.put_limits({"rules": []}, who="alice", reason="between pages")
+
+    assert await walk(store, None, 5, put_limits) == list(range(12, 0, -1))
+    limits = [r for r in range(12, 0, -1) if r % 2 == 0]
+    assert await walk(store, LIMITS_AUDIT, 2, put_limits) == [14, 13, *limits]
 
 
 async def test_a_redis_trail_written_before_paging_pages_from_its_length(
