@@ -11,14 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 
+from gateway.background.guards import GuardEvaluator
 from gateway.background.quality import Quality
+from gateway.background.shadow import ShadowRunner
 from gateway.demo import sample_inputs
 from gateway.serving.registry import Registry
+from gateway.serving.traffic import GuardMetrics, Traffic
 from router.policy.guards import Check, Evaluation
+from router.policy.spec import parse_policy
 from router.state.outcomes import MemoryPredictions
+from router.state.store import MemoryStore
+from router.state.table import RouteTable
 from tests.support.server import ADMIN, InProcessServer, until
 
 ROWS = sample_inputs("fraud", 400, seed=5)["input"]
@@ -193,3 +200,42 @@ def test_the_admin_api_refuses_bad_quality_guards_naming_the_field(
     assert r.status_code == 400 and r.json()["error"].startswith(error), r.text
     after = httpx.get(server.url + "/admin/routes/fraud", headers=ADMIN)
     assert (after.status_code, after.content) == (before.status_code, before.content)
+
+
+@pytest.mark.anyio
+async def test_a_replica_without_the_lease_sees_the_quality_verdict(registry: Registry) -> None:
+    """The rollout engine asks ``verdict`` on whichever replica holds its own lease: every
+    replica reads the quality windows, leader or not."""
+    store = MemoryStore()
+    quality = Quality(registry, MemoryPredictions(3600.0, 1000, 1 << 20), window_s=3600)
+    tables = [RouteTable(store), RouteTable(store)]
+    shadows = ShadowRunner(registry, 8)
+    spec = {"interval_s": 1, "min_requests": 1, "min_labels": 20, "on_breach": "alert",
+            "min_quality": {"accuracy": 0.6}}  # fmt: skip
+    try:
+        doc = parse_policy({**CANARY, "guards": spec}, ["1", "2"])
+        record = await tables[0].write("fraud", doc, expected=None, who="tester", action="put",
+                                       reason="test", artifacts={"1": "a", "2": "b"})  # fmt: skip
+        tables[1].install(record, "fraud")
+        leader, follower = (
+            GuardEvaluator(t, registry, shadows, Traffic(), GuardMetrics(), quality=quality)
+            for t in tables
+        )
+        await leader.tick(100.0)
+        await follower.tick(100.0)
+        assert leader.metrics.leader and not follower.metrics.leader
+        assert follower.verdict("fraud") == "insufficient"  # no labels yet
+        info = registry.get("fraud", "2").info
+        labels = []
+        for i in range(30):  # the candidate is wrong every time
+            request_id = f"v-{i}"
+            score = 0.9 if i % 2 else 0.1
+            quality.served(info, {"probability": np.array([[score]], np.float32)}, request_id)
+            labels.append({"id": request_id, "label": int(score < 0.5)})
+        answer, _ = await quality.take("fraud", {"outcomes": labels})
+        assert answer["accepted"] == 30
+        await leader.tick(101.5)
+        await follower.tick(101.5)
+        assert leader.verdict("fraud") == follower.verdict("fraud") == "breach"
+    finally:
+        await shadows.close()
