@@ -84,6 +84,7 @@ class _Version:
     singles: list[float] = field(default_factory=list)
     arrays: list[np.ndarray] = field(default_factory=list)
     rows: int = 0
+    labelled_at: float = 0.0  # monotonic time of the last labels (a version not loaded here)
 
 
 # A served prediction waiting for the store: (model, id, version, value, served at)
@@ -215,10 +216,7 @@ class Quality:
         now = time.monotonic()
         for state in self._versions.values():
             self._fold(state, now)
-        if self._bound:
-            loaded = {id(lv.info) for lv in self.registry.loaded()}
-            for key in [k for k in self._bound if k not in loaded]:
-                del self._bound[key]
+        self._prune(now)
         async with self._flushing:
             batch, self._pending = self._pending, []
             if not batch:
@@ -304,6 +302,20 @@ class Quality:
         answer["ids"] = {kind: ids for kind, ids in examples.items() if ids}
         return answer, counts["conflict"] == len(items)
 
+    def _prune(self, now: float) -> None:
+        """Forget versions no longer loaded here once a quality window has passed without
+        labels for them (labels for a version another replica serves still count meanwhile),
+        and the request path's shortcuts to unloaded versions."""
+        loaded = self.registry.loaded()
+        if self._bound:
+            ids = {id(lv.info) for lv in loaded}
+            for key in [k for k in self._bound if k not in ids]:
+                del self._bound[key]
+        names = {(lv.info.model, lv.info.version) for lv in loaded}
+        for name, state in list(self._versions.items()):
+            if name not in names and now - state.labelled_at > self.window_s:
+                del self._versions[name]
+
     def _observe(
         self, model: str, version: str, task: Task, values: list[float], labels: list[float]
     ) -> None:
@@ -312,7 +324,9 @@ class Quality:
         except GatewayError:  # not loaded here: the model's task
             own = None
         state = self._state(model, version, own or task)
-        slot = state.windows.slot(time.monotonic())
+        now = time.monotonic()
+        state.labelled_at = now
+        slot = state.windows.slot(now)
         slot.observe(np.asarray(values, np.float64), np.asarray(labels, np.float64))
 
     # -- views ----------------------------------------------------------------------------------
