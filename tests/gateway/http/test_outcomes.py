@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from gateway.demo import sample_inputs
-from tests.support.server import GatewayServer, InProcessServer, Server, until
+from tests.support.server import ADMIN, GatewayServer, InProcessServer, Server, until
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ROWS = sample_inputs("fraud", 400, seed=11)["input"]
@@ -282,3 +282,60 @@ def test_two_replicas_on_redis_share_the_join_and_the_figures(
             np.mean([(s - y) ** 2 for s, y in zip(scores, labels, strict=True)]),
             rtol=1e-5,
         )
+
+
+def test_multiclass_and_regression_tasks(demo_repo: Path, tmp_path: Path) -> None:
+    """The demo's risk model twice: v1 judged as a 2-class model on its logits (labels by
+    class name), v2 as a regression of its score (targets = score + 0.1)."""
+    root = tmp_path / "models"
+    for version, task in (
+        ("1", {"type": "multiclass", "output": "logits", "classes": ["low", "high"]}),
+        ("2", {"type": "regression", "output": "score"}),
+    ):
+        shutil.copytree(demo_repo / "risk" / "1", root / "risk" / version)
+        path = root / "risk" / version / "metadata.json"
+        path.write_text(orjson.dumps({**orjson.loads(path.read_bytes()), "task": task}).decode())
+    rows = sample_inputs("risk", 30, seed=4)
+    with InProcessServer(root) as s:
+        outcomes: dict[str, list[dict[str, Any]]] = {"1": [], "2": []}
+        for i in range(30):
+            version = "1" if i % 2 else "2"
+            request_id = fresh("risk")
+            inputs = [
+                {"name": "features", "shape": [1, 8], "datatype": "FP32",
+                 "data": rows["features"][i].tolist()},
+                {"name": "segment", "shape": [1, 1], "datatype": "INT64",
+                 "data": rows["segment"][i].tolist()},
+                {"name": "flags", "shape": [1, 4], "datatype": "BOOL",
+                 "data": rows["flags"][i].tolist()},
+            ]  # fmt: skip
+            body = {"id": request_id, "inputs": inputs}
+            put = httpx.put(
+                s.url + "/admin/routes/risk",
+                json={"policy": {"strategy": "single", "version": version}, "reason": "test"},
+                headers=ADMIN,
+            )
+            assert put.status_code == 200, put.text
+            answer = httpx.post(s.url + "/v2/models/risk/infer", content=orjson.dumps(body))
+            assert answer.status_code == 200, answer.text
+            out = {o["name"]: o["data"] for o in answer.json()["outputs"]}
+            if version == "1":
+                name = "high" if out["logits"][1] > out["logits"][0] else "low"
+                outcomes["1"].append({"id": request_id, "label": name})
+            else:
+                outcomes["2"].append({"id": request_id, "label": out["score"][0] + 0.1})
+        # labels checked by the newest version's task (regression): a class name is invalid
+        refused = post(s, outcomes["1"][:1], model="risk").json()
+        assert refused["invalid"] == 1
+        # ... so the multiclass version takes indices, which both tasks accept
+        by_index = [{"id": o["id"], "label": int(o["label"] == "high")} for o in outcomes["1"]]
+        assert post(s, by_index, model="risk").json()["accepted"] == 15
+        assert post(s, outcomes["2"], model="risk").json()["accepted"] == 15
+        multi = httpx.get(s.url + "/v2/models/risk/versions/1/quality").json()
+        assert multi["realized"]["accuracy"]["value"] == 1.0 and multi["labels"] == 15
+        assert set(multi["per_class"]) == {"low", "high"}
+        assert sum(multi["label_counts"].values()) == 15
+        regression = httpx.get(s.url + "/v2/models/risk/versions/2/quality").json()
+        assert regression["labels"] == 15
+        mae = regression["realized"]["mae"]["value"]
+        assert abs(mae - 0.1) < 1e-6 and regression["realized"]["bias"]["value"] < 0
