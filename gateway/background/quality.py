@@ -209,6 +209,8 @@ class Quality:
                 await self.flush()
             except StoreUnavailable as exc:
                 log.warning("predictions not remembered (kept for the next try): %s", exc)
+            except Exception:  # a bug in one flush must not end the flushes for good
+                log.exception("quality flush failed")
 
     async def flush(self) -> None:
         """Fold buffered scores into the windows; send buffered predictions to the store (on
