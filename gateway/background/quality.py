@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -124,6 +125,7 @@ class Quality:
         self.unshaped = 0
         self.store_failures = 0
         self._breached: dict[tuple[str, str, str], bool] = {}
+        self._serialized: dict[str, bytes] = {}
         if exchange is not None:
             exchange.sources.append(self.blobs)
 
@@ -203,6 +205,9 @@ class Quality:
         await self.store.close()
 
     async def _flush_loop(self) -> None:
+        exchange = self.exchange
+        publish_s = exchange.interval_s if exchange is not None and exchange.shared else None
+        serialized = -math.inf
         while True:
             await asyncio.sleep(self.flush_s)
             try:
@@ -211,6 +216,28 @@ class Quality:
                 log.warning("predictions not remembered (kept for the next try): %s", exc)
             except Exception:  # a bug in one flush must not end the flushes for good
                 log.exception("quality flush failed")
+            now = time.monotonic()
+            if publish_s is not None and now - serialized >= publish_s:
+                serialized = now
+                try:
+                    await self.serialize(now)
+                except Exception:
+                    log.exception("quality accumulators not serialized for the fleet")
+
+    async def serialize(self, now: float) -> None:
+        """Prepare what ``blobs`` publishes: the accumulators merged here, on the event loop
+        (tens of µs each), their bytes on a worker thread (zlib: milliseconds for a busy binary
+        version, which would otherwise hold the loop once a second)."""
+        merged: dict[str, Accumulator] = {}
+        for (model, version), state in self._versions.items():
+            self._fold(state, now)
+            merged[f"{_PREFIX}{model}/{version}/window"] = state.windows.window(now)
+            merged[f"{_PREFIX}{model}/{version}/all"] = state.windows.cumulative()
+
+        def encode() -> dict[str, bytes]:
+            return {name: acc.to_bytes() for name, acc in merged.items()}
+
+        self._serialized = await asyncio.to_thread(encode)
 
     async def flush(self) -> None:
         """Fold buffered scores into the windows; send buffered predictions to the store (on
@@ -333,13 +360,9 @@ class Quality:
 
     # -- views ----------------------------------------------------------------------------------
     def blobs(self, now: float) -> dict[str, bytes]:
-        """This process's accumulators for the fleet: the window and everything, per version."""
-        out: dict[str, bytes] = {}
-        for (model, version), state in self._versions.items():
-            self._fold(state, now)
-            out[f"{_PREFIX}{model}/{version}/window"] = state.windows.window(now).to_bytes()
-            out[f"{_PREFIX}{model}/{version}/all"] = state.windows.cumulative().to_bytes()
-        return out
+        """This process's accumulators for the fleet (the window and everything, per version),
+        as ``serialize`` last prepared them: the counts exchange publishes them."""
+        return self._serialized
 
     def local(self, model: str, version: str, which: Which, now: float) -> Accumulator | None:
         state = self._versions.get((model, version))
