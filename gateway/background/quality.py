@@ -1,10 +1,11 @@
 """Quality per version: served predictions remembered for the outcome join, labels joined to
 them, and the accumulators (monitors.quality) that turn both into figures.
 
-- The request path (``served``) hands each routed response of a version with a task: the one
-  value per row its task reads (gateway.serving.task) is buffered for the estimated quality
-  (binary: every served score, CBPE), and, for a one-row request that carries an id, as a
-  prediction to remember. Buffers only: nothing here waits on a store.
+- The request path (``served``) hands each routed response of a version with a task; it is
+  kept as it is (one append) until the next flush reads it: the one value per row its task
+  reads (gateway.serving.task) goes to the estimated quality (binary: every served score,
+  CBPE), and, for a one-row request that carries an id, becomes a prediction to remember.
+  Nothing on the request path waits on a store.
 - Every ``flush_s`` the buffered scores fold into the version's windows and the predictions go
   to the prediction store in one batch (router.state.outcomes: the process's bounded memory, or
   Redis for the fleet). Predictions waiting for a store that is down are bounded
@@ -58,7 +59,6 @@ Which = Literal["window", "all"]
 WHICH: tuple[Which, ...] = ("window", "all")
 MAX_OUTCOMES = 10_000  # labels in one batch
 EXAMPLES = 5  # offending ids reported per result
-SCORE_FOLD_ROWS = 4096  # served rows buffered per version before they fold on the request path
 _PREFIX = "quality/"
 _DECODE: dict[str, type[Accumulator]] = {
     "binary": BinaryQuality,
@@ -84,12 +84,11 @@ class _Version:
     # as floats, others as arrays
     singles: list[float] = field(default_factory=list)
     arrays: list[np.ndarray] = field(default_factory=list)
-    rows: int = 0
     labelled_at: float = 0.0  # monotonic time of the last labels (a version not loaded here)
 
 
-# A served prediction waiting for the store: (model, id, version, value, served at)
-Pending = tuple[str, str, str, float, float]
+# A routed response waiting for the next drain: its version, its task's output, the client's id
+Response = tuple[ModelVersion, np.ndarray, str | None]
 
 
 class Quality:
@@ -115,7 +114,8 @@ class Quality:
         # the request path's shortcut: id(ModelVersion) -> (that object, its state), pruned of
         # versions no longer loaded at each flush
         self._bound: dict[int, tuple[ModelVersion, _Version]] = {}
-        self._pending: list[Pending] = []
+        self._responses: list[Response] = []
+        self._pending: list[Served] = []
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
         # counters for /metrics: outcomes by (model, result); predictions dropped while the
@@ -133,43 +133,54 @@ class Quality:
     def served(
         self, info: ModelVersion, outputs: Mapping[str, np.ndarray], request_id: str | None
     ) -> None:
-        """A routed response of a version with a task (``info.task`` is not None): buffers
-        only, about 1 µs (loadtests.handler_cost --id)."""
-        task = info.task
-        assert task is not None
-        array = outputs.get(task.output)
-        if array is None or array.ndim == 0:
+        """A routed response of a version with a task (``info.task`` is not None): kept as it
+        is (the version, its task's output, the client's id) until the next flush reads it, so
+        the request pays one dict lookup and one append (loadtests.stage_cost)."""
+        array = outputs.get(info.task.output)  # type: ignore[union-attr]
+        if array is None:
             self.unshaped += 1
-            return
-        bound = self._bound.get(id(info))
-        if bound is None or bound[0] is not info:
-            state = self._state(info.model, info.version, task)
-            self._bound[id(info)] = (info, state)
+        elif len(self._responses) < self.max_pending:
+            self._responses.append((info, array, request_id))
         else:
-            state = bound[1]
-        if array.shape[0] == 1:
-            value = task.one(array)
-            if value is None:
-                self.unshaped += 1
-                return
-            if task.type == "binary":
-                state.singles.append(value)
-                state.rows += 1
-            if request_id is not None:
-                if len(self._pending) < self.max_pending:
-                    self._pending.append((info.model, request_id, info.version, value, time.time()))
-                else:
-                    self.dropped += 1
-        else:  # several rows: no prediction to remember (one id, several rows)
-            values = task.values(outputs)
-            if values is None:
-                self.unshaped += 1
-                return
-            if task.type == "binary":
-                state.arrays.append(values)
-                state.rows += values.shape[0]
-        if state.rows >= SCORE_FOLD_ROWS:
-            self._fold(state, time.monotonic())
+            self.dropped += 1
+
+    def _drain(self, now: float) -> None:
+        """Read the responses buffered since the last drain: each row's value into its version's
+        scores (binary: the estimate), each one-row response with an id into the predictions
+        for the join's store; then fold the scores into the windows."""
+        responses, self._responses = self._responses, []
+        if responses:
+            wall = time.time()  # when they were served, within a flush period
+            pending, bound = self._pending, self._bound
+            for info, array, request_id in responses:
+                task = info.task
+                assert task is not None
+                known = bound.get(id(info))
+                if known is None or known[0] is not info:
+                    known = bound[id(info)] = (info, self._state(info.model, info.version, task))
+                state = known[1]
+                if array.ndim and array.shape[0] == 1:
+                    value = task.one(array)
+                    if value is None:
+                        self.unshaped += 1
+                        continue
+                    if task.type == "binary":
+                        state.singles.append(value)
+                    if request_id is not None:
+                        pending.append(Served(info.model, request_id, info.version, value, wall))
+                    continue
+                # several rows: no prediction to remember (one id, several rows)
+                values = task.values({task.output: array})
+                if values is None:
+                    self.unshaped += 1
+                elif task.type == "binary":
+                    state.arrays.append(values)
+            over = len(pending) - self.max_pending
+            if over > 0:  # the store has been away: the oldest go
+                self.dropped += over
+                del pending[:over]
+        for state in self._versions.values():
+            self._fold(state, now)
 
     def _state(self, model: str, version: str, task: Task) -> _Version:
         state = self._versions.get((model, version))
@@ -187,7 +198,7 @@ class Quality:
         singles, arrays = state.singles, state.arrays
         if not singles and not arrays:
             return
-        state.singles, state.arrays, state.rows = [], [], 0
+        state.singles, state.arrays = [], []
         parts = [np.asarray(singles, np.float64), *arrays] if singles else arrays
         merged = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=None)
         state.windows.slot(now).observe_unlabelled(merged)
@@ -243,15 +254,14 @@ class Quality:
         """Fold buffered scores into the windows; send buffered predictions to the store (on
         failure they are kept, within ``max_pending``, and StoreUnavailable raised)."""
         now = time.monotonic()
-        for state in self._versions.values():
-            self._fold(state, now)
+        self._drain(now)
         self._prune(now)
         async with self._flushing:
             batch, self._pending = self._pending, []
             if not batch:
                 return
             try:
-                await self.store.remember([Served(*p) for p in batch])
+                await self.store.remember(batch)
             except StoreUnavailable:
                 self.store_failures += 1
                 kept = batch + self._pending
@@ -365,10 +375,10 @@ class Quality:
         return self._serialized
 
     def local(self, model: str, version: str, which: Which, now: float) -> Accumulator | None:
+        self._drain(now)
         state = self._versions.get((model, version))
         if state is None:
             return None
-        self._fold(state, now)
         merged: Accumulator = (
             state.windows.window(now) if which == "window" else state.windows.cumulative()
         )
@@ -380,6 +390,7 @@ class Quality:
         """Accumulators per (model, version) of ``scope`` (of ``keys`` only, when given), and
         the processes they come from. Versions this process has no task for are left out."""
         now = time.monotonic()
+        self._drain(now)
         wanted = None if keys is None else set(keys)
         out: dict[tuple[str, str], Accumulator] = {}
         for key in self._versions:
@@ -539,7 +550,7 @@ class Quality:
             "entries": entries,
             "bytes": getattr(self.store, "bytes", None),
             "evictions": dict(getattr(self.store, "evictions", {})),
-            "pending": len(self._pending),
+            "pending": len(self._pending) + len(self._responses),
         }
 
 

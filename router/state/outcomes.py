@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from router.state.join import id_bytes
 
@@ -39,9 +39,9 @@ ENTRY_BYTES = 280
 EVICTION_REASONS = ("entries", "bytes")
 
 
-@dataclass(frozen=True, slots=True)
-class Served:
-    """A prediction to remember: ``at`` is the wall-clock time it was served."""
+class Served(NamedTuple):
+    """A prediction to remember: ``at`` is the wall-clock time it was served. A tuple: the
+    flush makes one per remembered request."""
 
     model: str
     request_id: str
