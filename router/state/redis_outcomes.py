@@ -41,6 +41,21 @@ return out
 """
 
 
+# KEYS: outcome:<model>:<id> per prediction; ARGV: ttl in ms, then one string of a line per key,
+# "version value served-at" (versions are digits, the numbers Python reprs: no space inside).
+# A prediction served again keeps the label its id took.
+REMEMBER = """
+local ttl = ARGV[1]
+local i = 0
+for version, value, at in string.gmatch(ARGV[2], '(%S+) (%S+) (%S+)\\n') do
+  i = i + 1
+  redis.call('HSET', KEYS[i], 'v', version, 's', value, 't', at)
+  redis.call('PEXPIRE', KEYS[i], ttl)
+end
+return i
+"""
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -60,22 +75,22 @@ class RedisPredictions:
             retry=Retry(NoBackoff(), 0),
         )
         self._claim = self._redis.register_script(CLAIM_LABELS)
+        self._remember = self._redis.register_script(REMEMBER)
 
     def _key(self, model: str, request_id: str) -> str:
         return f"{self._prefix}outcome:{model}:{request_id}"
 
     async def remember(self, served: Sequence[Served]) -> None:
-        if not served:
-            return
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for s in served:
-                    key = self._key(s.model, s.request_id)
-                    pipe.hset(key, mapping={"v": s.version, "s": repr(s.value), "t": repr(s.at)})
-                    pipe.pexpire(key, self._keep_ms)
-                await pipe.execute()
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+        """One script per 1,000 predictions: a command with many arguments costs the client far
+        less to encode than two commands per prediction in a pipeline (about 10 µs each)."""
+        for start in range(0, len(served), CLAIM_CHUNK):
+            chunk = served[start : start + CLAIM_CHUNK]
+            keys = [self._key(s.model, s.request_id) for s in chunk]
+            lines = "".join([f"{s.version} {s.value!r} {s.at!r}\n" for s in chunk])
+            try:
+                await self._remember(keys=keys, args=[self._keep_ms, lines])
+            except RedisError as exc:
+                raise StoreUnavailable(f"redis: {exc}") from exc
 
     async def claim(
         self, model: str, labels: Sequence[tuple[str, float]], now: float
