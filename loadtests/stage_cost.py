@@ -1,8 +1,8 @@
 """Cost of each stage of one light inference request, in-process: parse, decode, run, encode (and
 the bare handler's whole parse for comparison), the two header reads a request makes, the
 default route's ``Registry.latest``, each beside what it replaced, and what a version with a
-task adds (``Quality.served``: its score buffered for the estimate, and with an id remembered
-for the outcome join, the scores folding into the accumulators every 4,096). Best of
+task adds on the request path (``Quality.served``: the response kept for the next flush, which
+reads its score and, with an id, its prediction; the flush's own share is not in here). Best of
 ``repeats`` timeit runs, in µs; pin it to one CPU (``taskset -c 1``) on a shared machine.
 
 Run: ``.venv/bin/python -m loadtests.stage_cost [-n 20000] [--repeats 5]``.
