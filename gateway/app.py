@@ -33,6 +33,7 @@ from gateway.http.openapi import openapi_document
 from gateway.http.outcomes import OutcomesEndpoints
 from gateway.http.responses import HANDLERS, json_response
 from gateway.http.rollouts import RolloutAdmin, RolloutCollector
+from gateway.http.triton import Triton
 from gateway.serving.backlog import STATE_KEY, Backlog
 from gateway.serving.loader import version_loader
 from gateway.serving.registry import Registry
@@ -151,6 +152,7 @@ def create_app(settings: Settings) -> Gateway:
         period_s=settings.publish_s,
     )
     ep = Endpoints(settings, registry, table, access, keys, exchange, feedback_keys)
+    triton = Triton(settings, registry, keys, exchange)
     inference = Inference(settings, registry, table, shadows, traffic, keys, limits, quality)
     outcomes = OutcomesEndpoints(quality, keys, feedback_keys)
     admin = Admin(access, registry, table, shadows, guards, limits, monitors=settings.monitors)
@@ -225,6 +227,13 @@ def create_app(settings: Settings) -> Gateway:
         Route("/v2/health/live", ep.live, methods=["GET"]),
         Route("/v2/health/ready", ep.ready, methods=["GET"]),
         Route("/v2", ep.server_metadata, methods=["GET"]),
+        Route("/v2/models", triton.models, methods=["GET"]),
+        # before /v2/models/{model}: as in Triton, "stats" here is the statistics of all models
+        Route("/v2/models/stats", triton.stats, methods=["GET"]),
+        Route("/v2/models/{model}/stats", triton.stats, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/stats", triton.stats, methods=["GET"]),
+        Route("/v2/models/{model}/config", triton.config, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/config", triton.config, methods=["GET"]),
         Route("/v2/models/{model}", ep.model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/ready", ep.model_ready, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}", ep.model_metadata, methods=["GET"]),

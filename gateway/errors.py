@@ -10,6 +10,7 @@ body ``{"error": message}``. Nothing here imports starlette.
     ├── Conflict (409)
     ├── PreconditionFailed (412)
     ├── PayloadTooLarge (413)
+    ├── UnsupportedMediaType (415) a Content-Encoding the gateway cannot decode; Accept-Encoding
     ├── Overloaded (429)          queue full; carries Retry-After
     │   └── RateLimited (429)     over the client's rate limit or quota; RateLimit headers
     ├── ClientGone (499)          the client left while its request waited; nothing is sent
@@ -79,6 +80,17 @@ class PreconditionFailed(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     status = 413
+
+
+class UnsupportedMediaType(GatewayError):
+    """The body's Content-Encoding is not one the gateway decodes; ``accept_encoding`` lists
+    those it does (sent as the response's Accept-Encoding, RFC 9110 §15.5.16)."""
+
+    status = 415
+
+    def __init__(self, message: str, accept_encoding: str) -> None:
+        super().__init__(message)
+        self.accept_encoding = accept_encoding
 
 
 class Overloaded(GatewayError):

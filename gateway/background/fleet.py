@@ -1,9 +1,10 @@
 """Views wider than one process: the process group (the workers of one server) and the fleet.
 
-Every process publishes its counters (request counts and each version's monitor counts) to the
-state store once a second, with a TTL, under a member name ``host:group:pid``. A reader merges
-its own fresh counters with the other members' last publish: a scrape of ``/metrics`` reports
-the process group, whichever worker answers; the drift endpoint can report the whole fleet.
+Every process publishes its counters (request counts, each version's monitor counts and runtime
+statistics) to the state store once a second, with a TTL, under a member name ``host:group:pid``.
+A reader merges its own fresh counters with the other members' last publish: a scrape of
+``/metrics`` and Triton's statistics report the process group, whichever worker answers; the
+drift endpoint and the statistics can report the whole fleet.
 With one worker and no Redis there is nothing to read and the views are the process's own.
 """
 
@@ -21,7 +22,9 @@ from typing import Literal
 import orjson
 
 from gateway.background.tasks import stop_task
+from gateway.serving.batcher import BatchingRuntime
 from gateway.serving.registry import Registry
+from gateway.serving.statistics import Figures
 from gateway.serving.traffic import Traffic, View
 from monitors.export import MonitorCounts
 from router.state.store import StateStore, StoreUnavailable
@@ -31,6 +34,7 @@ log = logging.getLogger("turnout.fleet")
 Scope = Literal["process", "group", "fleet"]
 _TRAFFIC = "traffic"
 _MONITOR = "monitor/"
+_RUNTIME = "runtime/"
 
 
 class CountsExchange:
@@ -64,8 +68,13 @@ class CountsExchange:
 
     def local(self, now: float) -> View:
         view = View(Counter(self.traffic.requests), Counter(self.traffic.inflight))
-        for loaded in self.registry.loaded() if self.monitors else ():
+        loaded_versions = self.registry.loaded()
+        for loaded in loaded_versions if self.monitors else ():
             view.add_monitor((loaded.info.model, loaded.info.version), loaded.monitor.export(now))
+        for loaded in loaded_versions:
+            if isinstance(loaded.runtime, BatchingRuntime):
+                key = (loaded.info.model, loaded.info.version)
+                view.add_runtime(key, loaded.runtime.stats.figures())
         return view
 
     async def view(self, scope: Scope) -> View:
@@ -100,6 +109,8 @@ class CountsExchange:
         }
         for (model, version), counts in view.monitors.items():
             out[f"{_MONITOR}{model}/{version}"] = counts.to_bytes()
+        for (model, version), figures in view.runtimes.items():
+            out[f"{_RUNTIME}{model}/{version}"] = figures.to_bytes()
         for source in self.sources:
             out.update(source(now))
         return out
@@ -133,5 +144,8 @@ def _merge(view: View, blobs: dict[str, bytes]) -> None:
             elif name.startswith(_MONITOR):
                 model, _, version = name.removeprefix(_MONITOR).rpartition("/")
                 view.add_monitor((model, version), MonitorCounts.from_bytes(blob))
+            elif name.startswith(_RUNTIME):
+                model, _, version = name.removeprefix(_RUNTIME).rpartition("/")
+                view.add_runtime((model, version), Figures.from_bytes(blob))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("unreadable counters %r skipped: %s", name, exc)

@@ -5,8 +5,9 @@ exception type escapes ``decode_request`` for bad input. Faults in what the mode
 plain ``GatewayError`` (500).
 
 BYTES tensors decode to numpy object arrays of ``str``: onnxruntime's tensor(string) takes str
-objects and silently stringifies ``bytes`` (``b"a"`` becomes the text ``"b'a'"``), so a binary
-BYTES element that is not valid UTF-8 is refused. Outputs may hold ``str`` or ``bytes``.
+objects and silently stringifies ``bytes`` (``b"a"`` becomes the text ``"b'a'"``). A binary BYTES
+tensor with an element that is not UTF-8 decodes to a fixed-width numpy bytes array instead
+(``_raw_strings`` says why and when). Outputs may hold ``str`` or ``bytes``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ _ELEMENT_BYTES: Final = {
 # smaller ones cannot hold enough strings to matter.
 _COUNTED_JSON: Final = 1 << 16
 DEFAULT_BUDGET: Final = 128 << 20
+_SEQUENCE: Final = frozenset({"sequence_id", "sequence_start", "sequence_end"})
 
 
 # The per-request types below are slots dataclasses but not frozen: a frozen one takes 1.3 µs to
@@ -127,7 +129,9 @@ def parse_request(body: bytes, header_length: int | None, budget: int = DEFAULT_
     with 413 before any of that memory is taken."""
     if header_length is None:
         end = len(body)
-    elif 0 <= header_length <= len(body):
+    elif header_length == 0:  # Triton's raw form: the body is the one input's bytes
+        return Envelope({}, body, 0, True, None, {})
+    elif 0 < header_length <= len(body):
         end = header_length
     else:
         raise BadRequest(
@@ -211,9 +215,10 @@ def encode_response(
 ) -> tuple[bytes, int | None]:
     """The response body and the JSON header length (None when the body is pure JSON).
 
-    Outputs come in the requested order, else in ``specs`` order (then any others). JSON has no
-    NaN or infinity: orjson writes them as null, so send non-finite outputs in binary. A BYTES
-    output holding non-UTF-8 bytes cannot be JSON text and is sent binary even if JSON was asked.
+    Outputs come in the requested order, else in ``specs`` order (then any others). Non-finite
+    floats in JSON outputs are the tokens ``NaN``, ``Infinity`` and ``-Infinity``, as Triton
+    writes them and Python's json and tritonclient read them. A BYTES output holding non-UTF-8
+    bytes cannot be JSON text and is sent binary even if JSON was asked.
     """
     if request.outputs:
         wanted = [(o.name, o.binary) for o in request.outputs]
@@ -236,11 +241,39 @@ def encode_response(
     head["outputs"] = entries
     try:
         header = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
+        # orjson writes NaN and ±Inf as null; "null" appears in no other response but one
+        # quoting it in a string, so finite outputs cost one search of the bytes here.
+        if b"null" in header and _non_finite_as_tokens(entries):
+            header = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
     except TypeError as exc:
         raise GatewayError(f"cannot encode the response: {exc}") from exc
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
+
+
+def _non_finite_as_tokens(entries: list[dict[str, Any]]) -> bool:
+    """Give each JSON float output holding NaN or ±Inf its data as JSON text with the tokens;
+    True when any was found."""
+    found = False
+    for entry in entries:
+        data = entry.get("data")
+        if entry["datatype"] not in _FLOATS or data is None:
+            continue
+        finite = np.isfinite(data)
+        if finite.all():
+            continue
+        found = True
+        # Finite values as orjson writes them (shortest round-trip for their width), the
+        # others replaced in the text: a float's JSON never holds a comma.
+        parts = orjson.dumps(np.where(finite, data, 0), option=orjson.OPT_SERIALIZE_NUMPY)[
+            1:-1
+        ].split(b",")
+        for i in np.flatnonzero(~finite).tolist():
+            value = data[i]
+            parts[i] = b"NaN" if value != value else b"Infinity" if value > 0 else b"-Infinity"
+        entry["data"] = orjson.Fragment(b"[" + b",".join(parts) + b"]")
+    return found
 
 
 def output_bytes(outputs: Mapping[str, np.ndarray], limit: int) -> int:
@@ -281,9 +314,13 @@ def _decode(
     envelope: Envelope, model: ModelVersion, max_elements: int, max_rows: int, budget: int
 ) -> InferRequest:
     doc, parameters = envelope.doc, envelope.parameters
+    if envelope.end == 0 and envelope.binary:
+        return _raw(envelope.body, model, max_elements, max_rows, _Spent(budget))
     binary_output = parameters.get("binary_data_output", False)
     if type(binary_output) is not bool:
         raise BadRequest('"parameters.binary_data_output" must be true or false')
+    if parameters and not _SEQUENCE.isdisjoint(parameters):
+        _refuse_sequence(parameters, model)
     outputs = _requested_outputs(doc.get("outputs"), model, binary_output)
     headers = _input_headers(doc.get("inputs"), model, envelope.binary, max_elements, max_rows)
     spent = _Spent(budget)
@@ -300,6 +337,97 @@ def _decode(
         outputs=outputs,
         binary_output=binary_output,
     )
+
+
+def _refuse_sequence(parameters: dict[str, Any], model: ModelVersion) -> None:
+    """Triton's sequence-batching parameters ask for state kept between requests, which no
+    model here has: a 400 naming the first that asks, rather than a 200 that ignores it. Their
+    "no sequence" values (an id of 0 or "", false flags) ask for nothing and pass."""
+    for key in sorted(_SEQUENCE & parameters.keys()):
+        value = parameters[key]
+        if value is False or value == "" or (type(value) is int and value == 0):
+            continue
+        raise BadRequest(
+            f'"parameters.{key}": model {model.model!r} is not stateful (Turnout has no '
+            f"sequence batching), so it cannot take part in a sequence; send the request "
+            f"without {key}"
+        )
+
+
+def _raw(
+    body: bytes, model: ModelVersion, max_elements: int, max_rows: int, spent: _Spent
+) -> InferRequest:
+    """A raw binary request (``Inference-Header-Content-Length: 0``): the whole body is the
+    model's one input, its datatype and shape the model's, the one dynamic axis inferred from
+    the length. Outputs: all of them, in JSON."""
+    if len(model.inputs) != 1:
+        raise BadRequest(
+            f"a raw binary request ({INFERENCE_HEADER}: 0) carries exactly one input, but model "
+            f"{model.model!r} has {len(model.inputs)}: {_names(model.inputs)}; send a JSON "
+            "header that names them"
+        )
+    spec = model.inputs[0]
+    name, dims = spec.name, spec.shape
+    free = [axis for axis, d in enumerate(dims) if d < 0]
+    if len(free) > 1:
+        raise BadRequest(
+            f"input {name!r} has shape {list(dims)}: a raw binary request ({INFERENCE_HEADER}: "
+            "0) cannot say the size of more than one dynamic axis; send a JSON header with the "
+            "shape"
+        )
+    fixed = math.prod(d for d in dims if d >= 0)  # elements per step of the dynamic axis
+    if spec.datatype == "BYTES":
+        count, whole = _count_strings(body, name, max_elements), True
+        unit = "length-prefixed elements"
+    else:
+        size = spec.dtype.itemsize
+        count, whole = len(body) // size, len(body) % size == 0
+        unit = f"elements of {size} bytes"
+    if not whole or (count % fixed if fixed else count) or (not free and count != fixed):
+        raise BadRequest(
+            f"a raw binary body of {len(body)} bytes does not fit input {name!r} "
+            f"({spec.datatype}, shape {list(dims)}), which takes {fixed} {unit} per "
+            f"{'row' if free else 'request'}"
+        )
+    shape = list(dims)
+    if free:
+        shape[free[0]] = count // fixed if fixed else 0
+    if count > max_elements:
+        raise BadRequest(
+            f"input {name!r}: a raw body of {count} elements, above the limit of {max_elements}"
+        )
+    if shape and dims[0] < 0 and shape[0] > max_rows:
+        raise BadRequest(
+            f"input {name!r}: {shape[0]} rows, above the limit of {max_rows} per request"
+        )
+    if spec.datatype != "BYTES":
+        spent.charge(name, len(body))
+    h = _Input(spec, tuple(shape), count, None, len(body))
+    return InferRequest(
+        id=None,
+        inputs={name: _from_binary(h, body, 0, len(body), spent)},
+        parameters={},
+        outputs=(),
+        binary_output=False,
+    )
+
+
+def _count_strings(body: bytes, name: str, max_elements: int) -> int:
+    """The BYTES elements in a raw body (each a 4-byte length, then its bytes)."""
+    count = offset = 0
+    end = len(body)
+    while offset < end:
+        if count == max_elements:
+            raise BadRequest(
+                f"input {name!r}: a raw body of more than {max_elements} BYTES elements"
+            )
+        if offset + 4 > end:
+            raise BadRequest(f"input {name!r}: BYTES binary data ends inside element {count}")
+        offset += 4 + _U32.unpack_from(body, offset)[0]
+        count += 1
+    if offset != end:
+        raise BadRequest(f"input {name!r}: BYTES binary data ends inside element {count - 1}")
+    return count
 
 
 class _Spent:
@@ -592,7 +720,7 @@ def _from_binary(h: _Input, body: bytes, start: int, end: int, spent: _Spent) ->
     if spec.datatype == "BYTES":
         # the length prefixes aside, the section is the strings' bytes (checked as they are read)
         spent.charge(name, max(0, end - start - 4 * h.count))
-        return _strings_from_binary(body, start, end, h.count, name).reshape(h.shape)
+        return _strings_from_binary(body, start, end, h.count, name, spent).reshape(h.shape)
     if h.count == 0:
         return np.empty(h.shape, dtype=spec.dtype)
     if spec.datatype == "BOOL":
@@ -609,8 +737,13 @@ def _from_binary(h: _Input, body: bytes, start: int, end: int, spent: _Spent) ->
     return arr.reshape(h.shape)
 
 
-def _strings_from_binary(body: bytes, start: int, end: int, count: int, name: str) -> np.ndarray:
+def _strings_from_binary(
+    body: bytes, start: int, end: int, count: int, name: str, spent: _Spent
+) -> np.ndarray:
+    """BYTES elements as an object array of str; when one is not UTF-8, as raw bytes
+    (``_raw_strings``)."""
     items: list[str] = []
+    raw: list[bytes] | None = None  # every element as bytes, from the first that is not UTF-8
     offset = start
     for i in range(count):
         if offset + 4 > end:
@@ -619,20 +752,42 @@ def _strings_from_binary(body: bytes, start: int, end: int, count: int, name: st
         offset += 4
         if offset + length > end:
             raise BadRequest(f"input {name!r}: BYTES binary data ends inside element {i}")
-        try:
-            items.append(body[offset : offset + length].decode("utf-8"))
-        except UnicodeDecodeError:
-            raise BadRequest(
-                f"input {name!r}: BYTES element {i} is not UTF-8 (string tensors carry text)"
-            ) from None
+        element = body[offset : offset + length]
         offset += length
+        if raw is not None:
+            raw.append(element)
+            continue
+        try:
+            items.append(element.decode("utf-8"))
+        except UnicodeDecodeError:
+            raw = [*map(str.encode, items), element]
     if offset != end:
         raise BadRequest(
             f"input {name!r}: {end - offset} bytes remain after its {count} BYTES elements"
         )
+    if raw is not None:
+        return _raw_strings(raw, len(items), name, spent)
     arr = np.empty(count, dtype=object)
     arr[:] = items
     return arr
+
+
+def _raw_strings(items: list[bytes], bad: int, name: str, spent: _Spent) -> np.ndarray:
+    """BYTES elements, element ``bad`` the first that is not UTF-8, exactly, as a fixed-width
+    numpy bytes array one byte wider than the longest element. onnxruntime reads each element
+    of such an array up to its first NUL byte (which the extra byte guarantees) and takes bytes
+    objects in an object array as their repr, so this is the one form that carries arbitrary
+    bytes into a model, and only bytes without NUL in them."""
+    nul = next((i for i, item in enumerate(items) if b"\0" in item), None)
+    if nul is not None:
+        raise BadRequest(
+            f"input {name!r}: BYTES element {bad} is not UTF-8 and element {nul} holds a NUL "
+            "byte; onnxruntime string tensors take bytes that are not UTF-8 only without NUL "
+            "bytes (send UTF-8 text, or no NUL)"
+        )
+    width = max(map(len, items)) + 1
+    spent.charge(name, len(items) * width)  # the fixed-width copy, besides the section's bytes
+    return np.array(items, dtype=f"S{width}")
 
 
 # -- encoding ------------------------------------------------------------------------------------

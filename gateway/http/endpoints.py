@@ -11,10 +11,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.background.fleet import CountsExchange
-from gateway.errors import BadRequest, Conflict, NotFound, NotReady
+from gateway.errors import BadRequest, Conflict, NotFound, NotReady, cut
 from gateway.http.access import Access
 from gateway.http.auth import KeyCheck, OpenAccess
 from gateway.http.responses import json_response, read_json_object
+from gateway.http.triton import PLATFORM
 from gateway.serving.registry import Loaded, Registry
 from gateway.settings import Settings
 from router.state.join import MAX_ID_CHARS
@@ -24,8 +25,15 @@ log = logging.getLogger("turnout.endpoints")
 
 SERVER_NAME = "turnout"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
-PLATFORM = "onnxruntime_onnx"
+# The server metadata's extensions: exactly the Triton/KServe extensions this gateway serves
+# (docs/api.md lists each with its endpoints). The one place they are declared.
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
+# What a repository call's "parameters" may hold; anything else is refused (400) by name, never
+# ignored: Triton's "config" and "file:<path>" overrides of a load are not supported.
+LOAD_PARAMETERS = frozenset({"versions"})
+# unload_dependents: Turnout has no ensembles, so no version has dependents to unload.
+UNLOAD_PARAMETERS = frozenset({"versions", "unload_dependents"})
+SHOWN_PARAMETERS = 3  # refused parameters a message names
 
 
 class Endpoints:
@@ -160,7 +168,7 @@ class Endpoints:
     async def repository_load(self, request: Request) -> Response:
         self.access.require(request)
         model = request.path_params["model"]
-        versions = self._versions_parameter(await read_json_object(request))
+        versions = self._versions_parameter(await read_json_object(request), LOAD_PARAMETERS)
         await self.registry.load(model, versions)
         entries = [e for e in self.registry.index() if e["name"] == model]
         failed = [
@@ -176,7 +184,7 @@ class Endpoints:
     async def repository_unload(self, request: Request) -> Response:
         self.access.require(request)
         model = request.path_params["model"]
-        versions = self._versions_parameter(await read_json_object(request))
+        versions = self._versions_parameter(await read_json_object(request), UNLOAD_PARAMETERS)
         route = self.table.get(model)
         referenced = route.doc.versions() if route is not None else frozenset()
         needed = referenced & set(versions or self.registry.ready_versions(model))
@@ -190,10 +198,16 @@ class Endpoints:
         return json_response({"name": model, "versions": entries})
 
     @staticmethod
-    def _versions_parameter(body: dict[str, Any]) -> list[str] | None:
+    def _versions_parameter(body: dict[str, Any], allowed: frozenset[str]) -> list[str] | None:
         parameters = body.get("parameters", {})
         if not isinstance(parameters, dict):
             raise BadRequest("'parameters' must be a JSON object")
+        refused = [name for name in parameters if name not in allowed]
+        if refused:
+            raise BadRequest(_unsupported(refused, allowed))
+        dependents = parameters.get("unload_dependents", False)
+        if type(dependents) is not bool:
+            raise BadRequest("'parameters.unload_dependents' must be true or false")
         versions = parameters.get("versions")
         if versions is None:
             return None
@@ -202,3 +216,26 @@ class Endpoints:
         if not versions:
             raise BadRequest("'parameters.versions' must not be empty")
         return versions
+
+
+def _unsupported(names: list[str], allowed: frozenset[str]) -> str:
+    """Why a repository call's parameters ``names`` are refused: each named (at most
+    SHOWN_PARAMETERS of them, each cut), with the reason."""
+    reasons = []
+    for name in names[:SHOWN_PARAMETERS]:
+        if name == "config":
+            why = (
+                "loading with a configuration sent in the request is not supported: a "
+                "version's batching comes from the config.json in its repository folder"
+            )
+        elif name.startswith("file:"):
+            why = (
+                "loading files sent in the request is not supported: put the version's folder "
+                "in the model repository, then load it"
+            )
+        else:
+            why = "unknown parameter"
+        reasons.append(f"'parameters.{cut(name, 100)}': {why}")
+    if len(names) > SHOWN_PARAMETERS:
+        reasons.append(f"and {len(names) - SHOWN_PARAMETERS} more")
+    return f"{'; '.join(reasons)} (supported: {', '.join(sorted(allowed))})"

@@ -36,7 +36,7 @@ from gateway.errors import (
     Timeout,
     Unauthorized,
 )
-from gateway.http import codec
+from gateway.http import codec, inflate
 from gateway.http.auth import KeyCheck
 from gateway.http.clients import principal_of
 from gateway.http.limits import Limits, Ticket
@@ -161,7 +161,19 @@ class Inference:
         try:
             if ticket is not None:
                 await ticket.before_body()
-            body = await read_body(receive, headers, self.settings.max_body_bytes)
+            # The two headers the body needs, in one pass (each ``get`` is a pass of its own).
+            length = encoding = None
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    length = value.decode("latin-1")
+                elif name == b"content-encoding":  # repeated, the codings add up (RFC 9110)
+                    text = value.decode("latin-1")
+                    encoding = text if encoding is None else f"{encoding}, {text}"
+            cap = self.settings.max_body_bytes
+            if encoding is None or (coding := inflate.coding_of(encoding)) is None:
+                body = await read_body(receive, None, cap, length)
+            else:
+                body = await inflate.read_inflated(receive, length, coding, cap, self.decoder)
             if len(body) < OFFLOADED_BODY:
                 content, json_length, observed = await self._infer(
                     headers, body, receive, model, pinned, start, labels, principal, ticket

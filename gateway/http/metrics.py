@@ -106,6 +106,12 @@ class GatewayCollector(Collector):
         depth = GaugeMetricFamily(
             "turnout_queue_depth", "Requests waiting for the version's session", labels=labels
         )
+        unlisted = CounterMetricFamily(
+            "turnout_batch_sizes_unlisted",
+            "Successful runs left out of the statistics' batch_stats: their size came after "
+            "the 128 distinct sizes a version keeps",
+            labels=labels,
+        )
         for loaded in self.registry.loaded():
             runtime = loaded.runtime
             if not isinstance(runtime, BatchingRuntime):
@@ -119,7 +125,8 @@ class GatewayCollector(Collector):
             abandoned.add_metric(key, stats.abandoned)
             inline.add_metric(key, stats.inline)
             depth.add_metric(key, runtime.queue_depth)
-        yield from (batches, rows, rejected, timed_out, abandoned, inline, depth)
+            unlisted.add_metric(key, stats.unlisted[0])
+        yield from (batches, rows, rejected, timed_out, abandoned, inline, depth, unlisted)
 
     def _traffic(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(

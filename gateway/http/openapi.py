@@ -10,6 +10,7 @@ _DATATYPES = [
     "BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
     "FP16", "FP32", "FP64", "BYTES",
 ]  # fmt: skip
+_CONFIG_TYPES = [t if t != "BYTES" else "STRING" for t in _DATATYPES]
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -23,6 +24,13 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 _ERROR = _json(_ref("Error"), "error")
 _MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
 _VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+# processes whose counts a view adds up (drift, statistics)
+_SCOPE = {
+    "name": "scope",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string", "enum": ["process", "group", "fleet"]},
+}
 _REASON = {
     "required": True,
     "content": {
@@ -39,7 +47,13 @@ _ADMIN: list[dict[str, list[str]]] = [{"bearer": []}]
 # With API keys configured (--api-key), these operations need one; health and metadata of the
 # server stay open.
 _KEYED = [
+    "/v2/models",
+    "/v2/models/stats",
     "/v2/models/{model}",
+    "/v2/models/{model}/config",
+    "/v2/models/{model}/stats",
+    "/v2/models/{model}/versions/{version}/config",
+    "/v2/models/{model}/versions/{version}/stats",
     "/v2/models/{model}/infer",
     "/v2/models/{model}/versions/{version}",
     "/v2/models/{model}/versions/{version}/infer",
@@ -79,7 +93,14 @@ _INFER = {
                 "in": "header",
                 "required": False,
                 "schema": {"type": "integer", "minimum": 0},
-            }
+                "description": "length of the JSON header; 0: the body is the one input's raw bytes",
+            },
+            {
+                "name": "Content-Encoding",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "enum": ["gzip", "x-gzip", "deflate", "identity"]},
+            },
         ],
         "requestBody": {
             "required": True,
@@ -96,27 +117,19 @@ _INFER = {
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                 },
             },
-            **_errors(400, 404, 413, 429, 500, 503, 504),
+            **_errors(400, 404, 413, 415, 429, 500, 503, 504),
         },
     }
 }
 
-_REPO_BODY = {
-    "required": False,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "parameters": {
-                        "type": "object",
-                        "properties": {"versions": {"type": "array", "items": {"type": "string"}}},
-                    }
-                },
-            }
-        }
-    },
-}
+
+def _repo_body(**extra: Any) -> dict[str, Any]:
+    """A repository call's body: ``parameters.versions`` and ``extra``; any other parameter is
+    refused by name (400)."""
+    versions = {"versions": {"type": "array", "items": {"type": "string"}}}
+    parameters = {"type": "object", "properties": {**versions, **extra}}
+    schema = {"type": "object", "properties": {"parameters": parameters}}
+    return {"required": False, "content": {"application/json": {"schema": schema}}}
 
 
 def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dict[str, Any]:
@@ -140,6 +153,18 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
             "datatype": {"type": "string", "enum": _DATATYPES},
             "shape": {"type": "array", "items": {"type": "integer"}},
         },
+    }
+    config_tensor = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "data_type": {"type": "string", "enum": [f"TYPE_{t}" for t in _CONFIG_TYPES]},
+            "dims": {"type": "array", "items": {"type": "integer"}},
+        },
+    }
+    duration = {
+        "type": "object",
+        "properties": {"count": {"type": "integer"}, "ns": {"type": "integer"}},
     }
     schemas: dict[str, Any] = {
         "Error": {
@@ -189,6 +214,82 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
                 "inputs": {"type": "array", "items": spec},
                 "outputs": {"type": "array", "items": spec},
                 "turnout": {"type": "object"},
+            },
+        },
+        "ModelConfig": {
+            "type": "object",
+            "description": "Triton's JSON model configuration, from what the gateway loaded",
+            "required": ["name", "platform", "backend", "max_batch_size", "input", "output"],
+            "properties": {
+                "name": {"type": "string"},
+                "platform": {"type": "string", "enum": ["onnxruntime_onnx"]},
+                "backend": {"type": "string", "enum": ["onnxruntime"]},
+                "max_batch_size": {"type": "integer", "minimum": 0},
+                "version_policy": {"type": "object"},
+                "input": {"type": "array", "items": config_tensor},
+                "output": {"type": "array", "items": config_tensor},
+                "dynamic_batching": {"type": "object"},
+                "instance_group": {"type": "array", "items": {"type": "object"}},
+                "parameters": {"type": "object"},
+            },
+        },
+        "ModelStatistics": {
+            "type": "object",
+            "required": ["model_stats"],
+            "properties": {
+                "model_stats": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": [
+                            "name",
+                            "version",
+                            "last_inference",
+                            "inference_count",
+                            "execution_count",
+                            "inference_stats",
+                            "batch_stats",
+                        ],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "version": {"type": "string"},
+                            "last_inference": {
+                                "type": "integer",
+                                "description": "ms since the epoch, 0: none yet",
+                            },
+                            "inference_count": {"type": "integer"},
+                            "execution_count": {"type": "integer"},
+                            "inference_stats": {
+                                "type": "object",
+                                "properties": {
+                                    k: duration
+                                    for k in (
+                                        "success",
+                                        "fail",
+                                        "queue",
+                                        "compute_input",
+                                        "compute_infer",
+                                        "compute_output",
+                                        "cache_hit",
+                                        "cache_miss",
+                                    )
+                                },
+                            },
+                            "batch_stats": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "batch_size": {"type": "integer"},
+                                        "compute_input": duration,
+                                        "compute_infer": duration,
+                                        "compute_output": duration,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
             },
         },
         "Feedback": {
@@ -329,12 +430,14 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
         },
     }
 
-    def repo(summary: str, schema: dict[str, Any], *codes: int) -> dict[str, Any]:
+    def repo(
+        summary: str, schema: dict[str, Any], body: dict[str, Any], *codes: int
+    ) -> dict[str, Any]:
         return {
             "post": {
                 "summary": summary,
                 "security": _ADMIN,
-                "requestBody": _REPO_BODY,
+                "requestBody": body,
                 "responses": {"200": _json(schema, "ok"), **_errors(400, 401, 404, *codes)},
             }
         }
@@ -349,6 +452,12 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
         "/v2/models/{model}/versions/{version}": {**_get("Model version metadata", _ref("ModelMetadata"), 400, 404, 503), "parameters": [_MODEL, _VERSION]},
         "/v2/models/{model}/versions/{version}/ready": {**_get("Model version readiness", ready, 400, 404, 503), "parameters": [_MODEL, _VERSION]},
         "/v2/models/{model}/versions/{version}/infer": {**_INFER, "parameters": [_MODEL, _VERSION]},
+        "/v2/models": _get("KServe's model listing: the models with a ready version", {"type": "object", "required": ["models"], "properties": {"models": {"type": "array", "items": {"type": "string"}}}}),
+        "/v2/models/stats": _get("Statistics of every loaded version (Triton's statistics extension)", _ref("ModelStatistics"), 400, parameters=[_SCOPE]),
+        "/v2/models/{model}/stats": {**_get("Statistics of the model's ready versions", _ref("ModelStatistics"), 400, 404, 503, parameters=[_SCOPE]), "parameters": [_MODEL]},
+        "/v2/models/{model}/versions/{version}/stats": {**_get("Statistics of one version", _ref("ModelStatistics"), 400, 404, 503, parameters=[_SCOPE]), "parameters": [_MODEL, _VERSION]},
+        "/v2/models/{model}/config": {**_get("Triton model configuration of the version unpinned requests go to without a policy", _ref("ModelConfig"), 400, 404, 503), "parameters": [_MODEL]},
+        "/v2/models/{model}/versions/{version}/config": {**_get("Triton model configuration of one version", _ref("ModelConfig"), 400, 404, 503), "parameters": [_MODEL, _VERSION]},
         "/v2/repository/index": {
             "post": {
                 "summary": "Repository index: every model version and its state",
@@ -357,12 +466,12 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
                 "responses": {"200": _json({"type": "array", "items": _ref("IndexEntry")}, "ok"), **_errors(400, 401)},
             }
         },
-        "/v2/repository/models/{model}/load": {**repo("Load (or reload) a model's versions", repo_result), "parameters": [_MODEL]},
-        "/v2/repository/models/{model}/unload": {**repo("Unload a model's versions after in-flight requests finish (409 while its routing policy names them)", repo_result, 409), "parameters": [_MODEL]},
+        "/v2/repository/models/{model}/load": {**repo("Load (or reload) a model's versions; Triton's config and file: parameters are refused (400)", repo_result, _repo_body()), "parameters": [_MODEL]},
+        "/v2/repository/models/{model}/unload": {**repo("Unload a model's versions after in-flight requests finish (409 while its routing policy names them)", repo_result, _repo_body(unload_dependents={"type": "boolean"}), 409), "parameters": [_MODEL]},
         "/openapi.json": _get("This document", {"type": "object"}),
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/v2/models/{model}/versions/{version}/drift": {**_get("Drift and latency of a version: current window and since load", _ref("Drift"), 400, 404, 503,
-                                                               parameters=[{"name": "scope", "in": "query", "required": False, "schema": {"type": "string", "enum": ["process", "group", "fleet"]}}]),
+                                                               parameters=[_SCOPE]),
                                                          "parameters": [_MODEL, _VERSION]},
         "/v2/models/{model}/feedback": {
             "parameters": [_MODEL],

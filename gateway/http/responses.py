@@ -25,6 +25,7 @@ from gateway.errors import (
     PreconditionFailed,
     RateLimited,
     Unauthorized,
+    UnsupportedMediaType,
     cut,
 )
 from gateway.http import codec
@@ -47,14 +48,16 @@ def json_response(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
-async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
+async def read_body(
+    receive: Receive, headers: Mapping[str, str] | None, limit: int, declared: str | None = None
+) -> bytes:
     """The whole body from ASGI ``receive``, refused with 413 as soon as it is known to exceed
-    ``limit``. Raises starlette's ClientDisconnect when the client leaves before the end."""
-    declared = headers.get("content-length")
-    if declared is not None:
-        size = integer("Content-Length", declared, _MAX_CONTENT_LENGTH)
-        if size > limit:
-            raise PayloadTooLarge(f"request body of {size} bytes exceeds the limit of {limit}")
+    ``limit``: from the Content-Length in ``headers`` (or ``declared``, when the caller read
+    it already and passes None for ``headers``), else as the body arrives. Raises starlette's
+    ClientDisconnect when the client leaves before the end."""
+    if headers is not None:
+        declared = headers.get("content-length")
+    check_declared_length(declared, limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -68,6 +71,14 @@ async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) ->
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def check_declared_length(declared: str | None, limit: int) -> None:
+    """413 for a body whose Content-Length exceeds ``limit``; 400 for one that is no length."""
+    if declared is not None:
+        size = integer("Content-Length", declared, _MAX_CONTENT_LENGTH)
+        if size > limit:
+            raise PayloadTooLarge(f"request body of {size} bytes exceeds the limit of {limit}")
 
 
 async def read_json_object(request: Request, limit: int = 1 << 20) -> dict[str, Any]:
@@ -106,6 +117,8 @@ async def gateway_error(request: Request, exc: Exception) -> Response:
             headers.update(exc.headers)
     elif isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
+    elif isinstance(exc, UnsupportedMediaType):
+        headers["Accept-Encoding"] = exc.accept_encoding
     path = cut(request.url.path)
     if exc.status >= 500:
         log.warning("%s %s -> %d: %s", request.method, path, exc.status, exc.message)

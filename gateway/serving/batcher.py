@@ -23,6 +23,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from time import monotonic as _clock
 from typing import Protocol
 
 import numpy as np
@@ -36,12 +37,16 @@ from gateway.errors import (
     Overloaded,
     Timeout,
 )
+from gateway.serving.statistics import Figures
 from gateway.serving.types import Receive, TensorSpec
 
 log = logging.getLogger("turnout.batcher")
 
 Arrays = dict[str, np.ndarray]
 _EWMA = 0.2  # weight of the newest batch in the Retry-After estimate
+# Distinct batch sizes a version's statistics keep: merged runs take at most max_batch_size rows,
+# but a request above it runs alone at the size its client chose.
+MAX_BATCH_SIZES = 128
 
 
 class BlockingRuntime(Protocol):
@@ -105,18 +110,120 @@ class BatchConfig:
 
 @dataclass(slots=True)
 class BatchStats:
-    """Counters since construction, for export. ``rows / batches`` is the mean batch size."""
+    """Counters since construction, for export. ``rows / batches`` is the mean batch size.
 
-    requests: int = 0  # accepted into the queue
-    batches: int = 0  # inner runs
-    rows: int = 0  # rows over all inner runs
+    A request run at once on the event loop (alone, the light path) touches only the ``lone*``
+    fields and its batch size's entry; the totals below add them up when read (a few fewer
+    counters on the path every light request takes: loadtests/batcher_cost.py)."""
+
+    queued_requests: int = 0  # accepted into the queue
+    queued_batches: int = 0  # inner runs of queued requests (merged, alone, or reruns)
+    queued_rows: int = 0  # rows over those runs, a failed merged run included
     rejected: int = 0  # Overloaded (429)
     timed_out: int = 0  # Timeout (504)
     failed: int = 0  # requests failed by a model error (their own: see ``isolated``)
     isolated: int = 0  # merged runs that failed and were rerun one request at a time
     cancelled: int = 0  # abandoned by the caller
     abandoned: int = 0  # dropped from the queue unrun: the client left (ClientGone, 499)
-    inline: int = 0  # inner runs on the event loop: light requests, alone or merged
+    merged_inline: int = 0  # queued runs made on the event loop (light requests merged)
+    unready: int = 0  # requests failed with 503: the version was unloaded while they waited
+    # Requests run at once on the loop: how many, their rows, their seconds in the session; of
+    # them, the ones that failed (counted in ``failed`` too) and their rows.
+    lone: int = 0
+    lone_rows: int = 0
+    lone_s: float = 0.0
+    lone_failed: int = 0
+    lone_failed_rows: int = 0
+    # Triton's statistics extension (gateway.http.triton), for queued requests that got their
+    # outputs: their count, seconds in the runtime (queue to outputs), queued, concatenating
+    # inputs, in the session and slicing outputs (a merged run's times count once per request
+    # it holds), their rows; ``fail_s``: the seconds of every request that failed (429, 504,
+    # 500, 503 on unload); ``last``: the monotonic time of the latest success.
+    queued_succeeded: int = 0
+    queued_succeeded_s: float = 0.0
+    queue_s: float = 0.0
+    input_s: float = 0.0
+    queued_infer_s: float = 0.0
+    output_s: float = 0.0
+    queued_inferences: int = 0
+    fail_s: float = 0.0
+    last: float = 0.0
+    # successful inner runs by rows: [runs, input seconds, run seconds, output seconds]; at
+    # most MAX_BATCH_SIZES sizes (the first ones seen), runs of other sizes go to ``unlisted``
+    sizes: dict[int, list[float]] = field(default_factory=dict)
+    unlisted: list[float] = field(default_factory=lambda: [0, 0.0, 0.0, 0.0])
+
+    def size(self, rows: int) -> list[float]:
+        """The entry of inner runs of ``rows`` rows (the shared unlisted one past the cap)."""
+        entry = self.sizes.get(rows)
+        if entry is None:
+            if len(self.sizes) >= MAX_BATCH_SIZES:
+                return self.unlisted
+            entry = self.sizes[rows] = [0, 0.0, 0.0, 0.0]
+        return entry
+
+    @property
+    def requests(self) -> int:
+        return self.queued_requests + self.lone
+
+    @property
+    def batches(self) -> int:
+        """Inner runs."""
+        return self.queued_batches + self.lone
+
+    @property
+    def rows(self) -> int:
+        """Rows over all inner runs, failed ones included."""
+        return self.queued_rows + self.lone_rows
+
+    @property
+    def inline(self) -> int:
+        """Inner runs on the event loop: light requests, alone or merged."""
+        return self.lone + self.merged_inline
+
+    @property
+    def succeeded(self) -> int:
+        """Requests that got their outputs."""
+        return self.queued_succeeded + self.lone - self.lone_failed
+
+    @property
+    def succeeded_s(self) -> float:
+        return self.queued_succeeded_s + self.lone_s
+
+    @property
+    def infer_s(self) -> float:
+        return self.queued_infer_s + self.lone_s
+
+    @property
+    def inferences(self) -> int:
+        """Rows of the requests that got their outputs."""
+        return self.queued_inferences + self.lone_rows - self.lone_failed_rows
+
+    @property
+    def fail(self) -> int:
+        """Requests the runtime failed: 429, 504, 500, 503."""
+        return self.rejected + self.timed_out + self.failed + self.unready
+
+    def figures(self) -> Figures:
+        """The statistics extension's figures now (a copy: the counters move on)."""
+        last_ms = 0
+        if self.last:
+            last_ms = int((time.time() - (time.monotonic() - self.last)) * 1000)
+        return Figures(
+            succeeded=self.succeeded,
+            succeeded_s=self.succeeded_s,
+            fail=self.fail,
+            fail_s=self.fail_s,
+            queue_s=self.queue_s,
+            input_s=self.input_s,
+            infer_s=self.infer_s,
+            output_s=self.output_s,
+            inferences=self.inferences,
+            executions=self.batches,
+            last_ms=last_ms,
+            unlisted=int(self.unlisted[0]),
+            sizes={rows: list(entry) for rows, entry in self.sizes.items()},
+        )
 
 
 @dataclass(slots=True, eq=False)  # identity hash: requests are members of an ordered set
@@ -132,6 +239,10 @@ class _Request:
     watch: asyncio.Task[None] | None = None  # waits for the client to leave while queued
 
 
+# (rows, seconds concatenating inputs, seconds in the session, seconds slicing outputs)
+_Run = tuple[int, float, float, float]
+
+
 @dataclass(frozen=True, slots=True)
 class _Outcome:
     # per request: its outputs, its own model error, or None (skipped: deadline passed or
@@ -141,6 +252,11 @@ class _Outcome:
     seconds: float
     runs: int = 1
     isolated: bool = False
+    started: float = 0.0  # time.monotonic() when the batch left the queue
+    # the inner runs that produced outputs: one merged run that every result comes from
+    # (``shared``), or one run per request that ran alone
+    made: tuple[_Run, ...] = ()
+    shared: bool = False
 
 
 class BatchingRuntime:
@@ -197,6 +313,11 @@ class BatchingRuntime:
     def merging(self) -> bool:
         return self._merge
 
+    @property
+    def default_timeout_s(self) -> float | None:
+        """The deadline a queued request without one of its own gets (None: none)."""
+        return self._default_timeout_s
+
     async def run(
         self,
         inputs: Mapping[str, np.ndarray],
@@ -228,11 +349,24 @@ class BatchingRuntime:
             and not self._busy()
         ):
             stats = self.stats
-            stats.requests += 1
-            stats.inline += 1
-            stats.batches += 1
-            stats.rows += rows
-            return self._inner.run_sync(inputs, outputs)
+            stats.lone += 1
+            stats.lone_rows += rows
+            started = _clock()
+            try:
+                out = self._inner.run_sync(inputs, outputs)
+            except Exception:
+                stats.failed += 1
+                stats.lone_failed += 1
+                stats.lone_failed_rows += rows
+                stats.fail_s += _clock() - started
+                raise
+            took = _clock() - started
+            stats.lone_s += took
+            stats.last = started
+            entry = stats.sizes.get(rows) or stats.size(rows)
+            entry[0] += 1
+            entry[2] += took
+            return out
         loop = self._bind()
         if len(self._queue) >= self.config.max_queue:
             self.stats.rejected += 1
@@ -248,7 +382,7 @@ class BatchingRuntime:
             request.timer = loop.call_later(deadline - time.monotonic(), self._expire, request)
         request.future.add_done_callback(partial(self._settled, request))
         self._queue[request] = None
-        self.stats.requests += 1
+        self.stats.queued_requests += 1
         if rows <= self._inline_rows and self._busy():
             # Requests wait for the loop behind this one: pump once they have been queued too,
             # and run what merges here on the loop (see _launch). Not watched: it waits one turn.
@@ -281,9 +415,12 @@ class BatchingRuntime:
             self._wakeup.cancel()
         if self._soon is not None:
             self._soon.cancel()
+        now = time.monotonic()
         for request in list(self._queue):
             del self._queue[request]
             if not request.future.done():
+                self.stats.unready += 1
+                self.stats.fail_s += now - request.enqueued
                 request.future.set_exception(NotReady(f"{self.name} was unloaded"))
         if self._inflight == 0:
             self._inner.close()
@@ -308,6 +445,7 @@ class BatchingRuntime:
     def _expire(self, request: _Request) -> None:
         if not request.future.done():
             self.stats.timed_out += 1
+            self.stats.fail_s += time.monotonic() - request.enqueued
             request.future.set_exception(Timeout(f"deadline passed before {self.name} answered"))
 
     async def _watch(self, request: _Request, receive: Receive) -> None:
@@ -395,7 +533,7 @@ class BatchingRuntime:
             except Exception as exc:
                 self._fail(batch, self._translate(exc))
             else:
-                self.stats.inline += outcome.runs
+                self.stats.merged_inline += outcome.runs
                 self._deliver(batch, outcome)
             return
         try:
@@ -419,22 +557,47 @@ class BatchingRuntime:
         self._pump()
 
     def _deliver(self, batch: list[_Request], outcome: _Outcome) -> None:
+        stats = self.stats
+        now = time.monotonic()
+        ok = ok_rows = 0
+        enqueued = 0.0  # summed over the requests answered: their times, added once below
         for request, result in zip(batch, outcome.results, strict=True):
             if result is None:
                 self._expire(request)
             elif request.future.done():
                 pass
             elif isinstance(result, GatewayError):
-                self.stats.failed += 1
+                stats.failed += 1
+                stats.fail_s += now - request.enqueued
                 request.future.set_exception(result)
             else:
                 request.future.set_result(result)
+                ok += 1
+                ok_rows += request.rows
+                enqueued += request.enqueued
+        if ok:
+            stats.queued_succeeded += ok
+            stats.queued_succeeded_s += ok * now - enqueued
+            stats.queue_s += ok * outcome.started - enqueued
+            stats.queued_inferences += ok_rows
+            stats.last = now
+            for rows, input_s, infer_s, output_s in outcome.made:
+                entry = stats.size(rows)
+                entry[0] += 1
+                entry[1] += input_s
+                entry[2] += infer_s
+                entry[3] += output_s
+                # a merged run's times count once for each request it answered
+                each = ok if outcome.shared else 1
+                stats.input_s += each * input_s
+                stats.queued_infer_s += each * infer_s
+                stats.output_s += each * output_s
         self.stats.isolated += outcome.isolated
         ran = sum(r is not None for r in outcome.results)
         if ran:
-            self.stats.batches += outcome.runs
-            self.stats.rows += outcome.rows
-            first = self.stats.batches == 1
+            self.stats.queued_batches += outcome.runs
+            self.stats.queued_rows += outcome.rows
+            first = self.stats.queued_batches == outcome.runs
             self._batch_s = outcome.seconds if first else _ewma(self._batch_s, outcome.seconds)
             self._per_batch = ran if first else _ewma(self._per_batch, ran)
             if self._on_batch is not None:
@@ -444,9 +607,11 @@ class BatchingRuntime:
                     log.exception("%s: on_batch hook failed", self.name)
 
     def _fail(self, batch: list[_Request], exc: GatewayError) -> None:
+        now = time.monotonic()
         for request in batch:
             if not request.future.done():
                 self.stats.failed += 1
+                self.stats.fail_s += now - request.enqueued
                 # a copy per caller: one exception object raised in many tasks tangles tracebacks
                 request.future.set_exception(copy.copy(exc))
 
@@ -471,57 +636,72 @@ class BatchingRuntime:
         ]
         results: list[Arrays | GatewayError | None] = [None] * len(batch)
         if not live:
-            return _Outcome(results, 0, 0.0, runs=0)
+            return _Outcome(results, 0, 0.0, runs=0, started=now)
         rows = sum(batch[i].rows for i in live)
         started = time.perf_counter()
+        made: list[_Run] = []
         if len(live) == 1:
-            results[live[0]] = self._alone(batch[live[0]])
-            return _Outcome(results, rows, time.perf_counter() - started)
+            results[live[0]] = self._alone(batch[live[0]], made)
+            seconds = time.perf_counter() - started
+            return _Outcome(results, rows, seconds, started=now, made=tuple(made))
         first = batch[live[0]]
         merged = {
             name: np.concatenate([batch[i].inputs[name] for i in live]) for name in first.inputs
         }
+        ran = time.perf_counter()
         try:
             out = self._inner.run_sync(merged, first.outputs)
         except Exception:
             # Which request broke the run is unknown: rerun each alone, so that only the
             # requests that fail by themselves fail (a poisoned row costs its batch one run).
-            runs, alone = self._each_alone(batch, live, results)
+            runs, alone = self._each_alone(batch, live, results, made)
             seconds = time.perf_counter() - started
-            return _Outcome(results, rows + alone, seconds, 1 + runs, isolated=True)
+            return _Outcome(results, rows + alone, seconds, 1 + runs, True, now, tuple(made))
+        done = time.perf_counter()
         if all(a.ndim >= 1 and a.shape[0] == rows for a in out.values()):
             start = 0
             for i in live:
                 stop = start + batch[i].rows
                 results[i] = {name: a[start:stop] for name, a in out.items()}
                 start = stop
-            return _Outcome(results, rows, time.perf_counter() - started)
+            end = time.perf_counter()
+            run = (rows, ran - started, done - ran, end - done)
+            return _Outcome(results, rows, end - started, started=now, made=(run,), shared=True)
         # outputs not aligned with input rows: this model cannot be batched
         log.warning("%s: outputs do not follow input rows; batching disabled", self.name)
         self._merge = False
-        runs, alone = self._each_alone(batch, live, results)
-        return _Outcome(results, rows + alone, time.perf_counter() - started, 1 + runs)
+        runs, alone = self._each_alone(batch, live, results, made)
+        seconds = time.perf_counter() - started
+        return _Outcome(results, rows + alone, seconds, 1 + runs, started=now, made=tuple(made))
 
     def _each_alone(
-        self, batch: list[_Request], live: list[int], results: list[Arrays | GatewayError | None]
+        self,
+        batch: list[_Request],
+        live: list[int],
+        results: list[Arrays | GatewayError | None],
+        made: list[_Run],
     ) -> tuple[int, int]:
         """Run ``batch[i]`` alone for each i in ``live`` whose caller still waits, into
-        ``results``; returns (runs, rows)."""
+        ``results`` (and ``made``); returns (runs, rows)."""
         runs = rows = 0
         for i in live:
             request = batch[i]
             if request.future.done():  # timed out or cancelled meanwhile: leave it skipped
                 continue
-            results[i] = self._alone(request)
+            results[i] = self._alone(request, made)
             runs += 1
             rows += request.rows
         return runs, rows
 
-    def _alone(self, request: _Request) -> Arrays | GatewayError:
+    def _alone(self, request: _Request, made: list[_Run]) -> Arrays | GatewayError:
+        """Run one request; a run that produced outputs is appended to ``made``."""
+        started = time.perf_counter()
         try:
-            return self._inner.run_sync(request.inputs, request.outputs)
+            out = self._inner.run_sync(request.inputs, request.outputs)
         except Exception as exc:
             return self._translate(exc)
+        made.append((request.rows, 0.0, time.perf_counter() - started, 0.0))
+        return out
 
 
 def _rows(inputs: Mapping[str, np.ndarray]) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from gateway.errors import LoadError, ModelError, Timeout
+from gateway.errors import BadRequest, GatewayError, LoadError, ModelError, Timeout
 from gateway.serving.repository import external_data_inside
 from gateway.serving.task import TaskError, parse_task
 from gateway.serving.types import (
@@ -55,6 +55,8 @@ class SessionRuntime:
         names = outputs if type(outputs) is list else list(outputs)
         try:
             results = self._run(names, inputs if type(inputs) is dict else dict(inputs), None)
+        except UnicodeDecodeError:
+            raise _not_text(inputs) from None
         except Exception as exc:  # onnxruntime raises its own pybind types; translate them here
             raise ModelError(f"model execution failed: {exc}") from None
         return dict(zip(names, results, strict=True))
@@ -74,6 +76,21 @@ class SessionRuntime:
 
     def close(self) -> None:
         self._session = self._run = None
+
+
+def _not_text(inputs: Mapping[str, np.ndarray]) -> GatewayError:
+    """A string output that is not UTF-8, which onnxruntime cannot return (it hands strings to
+    Python as str). The client's doing when it sent bytes that are not UTF-8 (the codec's
+    fixed-width bytes arrays); else the model's."""
+    why = "onnxruntime returns string tensors only as UTF-8 text"
+    sent = [name for name, array in inputs.items() if array.dtype.kind == "S"]
+    if sent:
+        return BadRequest(
+            f"a string output of the model is not UTF-8 ({why}): it carries bytes of input "
+            f"{sent[0]!r}, which are not UTF-8; such bytes can go into a model but not come "
+            "back out of it"
+        )
+    return ModelError(f"model execution failed: a string output is not UTF-8 ({why})")
 
 
 def session_options(settings: Settings) -> Any:

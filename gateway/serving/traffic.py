@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from gateway.serving.statistics import Figures
 from monitors.export import MonitorCounts
 
 # The model label of a request for a name the registry does not know: label values come from the
@@ -42,12 +43,19 @@ _UNROUTED = frozenset({"pinned", "default", "unknown", "limited"})
 @dataclass(slots=True)
 class View:
     """Counters of one scope (a process, its process group, the fleet): requests by (model,
-    version, role, code), in-flight requests by model, monitor counts by (model, version)."""
+    version, role, code), in-flight requests by model, monitor counts and runtime statistics by
+    (model, version)."""
 
     requests: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
     inflight: Counter[str] = field(default_factory=Counter)
     monitors: dict[tuple[str, str], MonitorCounts] = field(default_factory=dict)
     members: int = 1
+    # each version's runtime statistics (gateway.serving.statistics), added up over the members
+    runtimes: dict[tuple[str, str], Figures] = field(default_factory=dict)
+
+    def add_runtime(self, key: tuple[str, str], figures: Figures) -> None:
+        current = self.runtimes.get(key)
+        self.runtimes[key] = figures if current is None else current.merge(figures)
 
     def add_monitor(self, key: tuple[str, str], counts: MonitorCounts) -> None:
         current = self.monitors.get(key)

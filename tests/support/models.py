@@ -138,3 +138,21 @@ def write_expanding(folder: Path) -> Path:
         [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["n"])],
     )
     return _save(graph, folder)
+
+
+def write_fixed_doubler(folder: Path) -> Path:
+    """y = 2x with x FP32 of static shape [2, 3]: its first axis is not dynamic, so requests to
+    it are never merged (Triton's max_batch_size 0)."""
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [two],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path

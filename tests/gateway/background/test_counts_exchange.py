@@ -7,6 +7,7 @@ import pytest
 
 from gateway.background.fleet import CountsExchange
 from gateway.serving.registry import Registry
+from gateway.serving.statistics import Figures
 from gateway.serving.traffic import Traffic
 from router.state.store import MemoryStore
 
@@ -55,3 +56,22 @@ async def test_unreadable_counters_of_another_member_are_skipped(registry: Regis
     await store.publish_counts("other-host:1:1", blobs, ttl_s=5.0)
     fleet = await me.view("fleet")
     assert fleet.members == 2 and fleet.requests[KEY] == 1
+
+
+async def test_the_fleet_view_adds_every_members_runtime_statistics(registry: Registry) -> None:
+    store = MemoryStore()
+    me = exchange(store, registry, Traffic())
+    theirs = Figures(succeeded=4, succeeded_s=0.5, inferences=9, executions=3, last_ms=7)
+    theirs.sizes[3] = [3, 0.0, 0.25, 0.0]
+    await store.publish_counts(
+        "other-host:1:1", {"runtime/fraud/1": theirs.to_bytes(), "runtime/fraud/2": b"[1"}, 5.0
+    )
+    fleet = await me.view("fleet")
+    mine = (await me.view("process")).runtimes[("fraud", "1")]
+    added = fleet.runtimes[("fraud", "1")]
+    assert added.succeeded == mine.succeeded + 4
+    assert added.inferences == mine.inferences + 9
+    assert added.sizes[3][0] == mine.sizes.get(3, [0.0])[0] + 3
+    assert added.last_ms == max(mine.last_ms, 7)
+    # the unreadable blob is skipped: version 2 is this process's alone
+    assert fleet.runtimes[("fraud", "2")] == (await me.view("process")).runtimes[("fraud", "2")]

@@ -205,6 +205,36 @@ def scrape_total(server: GatewayServer, client: httpx.Client) -> float:
     )
 
 
+def stats_total(
+    server: GatewayServer, client: httpx.Client, scope: str = "group"
+) -> tuple[int, int]:
+    """(successes, inferences) of fraud's versions in the statistics one answer reports."""
+    url = f"{server.url}/v2/models/fraud/stats?scope={scope}"
+    stats = client.get(url, headers={"Connection": "close"}).json()["model_stats"]
+    return (
+        sum(s["inference_stats"]["success"]["count"] for s in stats),
+        sum(s["inference_count"] for s in stats),
+    )
+
+
+@pytest.mark.system
+def test_statistics_add_up_the_replicas_of_the_asked_scope(processes: list[Server]) -> None:
+    """Processes: in-process replicas share a process id, so the fleet views would take them
+    for one member."""
+    fleet = processes
+    sent = [5, 7, 0]
+    with httpx.Client() as client:
+        for server, n in zip(fleet, sent, strict=True):
+            for _ in range(n):
+                r = client.post(server.url + "/v2/models/fraud/versions/1/infer", content=BODY)
+                assert r.status_code == 200, r.text
+        # every replica publishes each period: the fleet's figures arrive within a few
+        until(lambda: stats_total(fleet[2], client, "fleet") == (12, 12))
+        assert stats_total(fleet[2], client, "process") == (0, 0)
+        assert stats_total(fleet[0], client) == (5, 5)  # one worker: its group is itself
+        assert stats_total(fleet[1], client, "fleet") == (12, 12)
+
+
 def published(store: redis.Redis, prefix: str) -> tuple[int, int]:
     """(members, fraud requests) in the counters the processes last published to Redis."""
     members = store.smembers(prefix + "members")
@@ -240,7 +270,10 @@ def test_every_worker_reports_the_whole_process_group(demo_repo: Path, prefix: s
         # whichever answers a scrape adds the other's to its own.
         until(lambda: published(store, prefix) == (2, 60))
         totals = {scrape_total(s, client) for _ in range(12)}
+        # Triton's statistics too: each answer is the group's (fraud v2 took all 60, one row each)
+        answered = {stats_total(s, client) for _ in range(12)}
     assert totals == {60.0}
+    assert answered == {(60, 60)}
 
 
 @pytest.mark.system

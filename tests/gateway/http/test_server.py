@@ -177,6 +177,22 @@ def test_nested_data_is_accepted(server: GatewayServer) -> None:
 
 
 # -- tritonclient, JSON and binary ------------------------------------------------------------
+def infer_with_triton(
+    server: GatewayServer, model: str, inputs: dict[str, np.ndarray], binary: bool, **kwargs: Any
+) -> Any:
+    """tritonclient's ``infer`` of ``inputs`` on version 1 of ``model``, in JSON or binary."""
+    client = tc.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    try:
+        wire = []
+        for name, array in inputs.items():
+            i = tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            i.set_data_from_numpy(array, binary_data=binary)
+            wire.append(i)
+        return client.infer(model, wire, model_version="1", **kwargs)
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 @pytest.mark.parametrize("model", ["fraud", "risk"])
 def test_tritonclient_round_trip(
@@ -207,20 +223,10 @@ def test_tritonclient_round_trip(
 def test_tritonclient_every_datatype_through_echo(server: GatewayServer, binary: bool) -> None:
 
     inputs = sample_inputs("echo", 3, seed=4)
-    client = tc.InferenceServerClient(url=f"127.0.0.1:{server.port}")
-    try:
-        wire = []
-        for name, array in inputs.items():
-            i = tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            i.set_data_from_numpy(array, binary_data=binary)
-            wire.append(i)
-        outs = [
-            tc.InferRequestedOutput("out_" + n.removeprefix("in_"), binary_data=binary)
-            for n in inputs
-        ]
-        result = client.infer("echo", wire, outputs=outs)
-    finally:
-        client.close()
+    outs = [
+        tc.InferRequestedOutput("out_" + n.removeprefix("in_"), binary_data=binary) for n in inputs
+    ]
+    result = infer_with_triton(server, "echo", inputs, binary, outputs=outs)
     for name, array in inputs.items():
         got = result.as_numpy("out_" + name.removeprefix("in_"))
         assert got is not None and got.shape == array.shape, name

@@ -10,16 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from gateway.demo import sample_inputs, write_demo_repository
 from gateway.errors import ModelError, NotReady, Overloaded, Timeout
-from gateway.serving.batcher import BatchConfig, BatchingRuntime
+from gateway.serving.batcher import MAX_BATCH_SIZES, BatchConfig, BatchingRuntime
 from gateway.serving.runtime import SessionRuntime, load_version
 from gateway.serving.types import ModelVersion
 from gateway.settings import Settings
+from tests.support.models import write_fixed_doubler
 
 Arrays = dict[str, np.ndarray]
 
@@ -50,9 +49,7 @@ class ModelDouble:
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("batcher") / "models"
     write_demo_repository(root, heavy=True)
-    fixed = _fixed_batch_model()
-    (root / "fixed" / "1").mkdir(parents=True)
-    (root / "fixed" / "1" / "model.onnx").write_bytes(fixed.SerializeToString())
+    write_fixed_doubler(root / "fixed" / "1")
     return root
 
 
@@ -61,19 +58,6 @@ def executor() -> Iterator[ThreadPoolExecutor]:
     pool = ThreadPoolExecutor(2, thread_name_prefix="test-batcher")
     yield pool
     pool.shutdown(wait=True)
-
-
-def _fixed_batch_model() -> onnx.ModelProto:
-    """y = 2x with x of static shape [2, 3]: its first axis is not dynamic, so never merged."""
-    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "two"], ["y"])],
-        "fixed",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
-        [two],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def load(
@@ -506,3 +490,83 @@ def test_config_file_errors_name_the_key(tmp_path: Path, text: str, match: str) 
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         BatchConfig.from_file(path, BatchConfig())
+
+
+# -- statistics (Triton's extension, gateway.http.triton) -------------------------------------
+
+
+def test_a_merged_run_is_one_batch_and_each_request_counts_its_wait(
+    repo: Path, executor: ThreadPoolExecutor
+) -> None:
+    delay_s = 0.05
+    info, model = load(repo, executor, "fraud", delay_s=delay_s)
+    rt = batcher(info, model, executor)
+    rows = [2, 1, 3, 1]
+    outputs = ["probability"]
+
+    async def main() -> None:
+        blocker = asyncio.create_task(rt.run(sample_inputs("fraud", 5, seed=99), outputs))
+        await started(model, 1)  # the rest queue behind it, then run as one merged run
+        await asyncio.gather(*(rt.run(sample_inputs("fraud", n, seed=n), outputs) for n in rows))
+        await blocker
+
+    asyncio.run(main())
+    stats = rt.stats
+    assert model.calls == [5, sum(rows)]
+    assert stats.succeeded == 1 + len(rows)
+    assert stats.inferences == 5 + sum(rows)
+    assert {n: int(e[0]) for n, e in stats.sizes.items()} == {5: 1, sum(rows): 1}
+    merged = stats.sizes[sum(rows)]
+    assert merged[1] > 0 and merged[3] > 0  # concatenating and slicing took some time
+    assert merged[2] >= delay_s  # the model double sleeps in every run
+    # the merged run's times count once per request; the blocker's once
+    alone = stats.sizes[5]
+    assert stats.infer_s == pytest.approx(alone[2] + len(rows) * merged[2])
+    assert stats.input_s == pytest.approx(len(rows) * merged[1])
+    # the four waited for the blocker's run (at least its sleep) before their own started
+    assert stats.queue_s >= len(rows) * delay_s * 0.9
+    assert stats.succeeded_s >= stats.queue_s + stats.infer_s
+    assert stats.fail == 0 and stats.fail_s == 0.0
+
+
+def test_failures_and_their_time_are_counted(repo: Path, executor: ThreadPoolExecutor) -> None:
+    info, model = load(repo, executor, "fraud", delay_s=0.02)
+    rt = batcher(info, model, executor, max_queue=1)
+    outputs = ["probability"]
+    poisoned = sample_inputs("fraud", 1, seed=1)
+    poisoned["input"][0, 0] = np.nan
+
+    async def main() -> None:
+        with pytest.raises(ModelError):
+            await rt.run(poisoned, outputs)
+        blocker = asyncio.create_task(rt.run(sample_inputs("fraud", 1, seed=2), outputs))
+        await started(model, 2)
+        waiting = asyncio.create_task(rt.run(sample_inputs("fraud", 1, seed=3), outputs))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):  # the queue holds one
+            await rt.run(sample_inputs("fraud", 1, seed=4), outputs)
+        await asyncio.gather(blocker, waiting)
+        with pytest.raises(Timeout):
+            await rt.run(sample_inputs("fraud", 1, seed=5), outputs, deadline=time.monotonic())
+
+    asyncio.run(main())
+    stats = rt.stats
+    assert (stats.failed, stats.rejected, stats.timed_out, stats.fail) == (1, 1, 1, 3)
+    assert stats.fail_s >= 0.02  # the poisoned run slept before it failed
+    assert stats.succeeded == 2
+
+
+def test_batch_sizes_kept_are_capped(repo: Path, executor: ThreadPoolExecutor) -> None:
+    """A client chooses its rows: past MAX_BATCH_SIZES distinct sizes, runs go unlisted."""
+    info, model = load(repo, executor, "fraud")
+    rt = BatchingRuntime(model, info.inputs, executor, name="fraud", inline_rows=1 << 20)
+    extra = 5
+
+    async def main() -> None:
+        for n in range(1, MAX_BATCH_SIZES + extra + 1):
+            await rt.run(sample_inputs("fraud", n, seed=n), ["probability"])
+
+    asyncio.run(main())
+    assert sorted(rt.stats.sizes) == list(range(1, MAX_BATCH_SIZES + 1))
+    assert rt.stats.unlisted[0] == extra
+    assert rt.stats.succeeded == MAX_BATCH_SIZES + extra
