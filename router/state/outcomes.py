@@ -84,7 +84,8 @@ class MemoryPredictions:
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         # (model, id) -> [served at, version, value, label or None], oldest first
-        self._entries: OrderedDict[tuple[str, str], list[object]] = OrderedDict()
+        # (model, id) -> (the prediction, the label it took or None), oldest first
+        self._entries: OrderedDict[tuple[str, str], tuple[Served, float | None]] = OrderedDict()
         self.bytes = 0
         self.evictions = dict.fromkeys(EVICTION_REASONS, 0)
 
@@ -99,9 +100,9 @@ class MemoryPredictions:
             key = (s.model, s.request_id)
             old = entries.pop(key, None)
             if old is not None:  # served again: the newest prediction, the label it took
-                entries[key] = [s.at, s.version, s.value, old[3]]
+                entries[key] = (s, old[1])
                 continue
-            entries[key] = [s.at, s.version, s.value, None]
+            entries[key] = (s, None)
             self.bytes += id_bytes(s.request_id) + ENTRY_BYTES
             while len(entries) > self._max_entries:
                 self._pop_oldest("entries")
@@ -118,8 +119,8 @@ class MemoryPredictions:
             if entry is None:
                 out.append(Claimed("unknown"))
                 continue
-            at, version, value, taken = entry
-            assert isinstance(at, float) and isinstance(version, str) and isinstance(value, float)
+            served, taken = entry
+            at = served.at
             if now - at > self._keep_s:  # as Redis would have let it go (expire() pops in order)
                 out.append(Claimed("unknown"))
             elif now - at > self.horizon_s:
@@ -127,17 +128,15 @@ class MemoryPredictions:
             elif taken is not None:
                 out.append(Claimed("duplicate" if taken == label else "conflict"))
             else:
-                entry[3] = label
-                out.append(Claimed("accepted", version, value))
+                self._entries[(model, request_id)] = (served, label)
+                out.append(Claimed("accepted", served.version, served.value))
         return out
 
     def expire(self, now: float) -> None:
         """Drop records past the horizon and its grace (not counted as evictions)."""
         entries = self._entries
         while entries:
-            at = next(iter(entries.values()))[0]
-            assert isinstance(at, float)
-            if at + self._keep_s > now:
+            if next(iter(entries.values()))[0].at + self._keep_s > now:
                 break
             self._pop_oldest(None)
 
