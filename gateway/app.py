@@ -19,6 +19,8 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
+from gateway.background.prediction_sinks import prediction_log
+from gateway.background.predictions import record_nothing
 from gateway.background.quality import Quality
 from gateway.background.rollout import RolloutEngine
 from gateway.background.shadow import ShadowRunner
@@ -28,7 +30,12 @@ from gateway.http.auth import TokenAuth, key_check
 from gateway.http.endpoints import Endpoints
 from gateway.http.inference import Inference, infer_target
 from gateway.http.limits import Limits, read_limits
-from gateway.http.metrics import ClientCollector, GatewayCollector, QualityCollector
+from gateway.http.metrics import (
+    ClientCollector,
+    GatewayCollector,
+    PredictionLogCollector,
+    QualityCollector,
+)
 from gateway.http.openapi import openapi_document
 from gateway.http.outcomes import OutcomesEndpoints
 from gateway.http.responses import HANDLERS, json_response
@@ -152,8 +159,12 @@ def create_app(settings: Settings) -> Gateway:
         period_s=settings.publish_s,
     )
     ep = Endpoints(settings, registry, table, access, keys, exchange, feedback_keys)
+    predictions = prediction_log(settings)  # None: off for every model
+    record = record_nothing if predictions is None else predictions.offer
     triton = Triton(settings, registry, keys, exchange)
-    inference = Inference(settings, registry, table, shadows, traffic, keys, limits, quality)
+    inference = Inference(
+        settings, registry, table, shadows, traffic, keys, limits, record, quality=quality
+    )
     outcomes = OutcomesEndpoints(quality, keys, feedback_keys)
     admin = Admin(access, registry, table, shadows, guards, limits, monitors=settings.monitors)
     metrics_registry = CollectorRegistry(auto_describe=False)
@@ -162,6 +173,8 @@ def create_app(settings: Settings) -> Gateway:
     metrics_registry.register(ClientCollector(limits))
     quality_collector = QualityCollector(registry, quality)
     metrics_registry.register(quality_collector)
+    if predictions is not None:
+        metrics_registry.register(PredictionLogCollector(predictions))
     metrics_registry.register(RolloutCollector(rollouts))
     rollout_admin = RolloutAdmin(access, registry, rollouts, monitors=settings.monitors)
 
@@ -186,6 +199,8 @@ def create_app(settings: Settings) -> Gateway:
             registry.started = True
             log.info("ready: %d model versions loaded", len(registry.loaded()))
 
+        if predictions is not None:
+            predictions.start()
         # Loading runs in the background so liveness answers while large models load.
         task = asyncio.create_task(start())
         if settings.workers > 1:
@@ -209,6 +224,8 @@ def create_app(settings: Settings) -> Gateway:
             await registry.close()
             executor.shutdown(wait=True)
             inference.close()
+            if predictions is not None:  # writes what is queued: a join of up to a second
+                await asyncio.get_running_loop().run_in_executor(None, predictions.stop)
 
     async def openapi(request: Request) -> Response:
         document = openapi_document(bool(settings.api_keys), bool(settings.feedback_keys))

@@ -357,6 +357,31 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-alive-timeout-s", type=float, help="idle connections are closed (default 5)"
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--prediction-log-sample",
+        metavar="MODEL=RATE,...",
+        help="record this share of each model's answered requests (*: other models; default "
+        "none; docs/prediction-log.md)",
+    )
+    serve.add_argument("--prediction-log-dir", help="write records as gzip JSON lines here")
+    serve.add_argument("--prediction-log-url", help="POST records as CloudEvents batches here")
+    serve.add_argument(
+        "--prediction-log-rotate-bytes", type=int, help="close a file at this size (64 MiB)"
+    )
+    serve.add_argument(
+        "--prediction-log-rotate-s", type=int, help="close a file at this age (default 3600)"
+    )
+    serve.add_argument(
+        "--prediction-log-retain-bytes",
+        type=int,
+        help="delete the oldest files beyond this total (default 1 GiB)",
+    )
+    serve.add_argument(
+        "--prediction-log-queue", type=int, help="records waiting to be written (10000)"
+    )
+    serve.add_argument(
+        "--prediction-log-queue-bytes", type=int, help="bytes they may hold (64 MiB)"
+    )
 
     demo = commands.add_parser("demo-repo", help="write the demo model repository")
     demo.add_argument("directory", type=Path)

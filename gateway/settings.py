@@ -110,6 +110,21 @@ class Settings:
     # The current window of drift and latency monitors (the cumulative view is since load).
     drift_window_s: int = 300
     log_level: str = "info"
+    # The prediction log (docs/prediction-log.md): model -> share of its answered requests
+    # recorded ("*": every other model); nothing is recorded by default. Records go to a
+    # directory of gzip JSON-lines files, or as CloudEvents to a URL (one of the two).
+    prediction_log_sample: Mapping[str, float] = field(default_factory=dict)
+    prediction_log_dir: Path | None = None
+    prediction_log_url: str | None = None
+    # A file is closed at this compressed size or age; the directory is kept under
+    # retain_bytes by deleting the oldest closed files.
+    prediction_log_rotate_bytes: int = 64 << 20
+    prediction_log_rotate_s: int = 3600
+    prediction_log_retain_bytes: int = 1 << 30
+    # Records waiting for the writer, by count and by the bytes their arrays hold; beyond
+    # either, records are dropped (turnout_predictions_dropped_total{reason="queue_full"}).
+    prediction_log_queue: int = 10_000
+    prediction_log_queue_bytes: int = 64 << 20
     # Periods of the background loops, in seconds: buffered routing counts pushed to the store;
     # guard evaluation; the guard lease (a dead leader is replaced within it); counters published
     # to the fleet. The defaults suit production; tests shorten them instead of sleeping.
@@ -138,6 +153,9 @@ class Settings:
             if f.name in _EXPIRY_OF:
                 values[f.name], values[_EXPIRY_OF[f.name]] = parse_credentials(name, raw)
                 continue
+            if f.name == "prediction_log_sample":
+                values[f.name] = parse_rates(name, raw)
+                continue
             values[f.name] = _cast(name, f.name, raw)
         if "model_repository" not in values:
             raise SettingsError(f"{ENV_PREFIX}MODEL_REPOSITORY is required")
@@ -161,6 +179,8 @@ class Settings:
                     + (f"@{expiry[k].isoformat()}" if k in expiry else "")
                     for k, v in value.items()
                 )
+            elif f.name == "prediction_log_sample":
+                value = ",".join(f"{k}={v!r}" for k, v in value.items())
             out[ENV_PREFIX + f.name.upper()] = str(value)
         return out
 
@@ -226,9 +246,40 @@ class Settings:
                 f"{ENV_PREFIX}LEASE_TTL_S must exceed {ENV_PREFIX}GUARD_TICK_S, or the guard "
                 "lease lapses between two ticks of its holder"
             )
+        self._check_prediction_log()
         if self.graph_optimization not in get_args(GraphOptimization):
             choices = ", ".join(get_args(GraphOptimization))
             raise SettingsError(f"{ENV_PREFIX}GRAPH_OPTIMIZATION must be one of {choices}")
+
+    def _check_prediction_log(self) -> None:
+        sinks = [s for s in (self.prediction_log_dir, self.prediction_log_url) if s]
+        if len(sinks) > 1:
+            raise SettingsError(
+                f"{ENV_PREFIX}PREDICTION_LOG_DIR and {ENV_PREFIX}PREDICTION_LOG_URL: one sink only"
+            )
+        if not sinks and any(rate > 0 for rate in self.prediction_log_sample.values()):
+            raise SettingsError(
+                f"{ENV_PREFIX}PREDICTION_LOG_SAMPLE needs {ENV_PREFIX}PREDICTION_LOG_DIR or "
+                f"{ENV_PREFIX}PREDICTION_LOG_URL: where the records go"
+            )
+        url = self.prediction_log_url
+        if url and not url.startswith(("http://", "https://")):
+            raise SettingsError(f"{ENV_PREFIX}PREDICTION_LOG_URL must be an http(s) URL")
+        if self.prediction_log_rotate_bytes < 1024 or self.prediction_log_rotate_s < 1:
+            raise SettingsError(
+                f"{ENV_PREFIX}PREDICTION_LOG_ROTATE_BYTES must be at least 1024 and "
+                f"{ENV_PREFIX}PREDICTION_LOG_ROTATE_S at least 1"
+            )
+        if self.prediction_log_retain_bytes < self.prediction_log_rotate_bytes:
+            raise SettingsError(
+                f"{ENV_PREFIX}PREDICTION_LOG_RETAIN_BYTES must be at least "
+                f"{ENV_PREFIX}PREDICTION_LOG_ROTATE_BYTES (a file of its own size)"
+            )
+        if self.prediction_log_queue < 1 or self.prediction_log_queue_bytes < 1 << 20:
+            raise SettingsError(
+                f"{ENV_PREFIX}PREDICTION_LOG_QUEUE must be positive and "
+                f"{ENV_PREFIX}PREDICTION_LOG_QUEUE_BYTES at least 1048576 (1 MiB)"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +384,29 @@ def _grant(name: str, label: str) -> tuple[str, Grant | None]:
     return who, Grant(role, frozenset(models))
 
 
+def parse_rates(name: str, raw: str) -> dict[str, float]:
+    """``fraud=0.1,*=0`` -> {model: rate}, each rate in [0, 1]; ``*`` is every other model."""
+    rates: dict[str, float] = {}
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        model, sep, text = (part.strip() for part in item.partition("="))
+        try:
+            rate = float(text)
+        except ValueError:
+            rate = -1.0
+        if not sep or not model or not 0.0 <= rate <= 1.0:
+            raise SettingsError(
+                f"{name}: each entry must be MODEL=RATE with RATE in [0, 1], such as "
+                f"fraud=0.1,*=0 (got {item[:80]!r})"
+            )
+        if model in rates:
+            raise SettingsError(f"{name}: model {model[:80]!r} given twice")
+        rates[model] = rate
+    return rates
+
+
 def parse_tokens(name: str, raw: str) -> dict[str, str]:
     """``name=token,name2=token2@expiry`` -> {name: token}, without the expiry times."""
     return parse_credentials(name, raw)[0]
@@ -353,9 +427,12 @@ def _expiry(name: str, who: str, text: str) -> datetime:
 
 
 def _cast(env_name: str, field_name: str, raw: str) -> object:
-    if field_name in ("model_repository", "cache_dir", "limits"):
+    if field_name in ("model_repository", "cache_dir", "limits", "prediction_log_dir"):
         return Path(raw)
-    if field_name in ("host", "redis_url", "redis_prefix", "log_level", "graph_optimization"):
+    if field_name in (
+        "host", "redis_url", "redis_prefix", "log_level", "graph_optimization",
+        "prediction_log_url",
+    ):  # fmt: skip
         return raw
     if field_name in ("version_override", "batching", "monitors"):
         if raw.lower() in ("1", "true", "yes", "on"):

@@ -129,21 +129,24 @@ def section(text: str, args: argparse.Namespace) -> str:
     ])  # fmt: skip
 
 
-def write(block: str) -> None:
+def write(block: str, start: str = START, end: str = END) -> None:
+    """Put ``block`` (which begins with ``start`` and ends with ``end``) into
+    docs/benchmarks.md in place of the section between those markers, else at its end."""
     doc = BENCHMARKS.read_text()
-    if START in doc:
-        doc = doc[: doc.index(START)] + block + doc[doc.index(END) + len(END) :]
+    if start in doc:
+        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
     else:
         doc = doc.rstrip("\n") + "\n\n" + block + "\n"
     BENCHMARKS.write_text(doc)
 
 
-def kept_section(doc: str) -> str:
-    """The compared-commits section of an existing docs/benchmarks.md ('' if none), for
-    ``loadtests.run`` to keep when it rewrites the file."""
-    if START not in doc:
+def kept_section(doc: str, start: str = START, end: str = END) -> str:
+    """The section between ``start`` and ``end`` (default: the compared commits) of an
+    existing docs/benchmarks.md ('' if none), for ``loadtests.run`` to keep when it rewrites
+    the file."""
+    if start not in doc:
         return ""
-    return doc[doc.index(START) : doc.index(END) + len(END)]
+    return doc[doc.index(start) : doc.index(end) + len(end)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

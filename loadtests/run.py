@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 import orjson
 
-from loadtests import compare_commits, floor, handler_cost, report
+from loadtests import compare_commits, floor, handler_cost, prediction_log_cost, report
 from loadtests.harness import ServerProcess, StartError, free_port
 from loadtests.results import CONFIGS, MODELS, Results
 from loadtests.wrk import WrkPoint, failed, run_wrk
@@ -380,7 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"results saved to {saved} (re-render with --render)")
     o.docs.mkdir(parents=True, exist_ok=True)
     target = o.docs / "benchmarks.md"
-    kept = compare_commits.kept_section(target.read_text()) if target.exists() else ""
+    doc = target.read_text() if target.exists() else ""
+    sections = (
+        compare_commits.kept_section(doc),
+        compare_commits.kept_section(doc, prediction_log_cost.START, prediction_log_cost.END),
+    )
+    kept = "\n\n".join(section for section in sections if section)
     target.write_text(report.markdown(r, "benchmarks.png") + ("\n" + kept + "\n" if kept else ""))
     report.plot(r, o.docs / "benchmarks.png")
     for g in report.goals(r):

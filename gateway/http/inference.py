@@ -24,6 +24,7 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from gateway.background.predictions import Record, record_nothing
 from gateway.background.quality import Quality
 from gateway.background.shadow import ShadowRunner
 from gateway.errors import (
@@ -115,6 +116,7 @@ class Inference:
         traffic: Traffic,
         keys: KeyCheck,
         limits: Limits,
+        record: Record = record_nothing,
         quality: Quality | None = None,
     ) -> None:
         self.settings = settings
@@ -124,6 +126,7 @@ class Inference:
         self.traffic = traffic
         self.keys = keys
         self.limits = limits
+        self.record = record  # the prediction log's offer (gateway.background.predictions)
         self.quality = quality
         # Chosen once: with monitors off the hot path calls a function that does nothing.
         self.observe: Observe = self._observe if settings.monitors else _unobserved
@@ -316,6 +319,10 @@ class Inference:
             }
             if decision.shadows:
                 self.shadows.submit(model, info.version, decision.shadows, decoded.inputs, outputs)
+        self.record(
+            request_id, decoded.id, info, role, None if route is None else route.revision,
+            None if decision is None else decision.propensity, decoded.inputs, outputs, principal,
+        )  # fmt: skip
         content, json_length = codec.encode_response(
             info.model, info.version, request_id, outputs, decoded, info.output_specs, parameters
         )

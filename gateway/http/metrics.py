@@ -18,6 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from gateway.background.predictions import REASONS, PredictionLog
 from gateway.background.quality import Accumulator, Quality
 from gateway.background.shadow import ShadowRunner
 from gateway.http.limits import Limits
@@ -529,3 +530,41 @@ class QualityCollector(Collector):
                 gauge = GaugeMetricFamily(f"turnout_outcome_join_{name}", help_text)
                 gauge.add_metric([], join[name])
                 yield gauge
+
+
+class PredictionLogCollector(Collector):
+    """This process's prediction log (gateway.background.predictions)."""
+
+    def __init__(self, log: PredictionLog) -> None:
+        self.log = log
+
+    def collect(self) -> Iterator[Metric]:
+        log = self.log
+        logged = CounterMetricFamily(
+            "turnout_predictions_logged", "Prediction records written to the sink", labels=["model"]
+        )
+        for model, count in sorted(log.logged.items()):
+            logged.add_metric([model], count)
+        dropped = CounterMetricFamily(
+            "turnout_predictions_dropped",
+            "Sampled prediction records not logged: the queue was full, or the sink failed",
+            labels=["model", "reason"],
+        )
+        counts = log.dropped()
+        for model in sorted({m for m, _ in counts}.union(log.models)):
+            for reason in REASONS:
+                dropped.add_metric([model, reason], counts.get((model, reason), 0))
+        written = CounterMetricFamily(
+            "turnout_prediction_log_written_bytes",
+            "Bytes the prediction log wrote (compressed file bytes, or HTTP bodies)",
+        )
+        written.add_metric([], log.written_bytes)
+        queued = GaugeMetricFamily(
+            "turnout_prediction_log_queue_records", "Records waiting for the writer"
+        )
+        queued.add_metric([], log.queued)
+        queued_bytes = GaugeMetricFamily(
+            "turnout_prediction_log_queue_bytes", "Bytes the arrays of waiting records hold"
+        )
+        queued_bytes.add_metric([], log.queued_bytes)
+        yield from (logged, dropped, written, queued, queued_bytes)
