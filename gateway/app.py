@@ -23,6 +23,7 @@ from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
 from gateway.background.prediction_sinks import prediction_log
 from gateway.background.predictions import record_nothing
+from gateway.background.quality import Quality
 from gateway.background.rollout import RolloutEngine
 from gateway.background.shadow import ShadowRunner
 from gateway.http.access import Access, AdminRoute
@@ -36,8 +37,10 @@ from gateway.http.metrics import (
     EventsCollector,
     GatewayCollector,
     PredictionLogCollector,
+    QualityCollector,
 )
 from gateway.http.openapi import openapi_document
+from gateway.http.outcomes import OutcomesEndpoints
 from gateway.http.responses import HANDLERS, json_response
 from gateway.http.rollouts import RolloutAdmin, RolloutCollector
 from gateway.http.triton import Triton
@@ -48,6 +51,7 @@ from gateway.serving.traffic import GuardMetrics, Traffic
 from gateway.settings import Settings
 from monitors import warm_up
 from router.state.outbox import FileOutbox, MemoryOutbox, Outbox
+from router.state.outcomes import MemoryPredictions, PredictionStore
 from router.state.store import MemoryStore, StateStore
 from router.state.table import RouteTable
 
@@ -100,6 +104,17 @@ def open_outbox(settings: Settings) -> Outbox:
     return MemoryOutbox(settings.events_max, settings.events_max_bytes)
 
 
+def open_predictions(settings: Settings) -> PredictionStore:
+    """The outcome join's store: Redis when configured (the fleet's), else bounded memory."""
+    if not settings.redis_url:
+        return MemoryPredictions(
+            settings.outcome_ttl_s, settings.outcome_max_entries, settings.outcome_max_bytes
+        )
+    from router.state.redis_outcomes import RedisPredictions
+
+    return RedisPredictions(settings.redis_url, settings.redis_prefix, settings.outcome_ttl_s)
+
+
 def create_app(settings: Settings) -> Gateway:
     executor = ThreadPoolExecutor(settings.execution_threads, thread_name_prefix="turnout-run")
 
@@ -147,6 +162,14 @@ def create_app(settings: Settings) -> Gateway:
         interval_s=settings.publish_s,
         monitors=settings.monitors,
     )
+    quality = Quality(
+        registry,
+        open_predictions(settings),
+        window_s=settings.quality_window_s,
+        flush_s=settings.flush_s,
+        exchange=exchange,
+        emit=events.emit,
+    )
     guard_metrics = GuardMetrics()
     guards = GuardEvaluator(
         table,
@@ -157,6 +180,7 @@ def create_app(settings: Settings) -> Gateway:
         tick_s=settings.guard_tick_s,
         lease_ttl_s=settings.lease_ttl_s,
         emit=events.emit,
+        quality=quality,
     )
     drift_watch = DriftWatcher(
         registry,
@@ -186,7 +210,10 @@ def create_app(settings: Settings) -> Gateway:
     predictions = prediction_log(settings)  # None: off for every model
     record = record_nothing if predictions is None else predictions.offer
     triton = Triton(settings, registry, keys, exchange)
-    inference = Inference(settings, registry, table, shadows, traffic, keys, limits, record)
+    inference = Inference(
+        settings, registry, table, shadows, traffic, keys, limits, record, quality=quality
+    )
+    outcomes = OutcomesEndpoints(quality, keys, feedback_keys)
     admin = Admin(
         access, registry, table, shadows, guards, limits, monitors=settings.monitors, events=events
     )
@@ -194,6 +221,8 @@ def create_app(settings: Settings) -> Gateway:
     collector = GatewayCollector(registry, table, shadows, guard_metrics)
     metrics_registry.register(collector)
     metrics_registry.register(ClientCollector(limits))
+    quality_collector = QualityCollector(registry, quality)
+    metrics_registry.register(quality_collector)
     if predictions is not None:
         metrics_registry.register(PredictionLogCollector(predictions))
     metrics_registry.register(RolloutCollector(rollouts))
@@ -209,6 +238,7 @@ def create_app(settings: Settings) -> Gateway:
             await registry.load_all()
             table.start()
             await table.synced.wait()
+            quality.start()
             guards.start()
             rollouts.start()
             exchange.start()
@@ -241,6 +271,7 @@ def create_app(settings: Settings) -> Gateway:
             await rollouts.stop()
             await drift_watch.stop()
             await exchange.stop()
+            await quality.stop()
             await limits.stop()
             await table.stop()
             await shadows.close()
@@ -259,6 +290,7 @@ def create_app(settings: Settings) -> Gateway:
     async def metrics(request: Request) -> Response:
         # The process group's counts: the same figures whichever worker answers the scrape.
         collector.view = await exchange.view("group")
+        quality_collector.view = (await quality.view("window", "fleet"))[0]
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
@@ -280,6 +312,8 @@ def create_app(settings: Settings) -> Gateway:
         Route("/v2/models/{model}/versions/{version}", ep.model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/ready", ep.model_ready, methods=["GET"]),
         Route("/v2/models/{model}/feedback", ep.feedback, methods=["POST"]),
+        Route("/v2/models/{model}/outcomes", outcomes.post, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/quality", outcomes.report, methods=["GET"]),
         AdminRoute("POST", "/v2/repository/index", ep.repository_index),
         AdminRoute("POST", "/v2/repository/models/{model}/load", ep.repository_load),
         AdminRoute("POST", "/v2/repository/models/{model}/unload", ep.repository_unload),

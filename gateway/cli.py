@@ -289,6 +289,24 @@ def _parser() -> argparse.ArgumentParser:
         "--feedback-max-bytes", type=int, help="memory of the feedback join (134217728, 128 MiB)"
     )
     serve.add_argument(
+        "--outcome-ttl-s",
+        type=int,
+        help="how long a served prediction joins its outcome (604800, 7 days)",
+    )
+    serve.add_argument(
+        "--outcome-max-entries",
+        type=int,
+        help="predictions the in-process outcome join keeps, without Redis (1000000)",
+    )
+    serve.add_argument(
+        "--outcome-max-bytes",
+        type=int,
+        help="memory of the in-process outcome join, without Redis (268435456, 256 MiB)",
+    )
+    serve.add_argument(
+        "--quality-window-s", type=int, help="the quality figures' window (default 86400)"
+    )
+    serve.add_argument(
         "--version-override",
         action="store_const",
         const="true",

@@ -76,6 +76,14 @@ class Settings:
     # Bounds of the in-process feedback join (ids kept for the window); the oldest go first.
     feedback_max_entries: int = 1_000_000
     feedback_max_bytes: int = 128 << 20
+    # How long a served prediction stays joinable with its outcome (label), in seconds; with
+    # Redis the fleet's join keeps it there, else the in-process join within these bounds.
+    outcome_ttl_s: int = 7 * 86_400
+    outcome_max_entries: int = 1_000_000
+    outcome_max_bytes: int = 256 << 20
+    # The window of the quality figures (labels by arrival, served scores by serving time) that
+    # the quality endpoint, metrics and quality guards report (the cumulative view: since load).
+    quality_window_s: int = 86_400
     # Honour the X-Turnout-Version debug header that forces a version (off in production).
     version_override: bool = False
     # Shadow copies in flight per worker; beyond it copies are dropped (and counted), never queued.
@@ -216,6 +224,16 @@ class Settings:
             raise SettingsError(
                 f"{ENV_PREFIX}FEEDBACK_MAX_ENTRIES must be positive and "
                 f"{ENV_PREFIX}FEEDBACK_MAX_BYTES at least 1048576 (1 MiB)"
+            )
+        if self.outcome_ttl_s < 1 or self.quality_window_s < 60:
+            raise SettingsError(
+                f"{ENV_PREFIX}OUTCOME_TTL_S must be positive, {ENV_PREFIX}QUALITY_WINDOW_S at "
+                "least 60"
+            )
+        if self.outcome_max_entries < 1 or self.outcome_max_bytes < 1 << 20:
+            raise SettingsError(
+                f"{ENV_PREFIX}OUTCOME_MAX_ENTRIES must be positive and "
+                f"{ENV_PREFIX}OUTCOME_MAX_BYTES at least 1048576 (1 MiB)"
             )
         if self.workers > 1 and not self.redis_url:
             raise SettingsError(
