@@ -17,10 +17,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from gateway.background.drift_events import DriftWatcher
+from gateway.background.events import Events, read_sinks
 from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
 from gateway.background.prediction_sinks import prediction_log
 from gateway.background.predictions import record_nothing
+from gateway.background.quality import Quality
 from gateway.background.rollout import RolloutEngine
 from gateway.background.shadow import ShadowRunner
 from gateway.http.access import Access, AdminRoute
@@ -29,8 +32,15 @@ from gateway.http.auth import TokenAuth, key_check
 from gateway.http.endpoints import Endpoints
 from gateway.http.inference import Inference, infer_target
 from gateway.http.limits import Limits, read_limits
-from gateway.http.metrics import ClientCollector, GatewayCollector, PredictionLogCollector
+from gateway.http.metrics import (
+    ClientCollector,
+    EventsCollector,
+    GatewayCollector,
+    PredictionLogCollector,
+    QualityCollector,
+)
 from gateway.http.openapi import openapi_document
+from gateway.http.outcomes import OutcomesEndpoints
 from gateway.http.responses import HANDLERS, json_response
 from gateway.http.rollouts import RolloutAdmin, RolloutCollector
 from gateway.http.triton import Triton
@@ -40,6 +50,8 @@ from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, Traffic
 from gateway.settings import Settings
 from monitors import warm_up
+from router.state.outbox import FileOutbox, MemoryOutbox, Outbox
+from router.state.outcomes import MemoryPredictions, PredictionStore
 from router.state.store import MemoryStore, StateStore
 from router.state.table import RouteTable
 
@@ -77,14 +89,53 @@ def open_store(redis_url: str | None, prefix: str = "turnout:") -> StateStore:
     return RedisStore(redis_url, prefix)
 
 
+def open_outbox(settings: Settings) -> Outbox:
+    """The event outbox: a Redis stream when Redis is configured, else a file under
+    ``events_dir``, else the process's memory."""
+    if settings.redis_url:
+        from router.state.redis_outbox import RedisOutbox
+
+        prefix = settings.redis_prefix + "events:"
+        return RedisOutbox(
+            settings.redis_url, prefix, settings.events_max, settings.events_max_bytes
+        )
+    if settings.events_dir is not None:
+        return FileOutbox(settings.events_dir, settings.events_max, settings.events_max_bytes)
+    return MemoryOutbox(settings.events_max, settings.events_max_bytes)
+
+
+def open_predictions(settings: Settings) -> PredictionStore:
+    """The outcome join's store: Redis when configured (the fleet's), else bounded memory."""
+    if not settings.redis_url:
+        return MemoryPredictions(
+            settings.outcome_ttl_s, settings.outcome_max_entries, settings.outcome_max_bytes
+        )
+    from router.state.redis_outcomes import RedisPredictions
+
+    return RedisPredictions(settings.redis_url, settings.redis_prefix, settings.outcome_ttl_s)
+
+
 def create_app(settings: Settings) -> Gateway:
     executor = ThreadPoolExecutor(settings.execution_threads, thread_name_prefix="turnout-run")
 
+    outbox = open_outbox(settings)
+    events = Events(
+        outbox,
+        read_sinks(settings.event_sinks) if settings.event_sinks is not None else (),
+        source=settings.event_source,
+        tick_s=settings.events_tick_s,
+        lease_ttl_s=settings.lease_ttl_s,
+    )
     backlog = Backlog()
-    registry = Registry(settings.model_repository, version_loader(settings, executor, backlog.busy))
+    registry = Registry(
+        settings.model_repository,
+        version_loader(settings, executor, backlog.busy),
+        emit=events.emit,
+    )
     store = open_store(settings.redis_url, settings.redis_prefix)
     table = RouteTable(
         store,
+        emit=events.emit,
         shared=settings.redis_url is not None,
         feedback_ttl_s=settings.feedback_ttl_s,
         flush_s=settings.flush_s,
@@ -111,6 +162,14 @@ def create_app(settings: Settings) -> Gateway:
         interval_s=settings.publish_s,
         monitors=settings.monitors,
     )
+    quality = Quality(
+        registry,
+        open_predictions(settings),
+        window_s=settings.quality_window_s,
+        flush_s=settings.flush_s,
+        exchange=exchange,
+        emit=events.emit,
+    )
     guard_metrics = GuardMetrics()
     guards = GuardEvaluator(
         table,
@@ -120,9 +179,25 @@ def create_app(settings: Settings) -> Gateway:
         guard_metrics,
         tick_s=settings.guard_tick_s,
         lease_ttl_s=settings.lease_ttl_s,
+        emit=events.emit,
+        quality=quality,
+    )
+    drift_watch = DriftWatcher(
+        registry,
+        exchange,
+        store,
+        outbox,
+        events.emit,
+        tick_s=settings.drift_events_s,
+        lease_ttl_s=settings.lease_ttl_s,
     )
     rollouts = RolloutEngine(
-        table, registry, guards, tick_s=settings.guard_tick_s, lease_ttl_s=settings.lease_ttl_s
+        table,
+        registry,
+        guards,
+        emit=events.emit,
+        tick_s=settings.guard_tick_s,
+        lease_ttl_s=settings.lease_ttl_s,
     )
     limits = Limits(
         store,
@@ -135,29 +210,41 @@ def create_app(settings: Settings) -> Gateway:
     predictions = prediction_log(settings)  # None: off for every model
     record = record_nothing if predictions is None else predictions.offer
     triton = Triton(settings, registry, keys, exchange)
-    inference = Inference(settings, registry, table, shadows, traffic, keys, limits, record)
-    admin = Admin(access, registry, table, shadows, guards, limits, monitors=settings.monitors)
+    inference = Inference(
+        settings, registry, table, shadows, traffic, keys, limits, record, quality=quality
+    )
+    outcomes = OutcomesEndpoints(quality, keys, feedback_keys)
+    admin = Admin(
+        access, registry, table, shadows, guards, limits, monitors=settings.monitors, events=events
+    )
     metrics_registry = CollectorRegistry(auto_describe=False)
     collector = GatewayCollector(registry, table, shadows, guard_metrics)
     metrics_registry.register(collector)
     metrics_registry.register(ClientCollector(limits))
+    quality_collector = QualityCollector(registry, quality)
+    metrics_registry.register(quality_collector)
     if predictions is not None:
         metrics_registry.register(PredictionLogCollector(predictions))
     metrics_registry.register(RolloutCollector(rollouts))
     rollout_admin = RolloutAdmin(access, registry, rollouts, monitors=settings.monitors)
+    metrics_registry.register(EventsCollector(events))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async def start() -> None:
             # Compile (or load from the cache) every kernel before any request can need one.
             await asyncio.get_running_loop().run_in_executor(None, warm_up)
+            await events.start()
             await registry.load_all()
             table.start()
             await table.synced.wait()
+            quality.start()
             guards.start()
             rollouts.start()
             exchange.start()
             limits.start()
+            if settings.monitors:
+                drift_watch.start()
             # Everything loaded so far (numba, scipy, sessions) lives as long as the process:
             # keep it out of the collector's full passes, which otherwise stall the loop for
             # 100+ ms under load.
@@ -182,12 +269,15 @@ def create_app(settings: Settings) -> Gateway:
                 await task
             await guards.stop()
             await rollouts.stop()
+            await drift_watch.stop()
             await exchange.stop()
+            await quality.stop()
             await limits.stop()
             await table.stop()
             await shadows.close()
             await store.close()
             await registry.close()
+            await events.stop()  # last: the events of the shutdown itself reach the outbox
             executor.shutdown(wait=True)
             inference.close()
             if predictions is not None:  # writes what is queued: a join of up to a second
@@ -200,6 +290,7 @@ def create_app(settings: Settings) -> Gateway:
     async def metrics(request: Request) -> Response:
         # The process group's counts: the same figures whichever worker answers the scrape.
         collector.view = await exchange.view("group")
+        quality_collector.view = (await quality.view("window", "fleet"))[0]
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
@@ -221,6 +312,8 @@ def create_app(settings: Settings) -> Gateway:
         Route("/v2/models/{model}/versions/{version}", ep.model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/ready", ep.model_ready, methods=["GET"]),
         Route("/v2/models/{model}/feedback", ep.feedback, methods=["POST"]),
+        Route("/v2/models/{model}/outcomes", outcomes.post, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/quality", outcomes.report, methods=["GET"]),
         AdminRoute("POST", "/v2/repository/index", ep.repository_index),
         AdminRoute("POST", "/v2/repository/models/{model}/load", ep.repository_load),
         AdminRoute("POST", "/v2/repository/models/{model}/unload", ep.repository_unload),
@@ -238,6 +331,7 @@ def create_app(settings: Settings) -> Gateway:
         AdminRoute("GET", "/admin/routes/{model}/report", admin.report),
         AdminRoute("GET", "/admin/routes/{model}/guards", admin.guards_view),
         AdminRoute("GET", "/admin/audit", admin.audit),
+        AdminRoute("GET", "/admin/events", admin.events_page),
         AdminRoute("GET", "/admin/limits", admin.get_limits),
         AdminRoute("PUT", "/admin/limits", admin.put_limits),
         Route("/openapi.json", openapi, methods=["GET"]),

@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.background.events import SinkConfigError, read_sinks
 from gateway.http.codec import encode_error
 from gateway.http.limits import read_limits
 from gateway.serving.backlog import STATE_KEY
@@ -261,6 +262,23 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="per-client rate limits and quotas (JSON; docs/configuration.md)",
     )
+    serve.add_argument(
+        "--event-sinks",
+        metavar="FILE",
+        help="HTTP sinks of the event stream (JSON; docs/events.md)",
+    )
+    serve.add_argument("--event-source", help="CloudEvents source (default turnout/<host>)")
+    serve.add_argument(
+        "--events-dir",
+        metavar="DIR",
+        help="keep the event outbox in this directory when there is no Redis (default: memory)",
+    )
+    serve.add_argument("--events-max", type=int, help="events the outbox holds (default 100000)")
+    serve.add_argument("--events-max-bytes", type=int, help="bytes the outbox holds (64 MiB)")
+    serve.add_argument("--events-tick-s", type=float, help="event delivery tick (default 1)")
+    serve.add_argument(
+        "--drift-events-s", type=float, help="drift.changed: seconds between looks (default 10)"
+    )
     serve.add_argument("--redis-url", help="share routing state through Redis")
     serve.add_argument("--redis-prefix", help="key prefix in Redis (default turnout:)")
     serve.add_argument("--feedback-ttl-s", type=int, help="how long an inference id joins feedback")
@@ -269,6 +287,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--feedback-max-bytes", type=int, help="memory of the feedback join (134217728, 128 MiB)"
+    )
+    serve.add_argument(
+        "--outcome-ttl-s",
+        type=int,
+        help="how long a served prediction joins its outcome (604800, 7 days)",
+    )
+    serve.add_argument(
+        "--outcome-max-entries",
+        type=int,
+        help="predictions the in-process outcome join keeps, without Redis (1000000)",
+    )
+    serve.add_argument(
+        "--outcome-max-bytes",
+        type=int,
+        help="memory of the in-process outcome join, without Redis (268435456, 256 MiB)",
+    )
+    serve.add_argument(
+        "--quality-window-s", type=int, help="the quality figures' window (default 86400)"
     )
     serve.add_argument(
         "--version-override",
@@ -426,6 +462,11 @@ def _settings(args: argparse.Namespace, environ: Mapping[str, str] | None) -> Se
     settings = Settings.from_env(environ, overrides=overrides)
     if settings.limits is not None:
         read_limits(settings.limits)  # fail at start, naming the field, not in each worker
+    if settings.event_sinks is not None:
+        try:
+            read_sinks(settings.event_sinks, environ)
+        except SinkConfigError as exc:
+            raise SettingsError(f"--event-sinks: {exc}") from None
     return settings
 
 

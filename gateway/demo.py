@@ -51,6 +51,8 @@ HEAVY_WIDTH = 1024
 HEAVY_LAYERS = 33  # batch-32 per-sample time ≈ 0.5 ms on one AVX-512 core (batch 1: ≈ 2 ms)
 HEAVY_DISTINCT = 4  # hidden layers cycle through 4 weight matrices: 18 MB instead of 140 MB
 ECHO_WIDTH = 3
+# The demo fraud scorer's task: its one output is the probability of fraud (docs/closed-loop.md)
+FRAUD_TASK: dict[str, Any] = {"type": "binary", "output": "probability", "threshold": 0.5}
 
 # Echo input suffix -> (ONNX element type, numpy dtype).
 ECHO_TYPES: dict[str, tuple[int, np.dtype[Any]]] = {
@@ -82,6 +84,7 @@ class _Artifact:
     seed: int
     reference: Float32 | None  # rows of the first input
     config: dict[str, Any] | None = None  # the version's config.json
+    task: dict[str, Any] | None = None  # metadata["task"] (gateway.serving.task)
 
 
 # --- input distributions -------------------------------------------------------------------
@@ -344,6 +347,7 @@ def _artifacts(heavy: bool) -> list[_Artifact]:
             "Tabular fraud scorer, first training run.",
             101,
             fraud_ref,
+            task=FRAUD_TASK,
         ),
         _Artifact(
             "fraud",
@@ -352,6 +356,7 @@ def _artifacts(heavy: bool) -> list[_Artifact]:
             "Tabular fraud scorer retrained with a new seed; its scores differ from v1.",
             202,
             fraud_ref,
+            task=FRAUD_TASK,
         ),
         _Artifact(
             "risk",
@@ -396,7 +401,7 @@ def write_demo_repository(root: Path, *, heavy: bool = True) -> list[Path]:
             digest = hashlib.sha256(buffer.getvalue()).hexdigest()
             reference_input = artifact.graph.graph.input[0].name
             _write(folder / "reference.npy", buffer.getvalue())
-        metadata = {
+        metadata: dict[str, Any] = {
             "description": artifact.description,
             "owner": "turnout-demo",
             "training_data_sha256": digest,
@@ -406,6 +411,8 @@ def write_demo_repository(root: Path, *, heavy: bool = True) -> list[Path]:
             "reference_seed": None if digest is None else REFERENCE_SEED,
             "created_by": "turnout demo-repo",
         }
+        if artifact.task is not None:
+            metadata["task"] = artifact.task
         text = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
         _write(folder / "metadata.json", text.encode())
         if artifact.config is not None:

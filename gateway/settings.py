@@ -76,6 +76,14 @@ class Settings:
     # Bounds of the in-process feedback join (ids kept for the window); the oldest go first.
     feedback_max_entries: int = 1_000_000
     feedback_max_bytes: int = 128 << 20
+    # How long a served prediction stays joinable with its outcome (label), in seconds; with
+    # Redis the fleet's join keeps it there, else the in-process join within these bounds.
+    outcome_ttl_s: int = 7 * 86_400
+    outcome_max_entries: int = 1_000_000
+    outcome_max_bytes: int = 256 << 20
+    # The window of the quality figures (labels by arrival, served scores by serving time) that
+    # the quality endpoint, metrics and quality guards report (the cumulative view: since load).
+    quality_window_s: int = 86_400
     # Honour the X-Turnout-Version debug header that forces a version (off in production).
     version_override: bool = False
     # Shadow copies in flight per worker; beyond it copies are dropped (and counted), never queued.
@@ -124,6 +132,18 @@ class Settings:
     guard_tick_s: float = 0.5
     lease_ttl_s: float = 3.0
     publish_s: float = 1.0
+    # The event stream (docs/events.md): the CloudEvents ``source`` (none: turnout/<host>); the
+    # sinks file (JSON, read and validated when the CLI starts; none: events are only listed by
+    # GET /admin/events); the directory of the outbox when there is no Redis (none: the
+    # process's memory, lost on restart); the outbox's bounds; the delivery and drift-watch tick.
+    event_source: str | None = None
+    event_sinks: Path | None = None
+    events_dir: Path | None = None
+    events_max: int = 100_000
+    events_max_bytes: int = 64 << 20
+    events_tick_s: float = 1.0
+    # Seconds between the drift watcher's looks at every version's drift status (drift.changed).
+    drift_events_s: float = 10.0
 
     @classmethod
     def from_env(
@@ -205,6 +225,16 @@ class Settings:
                 f"{ENV_PREFIX}FEEDBACK_MAX_ENTRIES must be positive and "
                 f"{ENV_PREFIX}FEEDBACK_MAX_BYTES at least 1048576 (1 MiB)"
             )
+        if self.outcome_ttl_s < 1 or self.quality_window_s < 60:
+            raise SettingsError(
+                f"{ENV_PREFIX}OUTCOME_TTL_S must be positive, {ENV_PREFIX}QUALITY_WINDOW_S at "
+                "least 60"
+            )
+        if self.outcome_max_entries < 1 or self.outcome_max_bytes < 1 << 20:
+            raise SettingsError(
+                f"{ENV_PREFIX}OUTCOME_MAX_ENTRIES must be positive and "
+                f"{ENV_PREFIX}OUTCOME_MAX_BYTES at least 1048576 (1 MiB)"
+            )
         if self.workers > 1 and not self.redis_url:
             raise SettingsError(
                 f"{ENV_PREFIX}WORKERS={self.workers} needs {ENV_PREFIX}REDIS_URL: without a shared "
@@ -228,6 +258,13 @@ class Settings:
                 f"{ENV_PREFIX}LEASE_TTL_S must exceed {ENV_PREFIX}GUARD_TICK_S, or the guard "
                 "lease lapses between two ticks of its holder"
             )
+        if self.events_max < 100 or self.events_max_bytes < 1 << 20:
+            raise SettingsError(
+                f"{ENV_PREFIX}EVENTS_MAX must be at least 100 and {ENV_PREFIX}EVENTS_MAX_BYTES at "
+                "least 1048576 (1 MiB)"
+            )
+        if self.event_source is not None and not 0 < len(self.event_source) <= 256:
+            raise SettingsError(f"{ENV_PREFIX}EVENT_SOURCE must be 1 to 256 characters")
         self._check_prediction_log()
         if self.graph_optimization not in get_args(GraphOptimization):
             choices = ", ".join(get_args(GraphOptimization))
@@ -283,6 +320,8 @@ _SECONDS = (
     "guard_tick_s",
     "lease_ttl_s",
     "publish_s",
+    "events_tick_s",
+    "drift_events_s",
     "head_timeout_s",
     "body_timeout_s",
     "keep_alive_timeout_s",
@@ -409,11 +448,14 @@ def _expiry(name: str, who: str, text: str) -> datetime:
 
 
 def _cast(env_name: str, field_name: str, raw: str) -> object:
-    if field_name in ("model_repository", "cache_dir", "limits", "prediction_log_dir"):
+    if field_name in (
+        "model_repository", "cache_dir", "limits", "prediction_log_dir", "event_sinks",
+        "events_dir",
+    ):  # fmt: skip
         return Path(raw)
     if field_name in (
         "host", "redis_url", "redis_prefix", "log_level", "graph_optimization",
-        "prediction_log_url",
+        "prediction_log_url", "event_source",
     ):  # fmt: skip
         return raw
     if field_name in ("version_override", "batching", "monitors"):

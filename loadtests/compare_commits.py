@@ -37,11 +37,15 @@ def _git(*args: str) -> str:
     ).stdout.strip()
 
 
-def _run(tree: Path, policy: str, rounds: int, n: int) -> tuple[float, float]:
+def _run(
+    tree: Path, policy: str, rounds: int, n: int, request_id: str | None = None
+) -> tuple[float, float]:
     """(Turnout ÷ bare throughput, Turnout µs/request) of one handler_cost run in ``tree``."""
     cmd = [sys.executable, "-m", "loadtests.handler_cost", "--rounds", str(rounds), "-n", str(n)]
     if policy != "none":
         cmd += ["--policy", policy]
+    if request_id is not None:
+        cmd += ["--id", request_id]
     if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
         cmd = ["taskset", "-c", "1", *cmd]
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -53,7 +57,12 @@ def _run(tree: Path, policy: str, rounds: int, n: int) -> tuple[float, float]:
 
 
 def measure(
-    commits: Sequence[str], policies: Sequence[str], iterations: int, rounds: int, n: int
+    commits: Sequence[str],
+    policies: Sequence[str],
+    iterations: int,
+    rounds: int,
+    n: int,
+    request_id: str | None = None,
 ) -> dict[tuple[str, str], list[tuple[float, float]]]:
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +79,7 @@ def measure(
                 order = list(commits)[i % len(commits) :] + list(commits)[: i % len(commits)]
                 for commit in order:
                     for policy in policies:
-                        figure = _run(trees[commit], policy, rounds, n)
+                        figure = _run(trees[commit], policy, rounds, n, request_id)
                         results.setdefault((commit, policy), []).append(figure)
                         print(f"{i + 1} {commit:10s} {policy:7s} ratio {figure[0]:.3f} "
                               f"turnout {figure[1]:.1f} µs", flush=True)  # fmt: skip
@@ -148,8 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("-n", type=int, default=8000, help="requests per app per round")
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    p.add_argument("--id", dest="request_id", help="handler_cost --id: send an inference id")
     args = p.parse_args(argv)
-    results = measure(args.commits, args.policies, args.iterations, args.rounds, args.n)
+    results = measure(
+        args.commits, args.policies, args.iterations, args.rounds, args.n, args.request_id
+    )
     text = table(args.commits, args.policies, results)
     print(text)
     if args.write:

@@ -6,7 +6,8 @@ in turn in one process on one event loop with the same JSON body (fraud, batch 1
 Run: ``.venv/bin/python -m loadtests.handler_cost [--rounds 8] [-n 10000] [--policy canary]``;
 pin it to one CPU (``taskset -c 1``) on a shared machine. ``loadtests.run`` calls ``measure``
 too. ``--policy canary`` routes both Turnout apps through a 50 % canary (the route table's
-choose, served counts and the feedback join on every request) instead of the default route.
+choose, served counts and the feedback join on every request) instead of the default route;
+``--id ID`` sends an inference id, which the outcome join records for a model with a task.
 """
 
 from __future__ import annotations
@@ -48,10 +49,13 @@ POLICIES: dict[str, dict[str, Any]] = {
 }
 
 
-def request_body(repo: Path) -> bytes:
+def request_body(repo: Path, request_id: str | None = None) -> bytes:
     row = np.load(repo / "fraud" / "1" / "reference.npy")[0].astype(np.float32)
     tensor = {"name": "input", "shape": [1, row.size], "datatype": "FP32", "data": row.tolist()}
-    return orjson.dumps({"inputs": [tensor]})
+    body: dict[str, Any] = {"inputs": [tensor]}
+    if request_id is not None:
+        body["id"] = request_id
+    return orjson.dumps(body)
 
 
 def _scope(
@@ -111,9 +115,9 @@ async def _per_request_us(app: ASGIApp, body: bytes, n: int) -> float:
 
 
 async def _measure(
-    repo: Path, rounds: int, n: int, policy: str | None = None
+    repo: Path, rounds: int, n: int, policy: str | None = None, request_id: str | None = None
 ) -> dict[str, list[float]]:
-    body = request_body(repo)
+    body = request_body(repo, request_id)
     async with contextlib.AsyncExitStack() as stack:
         apps: dict[str, Any] = {}
         for name, monitors in (("turnout", True), ("turnout-monitors", False)):
@@ -143,10 +147,14 @@ async def _measure(
 
 
 def measure(
-    repo: Path, rounds: int = 8, n: int = 10_000, policy: str | None = None
+    repo: Path,
+    rounds: int = 8,
+    n: int = 10_000,
+    policy: str | None = None,
+    request_id: str | None = None,
 ) -> dict[str, list[float]]:
     """µs per request of each app in ``APPS``, one figure per round."""
-    return uvloop.run(_measure(repo, rounds, n, policy))
+    return uvloop.run(_measure(repo, rounds, n, policy, request_id))
 
 
 def paired_ratio(results: dict[str, list[float]], a: str, b: str) -> float:
@@ -159,11 +167,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("-n", type=int, default=10_000, help="requests per app per round")
     p.add_argument("--policy", choices=sorted(POLICIES), help="route Turnout through a policy")
+    p.add_argument(
+        "--id",
+        dest="request_id",
+        help="send this inference id with every request (the outcome join records it)",
+    )
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "models"
         write_demo_repository(repo, heavy=False)
-        results = measure(repo, a.rounds, a.n, a.policy)
+        results = measure(repo, a.rounds, a.n, a.policy, a.request_id)
     for name, values in results.items():
         print(f"{name:18s} {statistics.median(values):7.1f} µs/request (median of {a.rounds})")
     on_off = paired_ratio(results, "turnout", "turnout-monitors")

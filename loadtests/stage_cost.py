@@ -1,7 +1,9 @@
 """Cost of each stage of one light inference request, in-process: parse, decode, run, encode (and
-the bare handler's whole parse for comparison), the two header reads a request makes, and the
-default route's ``Registry.latest``, each beside what it replaced. Best of ``repeats`` timeit
-runs, in µs; pin it to one CPU (``taskset -c 1``) on a shared machine.
+the bare handler's whole parse for comparison), the two header reads a request makes, the
+default route's ``Registry.latest``, each beside what it replaced, and what a version with a
+task adds on the request path (``Quality.served``: the response kept for the next flush, which
+reads its score and, with an id, its prediction; the flush's own share is not in here). Best of
+``repeats`` timeit runs, in µs; pin it to one CPU (``taskset -c 1``) on a shared machine.
 
 Run: ``.venv/bin/python -m loadtests.stage_cost [-n 20000] [--repeats 5]``.
 """
@@ -22,6 +24,7 @@ import orjson
 from starlette.datastructures import Headers
 
 from gateway.app import create_app
+from gateway.background.quality import Quality
 from gateway.demo import write_demo_repository
 from gateway.http import codec
 from gateway.http.inference import RequestHeaders
@@ -30,6 +33,7 @@ from gateway.serving.repository import version_key
 from gateway.serving.runtime import load_version
 from gateway.settings import Settings
 from loadtests.handler_cost import _scope, request_body
+from router.state.outcomes import MemoryPredictions
 
 
 def best_us(stage: Callable[[], object], n: int, repeats: int) -> float:
@@ -49,6 +53,9 @@ def stages(repo: Path, registry: Registry) -> dict[str, Callable[[], object]]:
     specs = {spec.name: spec for spec in info.outputs}
     scope = _scope(body)
     versions = {v: None for v in registry.ready_versions("fraud")}
+    quality = Quality(registry, MemoryPredictions(3600.0, 1, 1 << 20), window_s=3600)
+    quality.max_pending = 1 << 30  # never flushed here: every call buffers
+    served = registry.get("fraud", "2").info
 
     def bare_parse() -> object:
         doc = orjson.loads(body)
@@ -76,6 +83,8 @@ def stages(repo: Path, registry: Registry) -> dict[str, Callable[[], object]]:
         "two header reads, RequestHeaders": header_reads(RequestHeaders),
         "latest version, max over versions": lambda: max(versions, key=version_key),
         "latest version, Registry.latest": lambda: registry.latest("fraud"),
+        "quality: served, no id": lambda: quality.served(served, outputs, None),
+        "quality: served, with an id": lambda: quality.served(served, outputs, "request-0001"),
     }
 
 

@@ -1,5 +1,6 @@
-"""Write Turnout's Prometheus rules: SLO burn rates, burn-rate alerts, drift, shadow, liveness and
-clients (the model-extraction signal).
+"""Write Turnout's Prometheus rules: SLO burn rates, burn-rate alerts, drift, shadow, liveness,
+clients (the model-extraction signal), quality (labels joined to predictions) and the event
+stream.
 
     python deploy/prometheus/generate_rules.py > deploy/prometheus/rules/turnout.rules.yml
 
@@ -59,6 +60,8 @@ WINDOWS = (
     BurnWindow("3d", "6h", Decimal("1"), "ticket", "1h"),
 )
 RATE_WINDOWS = ("5m", "30m", "1h", "6h", "3d")
+# Quality metrics whose lower bound a floor is judged on (router.policy.guard_spec.QUALITY_METRICS)
+HIGHER_IS_BETTER = ("accuracy", "precision", "recall", "roc_auc", "macro_recall")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,13 @@ class Targets:
     shadow_disagreement: Decimal = Decimal("0.05")
     job: str = "turnout"
     runbook: str = "docs/operations.md"
+    # TurnoutQualityBelowFloor: the lower confidence bound of this metric (one where higher is
+    # better) under the floor, once a version has this many labels in the quality window
+    quality_metric: str = "recall"
+    quality_floor: Decimal = Decimal("0.5")
+    quality_min_labels: int = 100
+    # TurnoutOutcomesUnknown: the share of posted outcomes that join no prediction
+    outcomes_unknown: Decimal = Decimal("0.2")
 
     def __post_init__(self) -> None:
         for name in ("availability", "latency_target"):
@@ -82,6 +92,16 @@ class Targets:
                 f"latency threshold {self.latency_threshold} s is not a bucket bound of "
                 f"turnout_request_duration_seconds; choose one of {list(LATENCY_BUCKETS)}"
             )
+        if self.quality_metric not in HIGHER_IS_BETTER:
+            raise ValueError(
+                f"quality metric must be one of {', '.join(HIGHER_IS_BETTER)} (higher is "
+                f"better), got {self.quality_metric!r}"
+            )
+        for name in ("quality_floor", "outcomes_unknown"):
+            if not Decimal(0) < getattr(self, name) < Decimal(1):
+                raise ValueError(f"{name} must be strictly between 0 and 1")
+        if self.quality_min_labels < 1:
+            raise ValueError("quality min labels must be positive")
         if not Decimal(0) < self.shadow_disagreement <= Decimal(1):
             raise ValueError(
                 f"shadow disagreement must be in (0, 1], got {self.shadow_disagreement}"
@@ -319,6 +339,86 @@ def client_alerts(targets: Targets) -> list[Yaml]:
     ]
 
 
+def quality_alerts(targets: Targets) -> list[Yaml]:
+    """Quality from the outcome join (gateway.background.quality). The figures are the fleet's,
+    the same on every replica: ``min by`` collapses the replicas."""
+    metric = targets.quality_metric
+    posted = "sum by (model) (rate(turnout_outcomes_total[30m]))"
+    return [
+        _alert(
+            "TurnoutQualityBelowFloor",
+            f'min by (model, version) (turnout_quality_lower_bound{{metric="{metric}"}})\n'
+            f"< {targets.quality_floor}\n"
+            "and on (model, version)\n"
+            f"min by (model, version) (turnout_quality_labels) >= {targets.quality_min_labels}",
+            "30m",
+            "ticket",
+            f"{{{{ $labels.model }}}} v{{{{ $labels.version }}}}: {metric} below "
+            f"{targets.quality_floor}",
+            f"The lower 95% confidence bound of the {metric} of {{{{ $labels.model }}}} version "
+            "{{ $labels.version }}, from the outcomes joined to its predictions over the quality "
+            f'window, has been {{{{ $value | printf "%.3f" }}}}, under the floor of '
+            f"{targets.quality_floor}, for 30 minutes.",
+            f"{targets.runbook}#turnout-quality-below-floor",
+        ),
+        _alert(
+            "TurnoutOutcomesUnknown",
+            'sum by (model) (rate(turnout_outcomes_total{result=~"unknown|expired"}[30m]))\n'
+            f"/\n{posted}\n> {targets.outcomes_unknown}\nand\n{posted} > 0",
+            "15m",
+            "warning",
+            "{{ $labels.model }}: outcomes join no prediction",
+            "{{ $value | humanizePercentage }} of the outcomes posted for {{ $labels.model }} "
+            "over 30 minutes were for unknown or expired inference ids (threshold "
+            f"{_percent(targets.outcomes_unknown)}): clients without ids, labels later than "
+            "the horizon, or a join too small for it.",
+            f"{targets.runbook}#turnout-outcomes-unknown",
+        ),
+        _alert(
+            "TurnoutOutcomeJoinEvicting",
+            "increase(turnout_outcome_join_evictions_total[30m]) > 0",
+            "0m",
+            "ticket",
+            "Gateway {{ $labels.instance }}: the outcome join evicts predictions",
+            "The in-process outcome join of {{ $labels.instance }} let predictions go before "
+            "their horizon ({{ $labels.reason }} cap): their outcomes will be unknown. Raise "
+            "--outcome-max-entries / --outcome-max-bytes, or use Redis.",
+            f"{targets.runbook}#turnout-outcomes-unknown",
+        ),
+    ]
+
+
+# The event stream (gateway.background.events; docs/events.md). A sink that has not taken its
+# oldest event for this long is down, refusing, or too slow for the events emitted.
+EVENT_STUCK_MINUTES = 15
+
+
+def event_alerts(targets: Targets) -> list[Yaml]:
+    return [
+        _alert(
+            "TurnoutEventOutboxStuck",
+            f"max by (sink) (turnout_event_outbox_oldest_age_seconds) > {EVENT_STUCK_MINUTES * 60}",
+            "5m",
+            "ticket",
+            "event sink {{ $labels.sink }}: undelivered for {{ $value | humanizeDuration }}",
+            "The oldest event waiting for sink {{ $labels.sink }} was emitted more than "
+            f"{EVENT_STUCK_MINUTES} minutes ago: the sink is down, answers errors, or cannot keep "
+            "up. Events wait in the outbox (nothing is lost until it is full).",
+            f"{targets.runbook}#turnout-event-outbox-stuck",
+        ),
+        _alert(
+            "TurnoutEventsDropped",
+            "sum by (reason) (increase(turnout_events_dropped_total[15m])) > 0",
+            "0m",
+            "ticket",
+            "events dropped ({{ $labels.reason }})",
+            "Events were dropped in the last 15 minutes for {{ $labels.reason }}: they reach no "
+            "sink and no listing. outbox_full: the outbox is full of events a sink has not taken.",
+            f"{targets.runbook}#turnout-events-dropped",
+        ),
+    ]
+
+
 def rules(targets: Targets) -> Yaml:
     return {
         "groups": [
@@ -327,6 +427,8 @@ def rules(targets: Targets) -> Yaml:
             {"name": "turnout-model-alerts", "rules": drift_alerts(targets)},
             {"name": "turnout-liveness-alerts", "rules": liveness_alerts(targets)},
             {"name": "turnout-client-alerts", "rules": client_alerts(targets)},
+            {"name": "turnout-quality-alerts", "rules": quality_alerts(targets)},
+            {"name": "turnout-event-alerts", "rules": event_alerts(targets)},
         ]
     }
 
@@ -424,6 +526,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds; a bucket bound of the gateway (default %(default)s)")  # fmt: skip
     add("--shadow-disagreement", type=_decimal, default=defaults.shadow_disagreement,
         help="alert above this shadow disagreement ratio (default %(default)s)")  # fmt: skip
+    add("--quality-metric", default=defaults.quality_metric,
+        help="TurnoutQualityBelowFloor's metric (default %(default)s)")  # fmt: skip
+    add("--quality-floor", type=_decimal, default=defaults.quality_floor,
+        help="alert when the metric's lower bound is under this (default %(default)s)")  # fmt: skip
+    add("--quality-min-labels", type=int, default=defaults.quality_min_labels,
+        help="labels a version needs before the floor applies (default %(default)s)")  # fmt: skip
+    add("--outcomes-unknown", type=_decimal, default=defaults.outcomes_unknown,
+        help="alert above this share of unknown outcomes (default %(default)s)")  # fmt: skip
     add("--job", default=defaults.job, help="scrape job name (default %(default)s)")
     add("--runbook", default=defaults.runbook,
         help="runbook URL without anchor (default %(default)s)")  # fmt: skip
@@ -436,6 +546,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.shadow_disagreement,
             args.job,
             args.runbook,
+            quality_metric=args.quality_metric,
+            quality_floor=args.quality_floor,
+            quality_min_labels=args.quality_min_labels,
+            outcomes_unknown=args.outcomes_unknown,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import orjson
@@ -60,6 +61,9 @@ class CountsExchange:
         self.workers = workers
         self.interval_s = interval_s
         self.monitors = monitors
+        # more counters to publish beside the traffic and monitors (the quality accumulators):
+        # each source answers name -> bytes, under names of its own
+        self.sources: list[Callable[[float], Mapping[str, bytes]]] = []
         self._task: asyncio.Task[None] | None = None
 
     def local(self, now: float) -> View:
@@ -76,18 +80,25 @@ class CountsExchange:
     async def view(self, scope: Scope) -> View:
         """This process merged with the other live members of ``scope``."""
         view = self.local(time.monotonic())
+        others, _ = await self.others(scope)
+        for blobs in others:
+            _merge(view, blobs)
+            view.members += 1
+        return view
+
+    async def others(self, scope: Scope) -> tuple[list[dict[str, bytes]], int]:
+        """The last publish of every other live member of ``scope``, and the number of
+        processes in the view (this one included); only this process without a shared store
+        or when the store does not answer."""
         if not self.shared or scope == "process" or (scope == "group" and self.workers == 1):
-            return view
+            return [], 1
         try:
             members = await self.store.read_counts(self.group if scope == "group" else "")
         except StoreUnavailable as exc:
             log.warning("%s view is this process only: %s", scope, exc)
-            return view
-        for member, blobs in members.items():
-            if member != self.member:
-                _merge(view, blobs)
-                view.members += 1
-        return view
+            return [], 1
+        found = [blobs for member, blobs in members.items() if member != self.member]
+        return found, 1 + len(found)
 
     def blobs(self, now: float) -> dict[str, bytes]:
         view = self.local(now)
@@ -100,6 +111,8 @@ class CountsExchange:
             out[f"{_MONITOR}{model}/{version}"] = counts.to_bytes()
         for (model, version), figures in view.runtimes.items():
             out[f"{_RUNTIME}{model}/{version}"] = figures.to_bytes()
+        for source in self.sources:
+            out.update(source(now))
         return out
 
     def start(self) -> None:

@@ -26,23 +26,26 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from gateway.background.quality import Quality
 from gateway.background.shadow import ShadowRunner
 from gateway.background.tasks import stop_task
 from gateway.errors import GatewayError, NotFound
 from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, Traffic, judged
+from gateway.serving.types import Emit, emit_nothing
 from monitors import LatencyHistogram
-from router.policy.guard_spec import CONDITIONS, GuardSpec
+from router.policy.guard_spec import CONDITIONS, QUALITY_CONDITIONS, GuardSpec
 from router.policy.guards import (
     ColumnPsi,
     Evaluation,
     Figures,
     Plan,
+    QualityWindow,
     ShadowWindow,
     VersionWindow,
     evaluate,
@@ -58,6 +61,7 @@ log = logging.getLogger("turnout.guards")
 LEASE_NAME = "guards"  # a dead leader is replaced within the lease's TTL (Settings.lease_ttl_s)
 HISTORY_POINTS = 120  # snapshots kept per longest window: its resolution is window_s / 120
 AUDIT_LOOKBACK = 100  # entries searched for the last guard action
+GUARD_NAMES = frozenset((*CONDITIONS, *QUALITY_CONDITIONS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,10 @@ class _ModelState:
     next_at: float
     healthy_since: float | None = None
     verdict: str | None = None
+    # the quality windows last read (fleet-wide, every interval_s on every replica, so that
+    # ``verdict`` has them whoever leads) and when to read them next
+    quality: Mapping[str, QualityWindow] = field(default_factory=dict)
+    quality_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -104,8 +112,16 @@ class GuardEvaluator:
         *,
         tick_s: float = 0.5,
         lease_ttl_s: float = 3.0,
+        emit: Emit = emit_nothing,
+        quality: Quality | None = None,
     ) -> None:
+        """``emit``: where ``guard.breached`` (a verdict turning to breach) and ``guard.acted``
+        (a change applied) go; only the lease holder evaluates, so each is emitted once per
+        fleet. The change itself is a ``policy.changed`` of the route table's."""
         self.table = table
+        self.emit = emit
+        # the quality figures the quality guards judge; None: no quality guard ever has labels
+        self.quality = quality
         self.registry = registry
         self.shadows = shadows
         self.traffic = traffic
@@ -149,10 +165,13 @@ class GuardEvaluator:
         self._remember(current, routes)
         for model, route in routes.items():
             state = self._state(model, route, now)
-            if not self.metrics.leader or now < state.next_at:
-                continue
             spec = route.doc.guards
             assert spec is not None
+            if spec.judges_quality and now >= state.quality_at:
+                state.quality_at = now + spec.interval_s
+                state.quality = await self._quality(model, route, spec)
+            if not self.metrics.leader or now < state.next_at:
+                continue
             state.next_at = now + spec.interval_s
             try:
                 await self._evaluate(model, route, spec, state, current, now)
@@ -189,13 +208,16 @@ class GuardEvaluator:
         current: _Snapshot,
         now: float,
     ) -> None:
-        judged = self._judge(model, route, spec, current, now)
+        judged = self._judge(model, route, spec, current, now, state.quality)
         evaluation = judged.evaluation
         self._export(model, route, spec, judged)
+        if self.quality is not None and spec.judges_quality:
+            self.quality.judged(model, evaluation)
         if evaluation.verdict == "pass":
             state.healthy_since = now if state.healthy_since is None else state.healthy_since
         else:
             state.healthy_since = None
+        breached = evaluation.verdict == "breach" and state.verdict != "breach"
         if evaluation.verdict != state.verdict:
             level = logging.WARNING if evaluation.verdict == "breach" else logging.INFO
             log.log(level, "guards of %s rev %d: %s", model, route.revision, evaluation.verdict)
@@ -207,6 +229,22 @@ class GuardEvaluator:
         change = plan(
             route.doc, spec, evaluation, healthy_for_s=healthy_for, last_change_by_guard=by_guard
         )
+        if breached:
+            first = evaluation.breaches[0]
+            self.emit(
+                "guard.breached",
+                model,
+                {
+                    "condition": first.guard,
+                    "version": first.version,
+                    "value": first.value,
+                    "threshold": first.threshold,
+                    "action": change.action if change is not None else None,
+                    "who": f"guard:{change.guard if change is not None else first.guard}",
+                    "revision": route.revision,
+                    "breaches": [c.as_json() for c in evaluation.breaches],
+                },
+            )
         if change is not None:
             await self._apply(model, route, spec, judged, change)
 
@@ -232,6 +270,20 @@ class GuardEvaluator:
             return
         self.metrics.actions[(model, change.action)] += 1
         revision = record.revision if record is not None else None
+        breach = next((c for c in judged.evaluation.breaches if c.guard == change.guard), None)
+        self.emit(
+            "guard.acted",
+            model,
+            {
+                "condition": change.guard,
+                "version": breach.version if breach is not None else None,
+                "action": change.action,
+                "who": f"guard:{change.guard}",
+                "reason": change.reason,
+                "revision": revision,
+                "from_revision": route.revision,
+            },
+        )
         log.warning(
             "guards of %s: %s (revision %d -> %s): %s",
             model, change.action, route.revision, revision, change.reason,
@@ -291,8 +343,21 @@ class GuardEvaluator:
         """The oldest snapshot taken at or after ``start`` (the current one if none)."""
         return next((s for s in self._history if s.at >= start), current)
 
+    async def _quality(
+        self, model: str, route: Route, spec: GuardSpec
+    ) -> Mapping[str, QualityWindow]:
+        if self.quality is None or not spec.judges_quality:
+            return {}
+        return await self.quality.guard_windows(model, route.doc, spec)
+
     def _judge(
-        self, model: str, route: Route, spec: GuardSpec, current: _Snapshot, now: float
+        self,
+        model: str,
+        route: Route,
+        spec: GuardSpec,
+        current: _Snapshot,
+        now: float,
+        quality: Mapping[str, QualityWindow] | None = None,
     ) -> _Judgement:
         state = self._states.get(model)
         since = state.since if state is not None and state.revision == route.revision else now
@@ -324,7 +389,7 @@ class GuardEvaluator:
                 cur_s.rows - old_s.rows,
                 cur_s.disagreements - old_s.disagreements,
             )
-        figures = Figures(versions, shadows)
+        figures = Figures(versions, shadows, quality or {})
         return _Judgement(evaluate(spec, route.doc, figures), figures, current.at - base.at)
 
     def _drift(
@@ -355,7 +420,7 @@ class GuardEvaluator:
         for guard, threshold in spec.thresholds().items():
             self.metrics.thresholds[(model, guard)] = threshold
         for check in judged.evaluation.checks:
-            if check.value is not None and check.guard in CONDITIONS:
+            if check.value is not None and check.guard.partition(".")[0] in GUARD_NAMES:
                 self.metrics.values[(model, check.version, check.guard)] = check.value
         for subject in route.doc.subjects():
             window = judged.figures.versions.get(subject.version, VersionWindow())
@@ -379,13 +444,24 @@ class GuardEvaluator:
             }
             for v, s in judged.figures.shadows.items()
         }
-        return {
+        out = {
             "revision": route.revision,
             **judged.evaluation.as_json(),
             "window": {"window_s": spec.window_s, "covered_s": judged.covered_s},
             "versions": versions,
             "shadows": shadows,
         }
+        if spec.judges_quality:
+            out["quality"] = {
+                v: {
+                    "labels": q.labels,
+                    "figures": {m: dataclasses.asdict(f) for m, f in q.figures.items()},
+                    "drops": dict(q.drops),
+                    "baseline_labels": q.baseline_labels,
+                }
+                for v, q in judged.figures.quality.items()
+            }
+        return out
 
     def verdict(self, model: str) -> str | None:
         """The guards' verdict on the model's current policy, judged on this replica's windows
@@ -397,7 +473,7 @@ class GuardEvaluator:
             return None
         if state is None or state.revision != route.revision:
             return None
-        judged = self._judge(model, route, route.doc.guards, current, current.at)
+        judged = self._judge(model, route, route.doc.guards, current, current.at, state.quality)
         return judged.evaluation.verdict
 
     async def view(self, model: str) -> dict[str, Any]:
@@ -410,7 +486,9 @@ class GuardEvaluator:
         if spec is None:
             raise NotFound(f"the policy of {model!r} has no guards")
         now = time.monotonic()
-        judged = self._judge(model, route, spec, self._snapshot(now, {model: route}), now)
+        quality = await self._quality(model, route, spec)
+        snapshot = self._snapshot(now, {model: route})
+        judged = self._judge(model, route, spec, snapshot, now, quality)
         entries = await self.table.store.audit(model, AUDIT_LOOKBACK)
         last = next((e for e in entries if e.who.startswith("guard:")), None)
         state = self._states.get(model)

@@ -27,6 +27,7 @@ REQUIRED: Mapping[tuple[str, str], Role] = {
     ("GET", "/admin/routes/{model}/report"): "viewer",
     ("GET", "/admin/routes/{model}/guards"): "viewer",
     ("GET", "/admin/audit"): "viewer",
+    ("GET", "/admin/events"): "viewer",
     ("POST", "/v2/repository/index"): "viewer",
     ("GET", "/admin/limits"): "viewer",
     ("GET", "/admin/routes/{model}/rollout"): "viewer",

@@ -10,6 +10,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.background.events import KINDS, Events, kinds_matching
 from gateway.background.guards import GuardEvaluator
 from gateway.background.shadow import ShadowRunner
 from gateway.errors import BadRequest, NotFound, cut
@@ -41,8 +42,10 @@ class Admin:
         limits: Limits,
         *,
         monitors: bool = True,
+        events: Events | None = None,
     ) -> None:
         self.access = access
+        self.events = events
         self.monitors = monitors
         self.registry = registry
         self.table = table
@@ -75,6 +78,32 @@ class Admin:
         following = b"null" if page.next is None else b'"%d"' % page.next
         body = b'{"entries":[' + b",".join(page.entries) + b'],"next":' + following + b"}"
         return Response(body, media_type="application/json")
+
+    async def events_page(self, request: Request) -> Response:
+        """GET /admin/events: the recent events, newest first, a page at a time (``limit`` at
+        most 1000, ``cursor`` the ``next`` of the page before), of one ``kind`` or a pattern of
+        kinds (``model.*``)."""
+        self.access.require(request)
+        query = request.query_params
+        limit = integer("limit", query.get("limit", "100"), MAX_AUDIT_PAGE, minimum=1)
+        raw_cursor = query.get("cursor")
+        cursor = None if raw_cursor is None else integer("cursor", raw_cursor, _MAX_REVISION, 1)
+        kind = query.get("kind")
+        kinds = None
+        if kind is not None:
+            kinds = kinds_matching(kind) if len(kind) <= 64 else frozenset()
+            if not kinds:
+                raise BadRequest(
+                    f"kind: {cut(kind, 64)!r} is no event kind nor a pattern of kinds "
+                    f"(kinds: {', '.join(KINDS)})"
+                )
+        if self.events is None:
+            return json_response({"events": [], "next": None})
+        page = await self.events.page(cursor, limit, kinds)
+        # The stored JSON as it is, as for the audit trail.
+        following = b"null" if page.next is None else b'"%d"' % page.next
+        body = b'{"events":[' + b",".join(e.body for e in page.entries) + b'],"next":'
+        return Response(body + following + b"}", media_type="application/json")
 
     async def report(self, request: Request) -> Response:
         self.access.require(request)

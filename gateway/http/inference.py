@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gateway.background.predictions import Record, record_nothing
+from gateway.background.quality import Quality
 from gateway.background.shadow import ShadowRunner
 from gateway.errors import (
     BadRequest,
@@ -116,6 +117,7 @@ class Inference:
         keys: KeyCheck,
         limits: Limits,
         record: Record = record_nothing,
+        quality: Quality | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -125,6 +127,7 @@ class Inference:
         self.keys = keys
         self.limits = limits
         self.record = record  # the prediction log's offer (gateway.background.predictions)
+        self.quality = quality
         # Chosen once: with monitors off the hot path calls a function that does nothing.
         self.observe: Observe = self._observe if settings.monitors else _unobserved
         self.decoder = ThreadPoolExecutor(LARGE_REQUESTS, thread_name_prefix="turnout-decode")
@@ -302,6 +305,10 @@ class Inference:
             )
         # 128 random bits as 32 hex digits, as uuid4().hex, at a quarter of its cost (0.5 µs)
         request_id = decoded.id if decoded.id is not None else os.urandom(16).hex()
+        if info.task is not None and role != "pinned" and self.quality is not None:
+            # routed: remembered for its outcome when the client sent an id (a generated one was
+            # never seen by the client, who could not post its outcome)
+            self.quality.served(info, outputs, decoded.id)
         parameters = None
         if route is not None and decision is not None:
             self.table.served(route, decision, request_id)

@@ -6,7 +6,7 @@ into Prometheus families at scrape time, so requests never pay for prometheus_cl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client.core import (
@@ -18,13 +18,17 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from gateway.background.events import DROP_REASONS, KINDS, OUTCOMES, Events
 from gateway.background.predictions import REASONS, PredictionLog
+from gateway.background.quality import Accumulator, Quality
 from gateway.background.shadow import ShadowRunner
 from gateway.http.limits import Limits
 from gateway.http.refusals import REFUSALS
 from gateway.serving.batcher import BatchingRuntime
 from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, View
+from monitors.quality import BinaryQuality
+from router.policy.guard_spec import QUALITY_METRICS
 from router.state.join import EVICTION_REASONS
 from router.state.table import RouteTable
 
@@ -422,6 +426,166 @@ class ClientCollector(Collector):
             outside.add_metric([label], client.outside)
             ratio.add_metric([label], client.volume_ratio)
         yield from (requests, checked, outside, ratio)
+
+
+class EventsCollector(Collector):
+    """The event stream (gateway.background.events): what was emitted and dropped here, the
+    deliveries this process made, and each sink's backlog as this process last read it."""
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+
+    def collect(self) -> Iterator[Metric]:
+        e = self.events
+        emitted = CounterMetricFamily(
+            "turnout_events_emitted", "Events handed to the stream, by kind", labels=["kind"]
+        )
+        for kind in KINDS:
+            emitted.add_metric([kind], e.emitted.get(kind, 0))
+        yield emitted
+        dropped = CounterMetricFamily(
+            "turnout_events_dropped",
+            "Events dropped before the outbox took them, by reason (outbox_full: the outbox is "
+            "full of undelivered events)",
+            labels=["reason"],
+        )
+        for reason in DROP_REASONS:
+            dropped.add_metric([reason], e.dropped.get(reason, 0))
+        yield dropped
+        deliveries = CounterMetricFamily(
+            "turnout_event_deliveries",
+            "Delivery attempts by this process, by sink and outcome (delivered: 2xx; failed: "
+            "error, timeout, 5xx, 408 or 429, retried; rejected: another 4xx; poisoned: skipped "
+            "after its rejections)",
+            labels=["sink", "outcome"],
+        )
+        for sink in e.sinks:
+            for outcome in OUTCOMES:
+                deliveries.add_metric(
+                    [sink.name, outcome], e.deliveries.get((sink.name, outcome), 0)
+                )
+        yield deliveries
+        depth = GaugeMetricFamily(
+            "turnout_event_outbox_depth",
+            "Events in the outbox a sink has not passed yet",
+            labels=["sink"],
+        )
+        age = GaugeMetricFamily(
+            "turnout_event_outbox_oldest_age_seconds",
+            "Age of the oldest event a sink has not passed yet (0: none)",
+            labels=["sink"],
+        )
+        for sink in e.sinks:
+            if sink.name in e.depth:
+                depth.add_metric([sink.name], e.depth[sink.name])
+                age.add_metric([sink.name], e.oldest_age_s.get(sink.name, 0.0))
+        yield depth
+        yield age
+
+
+class QualityCollector(Collector):
+    """Quality per version (gateway.background.quality): set ``view`` (accumulators of the
+    quality window, fleet-wide) before each collection. Series only for versions loaded here
+    (the registry's), metrics only of the quality guards' list; outcome and join counters are
+    this process's."""
+
+    def __init__(self, registry: Registry, quality: Quality) -> None:
+        self.registry = registry
+        self.quality = quality
+        self.view: Mapping[tuple[str, str], Accumulator] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version", "metric"]
+        value = GaugeMetricFamily(
+            "turnout_quality_value",
+            "A realized quality figure over the quality window, from the labels joined to the "
+            "version's predictions (fleet-wide: aggregate with min/max, never sum)",
+            labels=labels,
+        )
+        low = GaugeMetricFamily(
+            "turnout_quality_lower_bound",
+            "The figure's lower 95 % confidence bound (what a min_quality floor is judged on)",
+            labels=labels,
+        )
+        high = GaugeMetricFamily(
+            "turnout_quality_upper_bound",
+            "The figure's upper 95 % confidence bound (judged for metrics where lower is better)",
+            labels=labels,
+        )
+        estimated = GaugeMetricFamily(
+            "turnout_quality_estimated",
+            "Binary tasks: the figure estimated from the served scores alone (CBPE)",
+            labels=labels,
+        )
+        labelled = GaugeMetricFamily(
+            "turnout_quality_labels",
+            "Labelled predictions in the quality window",
+            labels=["model", "version"],
+        )
+        served = GaugeMetricFamily(
+            "turnout_quality_served",
+            "Binary tasks: served scores in the quality window (the estimate's sample)",
+            labels=["model", "version"],
+        )
+        loaded = {(lv.info.model, lv.info.version) for lv in self.registry.loaded()}
+        for key, acc in sorted(self.view.items()):
+            if key not in loaded:
+                continue
+            labelled.add_metric(list(key), acc.labelled)
+            for metric, figure in acc.realized().items():
+                if metric in QUALITY_METRICS:
+                    _add(value, [*key, metric], figure.value)
+                    _add(low, [*key, metric], figure.low)
+                    _add(high, [*key, metric], figure.high)
+            if isinstance(acc, BinaryQuality):
+                served.add_metric(list(key), acc.unlabelled)
+                for metric, figure in acc.estimated().items():
+                    if metric in QUALITY_METRICS:
+                        _add(estimated, [*key, metric], figure.value)
+        yield from (value, low, high, estimated, labelled, served)
+        outcomes = CounterMetricFamily(
+            "turnout_outcomes",
+            "Outcomes (labels) posted, by result: accepted, duplicate, conflict, unknown, "
+            "expired, invalid",
+            labels=["model", "result"],
+        )
+        for (model, result), n in sorted(self.quality.outcomes.items()):
+            outcomes.add_metric([model, result], n)
+        yield outcomes
+        dropped = CounterMetricFamily(
+            "turnout_outcome_predictions_dropped",
+            "Served predictions not remembered for their outcome: too many waiting for the store",
+        )
+        dropped.add_metric([], self.quality.dropped)
+        unshaped = CounterMetricFamily(
+            "turnout_quality_unshaped_responses",
+            "Responses of a version with a task whose task output was missing or misshapen",
+        )
+        unshaped.add_metric([], self.quality.unshaped)
+        join = self.quality.join_stats()
+        pending = GaugeMetricFamily(
+            "turnout_outcome_predictions_pending",
+            "Served predictions waiting for the next flush to the outcome join's store",
+        )
+        pending.add_metric([], join["pending"])
+        yield from (dropped, unshaped, pending)
+        evictions = CounterMetricFamily(
+            "turnout_outcome_join_evictions",
+            "Predictions the in-process outcome join let go before their horizon: the entry "
+            "cap (entries) or the byte cap (bytes); none with Redis",
+            labels=["reason"],
+        )
+        for reason, n in sorted(join["evictions"].items()):
+            evictions.add_metric([reason], n)
+        yield evictions
+        for name, help_text in (
+            ("entries", "Predictions the in-process outcome join holds"),
+            ("bytes", "Estimated memory of the in-process outcome join"),
+        ):
+            if join[name] is not None:
+                gauge = GaugeMetricFamily(f"turnout_outcome_join_{name}", help_text)
+                gauge.add_metric([], join[name])
+                yield gauge
 
 
 class PredictionLogCollector(Collector):

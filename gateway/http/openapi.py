@@ -59,8 +59,11 @@ _KEYED = [
     "/v2/models/{model}/versions/{version}/infer",
     "/v2/models/{model}/versions/{version}/drift",
     "/v2/models/{model}/feedback",
+    "/v2/models/{model}/outcomes",
+    "/v2/models/{model}/versions/{version}/quality",
 ]
-_FEEDBACK = ["/v2/models/{model}/feedback"]  # with feedback keys (--feedback-key): its own keys
+# with feedback keys (--feedback-key): their own keys
+_FEEDBACK = ["/v2/models/{model}/feedback", "/v2/models/{model}/outcomes"]
 _KEY_SCHEMES = {
     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
     "apiKeyBearer": {"type": "http", "scheme": "bearer", "description": "an API key"},
@@ -294,6 +297,43 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
             "required": ["id", "reward"],
             "properties": {"id": {"type": "string"}, "reward": {"type": "number"}},
         },
+        "Outcomes": {
+            "type": "object",
+            "required": ["outcomes"],
+            "properties": {
+                "outcomes": {
+                    "type": "array",
+                    "maxItems": 10_000,
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "label"],
+                        "properties": {
+                            "id": {"type": "string", "maxLength": 400},
+                            "label": {
+                                "oneOf": [
+                                    {"type": "number"},
+                                    {"type": "boolean"},
+                                    {"type": "string"},
+                                ]
+                            },
+                        },
+                    },
+                }
+            },
+        },
+        "OutcomesResult": {
+            "type": "object",
+            "properties": {
+                **{
+                    k: {"type": "integer"}
+                    for k in ("accepted", "duplicate", "conflict", "unknown", "expired", "invalid")
+                },
+                "ids": {
+                    "type": "object",
+                    "description": "the first few offending ids of each result",
+                },
+            },
+        },
         "PolicyChange": {
             "type": "object",
             "required": ["policy", "reason"],
@@ -441,6 +481,18 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
                 "responses": {"200": _json({"type": "object"}, "joined"), **_errors(400, 404, 413, 503)},
             },
         },
+        "/v2/models/{model}/outcomes": {
+            "parameters": [_MODEL],
+            "post": {
+                "summary": "Join up to 10,000 labels to the versions that served their inference ids (409: every one a conflict)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("Outcomes")}}},
+                "responses": {"200": _json(_ref("OutcomesResult"), "taken"), **_errors(400, 404, 409, 413, 503)},
+            },
+        },
+        "/v2/models/{model}/versions/{version}/quality": {**_get("Quality of a version: realized and estimated figures with intervals, labels, join counts", {"type": "object"}, 400, 404, 503,
+                                                                 parameters=[{"name": "window", "in": "query", "required": False, "schema": {"type": "string", "enum": ["window", "all"]}},
+                                                                             {"name": "scope", "in": "query", "required": False, "schema": {"type": "string", "enum": ["process", "group", "fleet"]}}]),
+                                                           "parameters": [_MODEL, _VERSION]},
         "/admin/routes": {"get": {"summary": "Every routing policy and the current revision", "security": _ADMIN, "responses": {"200": _json({"type": "object"}, "ok"), **_errors(401, 503)}}},
         "/admin/routes/{model}": {
             "parameters": [_MODEL],
@@ -488,6 +540,11 @@ def openapi_document(api_keys: bool = False, feedback_keys: bool = False) -> dic
                          "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"}},
                                         {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                                         {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}, "description": "`next` of the previous page (opaque)"}]},
+        "/admin/events": {**_get("The recent events (CloudEvents 1.0, docs/events.md), newest first, a page at a time; `next` is the cursor of the following page, null after the last",
+                                 {"type": "object", "required": ["events", "next"], "properties": {"events": {"type": "array", "items": {"type": "object", "required": ["specversion", "id", "source", "type", "time", "data"]}}, "next": {"type": "string", "nullable": True}}}, 400, 401, 503, security=_ADMIN),
+                          "parameters": [{"name": "kind", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 64}, "description": "an event kind (`drift.changed`) or a pattern of kinds (`model.*`)"},
+                                         {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                                         {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}, "description": "`next` of the previous page (opaque)"}]},
         "/admin/limits": {
             **_get("The rate-limits document in force (null: none)", {"type": "object", "required": ["limits"], "properties": {"limits": {"type": "object", "nullable": True}}}, 401, security=_ADMIN),
             "put": {

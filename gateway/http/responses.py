@@ -4,6 +4,7 @@ inference path alike)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
@@ -31,6 +32,7 @@ from gateway.http import codec
 from gateway.http.fields import integer
 from gateway.http.refusals import REFUSALS
 from router.policy.policies import ActionConflict, PolicyError
+from router.state.outbox import OutboxUnavailable
 from router.state.store import StaleRevision, StoreUnavailable
 from router.state.table import RewardConflict, UnknownInference
 
@@ -39,6 +41,8 @@ log = logging.getLogger("turnout")
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 _MAX_CONTENT_LENGTH = 1 << 62  # beyond any body cap: compared with the cap next
 ROUTER_MESSAGE_CHARS = 1000
+# JSON bodies from this size are parsed on a worker thread (read_json_object)
+OFFLOADED_JSON = 1 << 20
 
 
 def json_response(content: Any, status: int = 200) -> Response:
@@ -79,12 +83,16 @@ def check_declared_length(declared: str | None, limit: int) -> None:
 
 
 async def read_json_object(request: Request, limit: int = 1 << 20) -> dict[str, Any]:
-    """A small JSON object body (admin and feedback calls); an empty body is ``{}``."""
+    """A JSON object body (admin, feedback and outcomes calls); an empty body is ``{}``. A body
+    of a MiB or more is parsed off the event loop."""
     body = await read_body(request.receive, request.headers, limit)
     if not body.strip():
         return {}
     try:
-        value = orjson.loads(body)
+        if len(body) >= OFFLOADED_JSON:
+            value = await asyncio.to_thread(orjson.loads, body)
+        else:
+            value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON body: {exc}") from None
     if not isinstance(value, dict):
@@ -144,6 +152,7 @@ ROUTER_ERRORS: dict[type[Exception], Callable[[Exception], GatewayError]] = {
     UnknownInference: lambda exc: NotFound(cut(str(exc), ROUTER_MESSAGE_CHARS)),
     StaleRevision: _stale,
     StoreUnavailable: lambda exc: NotReady(f"routing state store unavailable: {exc}"),
+    OutboxUnavailable: lambda exc: NotReady(f"event outbox unavailable: {exc}"),
 }
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from gateway.serving.repository import (
     version_folder,
     version_key,
 )
-from gateway.serving.types import ModelVersion, Runtime
+from gateway.serving.types import Emit, ModelVersion, Runtime, emit_nothing
 from monitors import VersionMonitor
 
 log = logging.getLogger("turnout.registry")
@@ -74,8 +77,19 @@ class Status:
 
 
 class Registry:
-    def __init__(self, root: Path, loader: Loader, executor: Executor | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        loader: Loader,
+        executor: Executor | None = None,
+        *,
+        emit: Emit = emit_nothing,
+    ) -> None:
+        """``emit``: where ``model.loaded``, ``model.unloaded`` and ``model.failed`` go. Each
+        replica loads for itself, so each emits its own, naming itself in ``data.replica``."""
         self.root = root
+        self.emit = emit
+        self.replica = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
         self._loader = loader
         self._executor = executor
         self._table: MappingProxyType[str, MappingProxyType[str, Loaded]] = MappingProxyType({})
@@ -220,6 +234,12 @@ class Registry:
         except (LoadError, BadRequest) as exc:
             reason = exc.message if isinstance(exc, BadRequest) else str(exc)
             log.warning("model %s version %s failed to load: %s", model, version, reason)
+            self.emit(
+                "model.failed",
+                f"{model}/{version}",
+                {"version": version, "reason": cut(reason, 1000), "replica": self.replica,
+                 "serving": current.info.sha256 if current is not None else None},
+            )  # fmt: skip
             if current is None:
                 self._status[(model, version)] = Status("FAILED", reason)
                 return reason
@@ -234,6 +254,12 @@ class Registry:
         )
         self._status[(model, version)] = Status("READY")
         log.info("model %s version %s ready (sha256 %s)", model, version, info.sha256[:12])
+        self.emit(
+            "model.loaded",
+            f"{model}/{version}",
+            {"version": version, "sha256": info.sha256, "replica": self.replica,
+             "replaced": current.info.sha256 if current is not None else None},
+        )  # fmt: skip
         if current is not None:
             await current.drain()
             current.runtime.close()
@@ -251,6 +277,13 @@ class Registry:
         for v in versions:
             self._status[(model, v)] = Status("UNAVAILABLE", "unloaded")
             log.info("model %s version %s unloaded", model, v)
+        for loaded in removed:
+            info = loaded.info
+            self.emit(
+                "model.unloaded",
+                f"{model}/{info.version}",
+                {"version": info.version, "sha256": info.sha256, "replica": self.replica},
+            )
 
     def _publish(self, model: str, versions: dict[str, Loaded]) -> None:
         table = dict(self._table)

@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from gateway.errors import BadRequest, GatewayError, LoadError, ModelError, Timeout
 from gateway.serving.repository import external_data_inside
+from gateway.serving.task import TaskError, parse_task
 from gateway.serving.types import (
     NUMPY_DTYPES,
     ONNX_TO_DATATYPE,
@@ -121,14 +122,20 @@ def load_version(
         )
     except Exception as exc:
         raise LoadError(f"onnxruntime could not load the model: {exc}") from None
+    outputs = tuple(_spec(arg) for arg in session.get_outputs())
+    try:
+        task = parse_task(metadata.get("task"), outputs)
+    except TaskError as exc:
+        raise LoadError(f"metadata.json: {exc}") from None
     mv = ModelVersion(
         model=model,
         version=version,
         path=path,
         sha256=hashlib.sha256(data).hexdigest(),
         inputs=tuple(_spec(arg) for arg in session.get_inputs()),
-        outputs=tuple(_spec(arg) for arg in session.get_outputs()),
+        outputs=outputs,
         metadata=metadata,
+        task=task,
     )
     runtime = SessionRuntime(session, executor)
     try:

@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gateway.serving.task import Task
+
 # Open Inference Protocol datatype -> numpy dtype. BYTES tensors are numpy object arrays of str
 # (onnxruntime stringifies bytes objects; see gateway/codec.py).
 NUMPY_DTYPES: Mapping[str, np.dtype[Any]] = {
@@ -81,6 +83,8 @@ class ModelVersion:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    # what the output means, from metadata["task"] (gateway.serving.task): None, not declared
+    task: Task | None = None
     input_specs: Mapping[str, TensorSpec] = field(init=False, repr=False, compare=False)
     output_specs: Mapping[str, TensorSpec] = field(init=False, repr=False, compare=False)
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 from scipy import special, stats
 
-from router.policy.guard_spec import GuardSpec
+from router.policy.guard_spec import QUALITY_METRICS, GuardSpec
 from router.policy.spec import CanaryDoc, PolicyDoc, ShadowSpec, Subject
 
 Verdict = Literal["pass", "insufficient", "breach"]
@@ -115,9 +115,34 @@ class ShadowWindow:
 
 
 @dataclass(frozen=True, slots=True)
+class QualityFigure:
+    """One quality figure of a version (monitors.quality.Figure): its value and confidence
+    interval at the guards' confidence, over ``n`` labels (None: undefined or too few)."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class QualityWindow:
+    """A version's quality from the labels joined to its predictions: ``labels`` labelled
+    predictions, each metric's figure, and for a subject with a baseline each metric's upper
+    confidence bound on how much worse it is than the baseline (monitors.quality.drop_bound;
+    None: no bound) with the baseline's labels."""
+
+    labels: int = 0
+    figures: Mapping[str, QualityFigure] = field(default_factory=dict)
+    drops: Mapping[str, float | None] = field(default_factory=dict)
+    baseline_labels: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Figures:
     versions: Mapping[str, VersionWindow]
     shadows: Mapping[str, ShadowWindow] = field(default_factory=dict)
+    quality: Mapping[str, QualityWindow] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +165,11 @@ class Check:
         }
 
     def describe(self) -> str:
-        op = "≥" if self.guard.endswith("psi") else ">"
+        metric = self.guard.removeprefix("min_quality.")
+        if metric != self.guard and QUALITY_METRICS.get(metric, False):
+            op = "<"  # a floor: the lower bound below it breaches
+        else:
+            op = "≥" if self.guard.endswith("psi") else ">"
         value = "n/a" if self.value is None else f"{self.value:.4g}"
         limit = f"{op} {self.threshold:g}"
         return f"{self.guard} {self.status} for version {self.version}: {value} {limit}"
@@ -165,6 +194,9 @@ def evaluate(spec: GuardSpec, doc: PolicyDoc, figures: Figures) -> Evaluation:
     check lacks data, else ``pass``; shadow checks lacking data hold nothing back."""
     checks: list[Check] = []
     for subject in doc.subjects():
+        if spec.judges_quality:  # labels arrive late: judged whatever the window's traffic
+            quality = figures.quality.get(subject.version, QualityWindow())
+            checks.extend(_quality_checks(spec, subject, quality))
         window = figures.versions.get(subject.version, VersionWindow())
         if window.requests < spec.min_requests:
             gate = Check(
@@ -240,6 +272,63 @@ def _version_checks(
     if spec.max_prediction_psi is not None:
         name = "max_prediction_psi"
         checks.append(_psi_check(name, version, window.outputs, spec.max_prediction_psi))
+    return checks
+
+
+def _quality_checks(spec: GuardSpec, subject: Subject, window: QualityWindow) -> list[Check]:
+    """``min_quality``: each metric's lower confidence bound (upper where lower is better)
+    against its floor (ceiling); ``max_quality_drop_vs_baseline``: the upper confidence bound on
+    the drop against the threshold. No verdict before ``min_labels`` labels (the baseline's too)."""
+    version = subject.version
+    checks: list[Check] = []
+    for metric, floor in spec.min_quality:
+        guard = f"min_quality.{metric}"
+        figure = window.figures.get(metric)
+        higher = QUALITY_METRICS[metric]
+        detail: dict[str, Any] = {"labels": window.labels, "min_labels": spec.min_labels}
+        if window.labels < spec.min_labels:
+            checks.append(Check(guard, version, "insufficient", None, floor, detail))
+            continue
+        if figure is None:
+            checks.append(_skipped(guard, version, floor, f"{metric} is not a figure of its task"))
+            continue
+        bound = figure.low if higher else figure.high
+        detail |= {
+            "metric": metric,
+            "value": figure.value,
+            "n": figure.n,
+            "bound": "lower" if higher else "upper",
+            "confidence": spec.confidence,
+        }
+        if bound is None:  # undefined yet (no positive label for recall, ...)
+            checks.append(Check(guard, version, "insufficient", None, floor, detail))
+            continue
+        breached = bound < floor if higher else bound > floor
+        checks.append(Check(guard, version, "breach" if breached else "pass", bound, floor, detail))
+    for metric, limit in spec.max_quality_drop_vs_baseline:
+        guard = f"max_quality_drop_vs_baseline.{metric}"
+        if subject.baseline is None:
+            checks.append(_skipped(guard, version, limit, "no baseline to compare with"))
+            continue
+        labels = min(window.labels, window.baseline_labels)
+        detail = {
+            "labels": window.labels,
+            "baseline": subject.baseline,
+            "baseline_labels": window.baseline_labels,
+            "min_labels": spec.min_labels,
+        }
+        if labels < spec.min_labels:
+            checks.append(Check(guard, version, "insufficient", None, limit, detail))
+            continue
+        if metric not in window.drops:
+            checks.append(_skipped(guard, version, limit, f"{metric} is not a figure of its task"))
+            continue
+        drop = window.drops[metric]
+        detail |= {"metric": metric, "confidence": spec.confidence}
+        if drop is None:
+            checks.append(Check(guard, version, "insufficient", None, limit, detail))
+            continue
+        checks.append(_compare(guard, version, drop, limit, detail))
     return checks
 
 

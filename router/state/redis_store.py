@@ -343,6 +343,22 @@ def _translated() -> Iterator[None]:
         raise StoreUnavailable(f"redis: {exc}") from exc
 
 
+def connect(url: str, timeout_s: float, max_connections: int) -> Redis:
+    """A client on its own pool: client-side timeouts, no automatic retries (a write is never
+    replayed after a timeout), and callers beyond ``max_connections`` queue for a connection
+    instead of failing at once; the wait is bounded, but longer than a command's timeout: a
+    burst is not an outage."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=POOL_WAIT_S,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return Redis.from_pool(pool)
+
+
 class RedisStore:
     def __init__(
         self,
@@ -352,17 +368,7 @@ class RedisStore:
         timeout_s: float = 1.0,
         max_connections: int = 32,
     ) -> None:
-        # callers beyond max_connections queue for a connection instead of failing at once; the
-        # wait is bounded, but longer than a command's timeout: a burst is not an outage
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=POOL_WAIT_S,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._redis = Redis.from_pool(pool)
+        self._redis = connect(url, timeout_s, max_connections)
         self._prefix = prefix
         self._reconcile_s = reconcile_s
         self._timeout_s = timeout_s

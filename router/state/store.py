@@ -363,6 +363,16 @@ def decode_assignment(raw: bytes | str) -> Assignment:
     return Assignment(model, version, int(revision), float(propensity))
 
 
+def take_lease(leases: dict[str, tuple[str, float]], name: str, holder: str, ttl_s: float) -> bool:
+    """``StateStore.acquire_lease`` on a dict of name -> (holder, monotonic deadline)."""
+    now = time.monotonic()
+    current = leases.get(name)
+    if current is not None and current[0] != holder and current[1] > now:
+        return False
+    leases[name] = (holder, now + ttl_s)
+    return True
+
+
 class _Expiring(Generic[V]):
     """A map whose entries vanish ``ttl_s`` seconds after they were put, as Redis's PX keys."""
 
@@ -552,12 +562,7 @@ class MemoryStore:
                 await self._changed.wait()
 
     async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
-        now = time.monotonic()
-        current = self._leases.get(name)
-        if current is not None and current[0] != holder and current[1] > now:
-            return False
-        self._leases[name] = (holder, now + ttl_s)
-        return True
+        return take_lease(self._leases, name, holder, ttl_s)
 
     async def publish_counts(self, member: str, blobs: Mapping[str, bytes], ttl_s: float) -> None:
         self._counts[member] = (time.monotonic() + ttl_s, dict(blobs))

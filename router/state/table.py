@@ -27,6 +27,13 @@ from router.state.store import ArmStats, Assignment, RouteRecord, StateStore, St
 
 log = logging.getLogger("turnout.router")
 
+# gateway.serving.types.Emit, structurally (the router does not import the gateway).
+EmitFn = Callable[[str, str, Mapping[str, Any]], None]
+
+
+def _emit_nothing(kind: str, subject: str, data: Mapping[str, Any]) -> None:
+    return None
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -66,8 +73,12 @@ class RouteTable:
         feedback_max_entries: int = 1_000_000,
         feedback_max_bytes: int = 128 << 20,
         on_change: Callable[[Route | None, str], None] | None = None,
+        emit: EmitFn = _emit_nothing,
     ) -> None:
+        """``emit``: where each policy change written here goes as a ``policy.changed`` event
+        (gateway.background.events)."""
         self.store = store
+        self.emit = emit
         # Shared: assignments also go to the store, where other processes may receive the
         # feedback, and the store takes each id's one reward. Not shared: the join alone.
         self._shared = shared
@@ -239,7 +250,32 @@ class RouteTable:
             details=dict(details) if details is not None else None,
         )  # fmt: skip
         self.install(record, model)
+        await self._changed(model, record, doc, who, action, reason)
         return record
+
+    async def _changed(
+        self,
+        model: str,
+        record: RouteRecord | None,
+        doc: PolicyDoc | None,
+        who: str,
+        action: str,
+        reason: str,
+    ) -> None:
+        """The ``policy.changed`` event of a write, as its audit entry has it."""
+        revision: int | None = record.revision if record is not None else None
+        if revision is None:  # a delete returns no record: its audit entry has the revision
+            with contextlib.suppress(StoreUnavailable):
+                entries = await self.store.audit(model, 1)
+                revision = entries[0].revision if entries else None
+        data = {
+            "who": who,
+            "why": reason,
+            "revision": revision,
+            "policy": doc.strategy if doc is not None else None,
+            "action": action,
+        }
+        self.emit("policy.changed", model, data)
 
     def install(self, record: RouteRecord | None, model: str) -> None:
         """Apply a change this replica just wrote, without waiting for the watcher."""

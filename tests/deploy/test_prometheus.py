@@ -28,6 +28,7 @@ import pytest
 
 from gateway.demo import sample_inputs
 from gateway.http.metrics import LATENCY_BUCKETS
+from tests.support.event_sink import EventSink
 from tests.support.server import ADMIN, Server, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +77,20 @@ EXPORTED_FAMILIES = (
     "turnout_shadow_deferrals_total",
     "turnout_shadow_mean_abs_diff",
     "turnout_shadow_disagreement_ratio",
+    "turnout_events_emitted_total",
+    "turnout_events_dropped_total",
+    "turnout_event_deliveries_total",
+    "turnout_event_outbox_depth",
+    "turnout_event_outbox_oldest_age_seconds",
+    "turnout_quality_value",
+    "turnout_quality_lower_bound",
+    "turnout_quality_upper_bound",
+    "turnout_quality_estimated",
+    "turnout_quality_labels",
+    "turnout_quality_served",
+    "turnout_outcomes_total",
+    "turnout_outcome_join_entries",
+    "turnout_outcome_join_evictions_total",
 )
 
 T = TypeVar("T")
@@ -138,8 +153,18 @@ def test_generator_knows_the_gateways_latency_buckets() -> None:
         (["--latency-target", "0"], "strictly between 0 and 1"),
         (["--availability", "high"], "not a finite number"),
         (["--shadow-disagreement", "nan"], "not a finite number"),
+        (["--quality-metric", "false_positive_rate"], "quality metric must be one of"),
+        (["--quality-floor", "1"], "quality_floor must be strictly between 0 and 1"),
     ],
-    ids=["threshold-off-bucket", "availability-1", "latency-target-0", "not-a-number", "nan"],
+    ids=[
+        "threshold-off-bucket",
+        "availability-1",
+        "latency-target-0",
+        "not-a-number",
+        "nan",
+        "quality-metric-lower-is-better",
+        "quality-floor-1",
+    ],
 )
 def test_generator_rejects_bad_targets(args: list[str], message: str) -> None:
     result = run(sys.executable, str(GENERATOR), *args)
@@ -183,7 +208,7 @@ def test_every_alert_has_a_unit_test_that_fires_it_and_one_that_does_not() -> No
     # A firing case lists exp_labels; a quiet case has `exp_alerts: []`.
     fired = set(re.findall(r"alertname: (\w+)\n\s+exp_alerts:\n\s+- exp_labels", tests))
     quiet = set(re.findall(r"alertname: (\w+),? *\n?\s*exp_alerts: \[\]", tests))
-    assert len(alerts) == 16
+    assert len(alerts) == 21
     assert alerts - fired == set()
     assert alerts - quiet == set()
 
@@ -191,7 +216,7 @@ def test_every_alert_has_a_unit_test_that_fires_it_and_one_that_does_not() -> No
 def test_every_alert_is_labelled_and_annotated() -> None:
     text = RULES.read_text()
     blocks = text.split("      - alert: ")[1:]
-    assert len(blocks) == 16
+    assert len(blocks) == 21
     for block in blocks:
         name = block.split("\n", 1)[0]
         assert re.search(r"severity: (page|ticket|warning)\n", block), name
@@ -402,6 +427,22 @@ def users_by_version(url: str) -> dict[str, str]:
     raise AssertionError(f"64 users all went to {users}")
 
 
+def post_outcomes(url: str) -> None:
+    """40 one-row predictions served with ids, their labels (the model's own decision for
+    three in four), and one unknown id."""
+    outcomes = []
+    for i, row in enumerate(sample_inputs("fraud", 40, 77)["input"]):
+        tensor = {"name": "input", "shape": [1, 32], "datatype": "FP32", "data": row.tolist()}
+        body = {"id": f"prom-{i}", "inputs": [tensor]}
+        response = httpx.post(f"{url}/v2/models/fraud/infer", json=body)
+        assert response.status_code == 200, response.text
+        decision = int(response.json()["outputs"][0]["data"][0] >= 0.5)
+        outcomes.append({"id": f"prom-{i}", "label": decision if i % 4 else 1 - decision})
+    outcomes.append({"id": "never-served", "label": 1})
+    posted = httpx.post(f"{url}/v2/models/fraud/outcomes", json={"outcomes": outcomes})
+    assert posted.status_code == 200 and posted.json()["accepted"] == 40, posted.text
+
+
 @pytest.fixture(scope="module")
 def stack(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tool("promtool")
@@ -409,9 +450,16 @@ def stack(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     reference = np.load(demo_repo / "fraud" / "1" / "reference.npy")
     shift = np.zeros(reference.shape[1], dtype=np.float32)
     shift[list(DRIFTED)] = SHIFT_SDS * reference[:, list(DRIFTED)].std(axis=0)
-    gateway = Server(demo_repo, args=["--drift-window-s", "60"], wait_ready=False)
+    # An event sink, so that the event families have their per-sink series.
+    sink = EventSink("stack-sink-secret-0123456789")
+    sinks = tmp_path_factory.mktemp("sinks") / "sinks.json"
+    sinks.write_text(json.dumps([sink.config("stack")]))
+    gateway = Server(
+        demo_repo, args=["--drift-window-s", "60", "--event-sinks", str(sinks)], wait_ready=False
+    )
     target = gateway.url.removeprefix("http://")
     with (
+        sink,
         prometheus(tmp_path_factory.mktemp("prometheus"), target) as prometheus_ready,
         gateway,
         httpx.Client(timeout=10.0) as client,
@@ -426,6 +474,8 @@ def stack(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             assert infer(gateway.url, rows, {}).status_code == 200
         ab = {"strategy": "ab", "arms": {"1": 0.5, "2": 0.5}, "sticky": "header:x-user-id"}
         put_policy(gateway.url, ab)
+        # Outcomes for predictions served with ids: quality figures and outcome counters.
+        post_outcomes(gateway.url)
         # A rejected input gives a 4xx series, as in any real deployment.
         bad = httpx.post(f"{gateway.url}/v2/models/fraud/infer", content=b"not json")
         assert bad.status_code == 400
@@ -536,5 +586,5 @@ def test_rules_evaluate_cleanly_and_drift_alerts_go_pending(stack: Stack) -> Non
     assert poll(burns, 30.0, "burn rates of both SLOs") == {"availability", "latency"}
     groups = stack.get("/api/v1/rules").json()["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == 26
+    assert len(rules) == 31
     assert {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"} == {}

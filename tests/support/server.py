@@ -41,6 +41,8 @@ TEST_PERIODS = {
     "TURNOUT_GUARD_TICK_S": "0.05",
     "TURNOUT_LEASE_TTL_S": "0.5",
     "TURNOUT_PUBLISH_S": "0.1",
+    "TURNOUT_EVENTS_TICK_S": "0.05",
+    "TURNOUT_DRIFT_EVENTS_S": "0.1",
 }
 _CACHE: list[Path] = []
 

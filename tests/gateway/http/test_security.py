@@ -127,7 +127,7 @@ ADMIN_CALLS = [
 def test_every_admin_call_refuses_bad_tokens(
     gateway: GatewayServer, headers: dict[str, str], message: str
 ) -> None:
-    assert len(ADMIN_CALLS) == 18
+    assert len(ADMIN_CALLS) == 19
     for method, path in ADMIN_CALLS:
         unauthorized(call(gateway, method, path, headers=headers, json={"reason": "x"}), message)
 
