@@ -135,7 +135,9 @@ def test_the_loop_answers_others_while_a_large_body_is_decoded(gateway: Server) 
     finally:
         stop.set()
         prober.join()
-    assert r.status_code == 400 and "BYTES element 999999 is not UTF-8" in r.json()["error"]
+    # Its last element is not UTF-8: the binary extension carries it into the model (issue 16,
+    # item 5), and the echo of it cannot come back out as text: a 400 naming the input.
+    assert r.status_code == 400 and "bytes of input 'in_bytes'" in r.json()["error"]
     during = [done - sent for sent, done in probes if start <= sent and done <= end]
     figures(
         "loop-while-decoding",
