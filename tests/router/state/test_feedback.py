@@ -245,8 +245,11 @@ async def test_the_join_holds_at_most_its_bytes_and_says_what_it_holds() -> None
     decision = table.choose(route, {}, {})
     # Only what this test, the table and the join allocate: another thread of the test process
     # (a server a previous test left behind, a writer thread) allocates meanwhile under xdist.
-    ours = [tracemalloc.Filter(True, f) for f in (join.__file__, table_module.__file__, __file__)]
-    tracemalloc.start()
+    ours = [
+        tracemalloc.Filter(True, f, all_frames=True)
+        for f in (join.__file__, table_module.__file__, __file__)
+    ]
+    tracemalloc.start(16)  # frames enough to see who called: an allocation in our call stack
     try:
         before = tracemalloc.take_snapshot().filter_traces(ours)
         for i in range(2000):  # 2,000 ids of the largest size the gateway accepts: 1.7 MiB

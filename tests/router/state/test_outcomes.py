@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+from router.state import outcomes
 from router.state.join import MAX_ID_CHARS
 from router.state.outcomes import (
     CLAIM_CHUNK,
@@ -137,14 +138,18 @@ async def test_the_memory_join_is_bounded_by_entries_and_bytes() -> None:
     one = sys.getsizeof("0" * MAX_ID_CHARS) + ENTRY_BYTES
     cap = 500 * one + one // 2
     store = MemoryPredictions(HORIZON_S, max_entries=1_000_000, max_bytes=cap)
-    tracemalloc.start()
+    # Only what this test and the store allocate: other threads of the test process allocate
+    # meanwhile under xdist.
+    ours = [tracemalloc.Filter(True, f, all_frames=True) for f in (outcomes.__file__, __file__)]
+    tracemalloc.start(16)  # frames enough to see who called: an allocation in our call stack
     try:
-        before = tracemalloc.get_traced_memory()[0]
+        before = tracemalloc.take_snapshot().filter_traces(ours)
         # ids of the largest size the gateway accepts, as the request path hands them over
         served = [Served("m", f"{i:0{MAX_ID_CHARS}d}", "1", 0.5, now) for i in range(2000)]
         await store.remember(served)
         del served
-        held = tracemalloc.get_traced_memory()[0] - before
+        after = tracemalloc.take_snapshot().filter_traces(ours)
+        held = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     finally:
         tracemalloc.stop()
     assert store.entries == 500 and store.bytes == 500 * one <= cap
