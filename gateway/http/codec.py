@@ -527,10 +527,11 @@ def _input_headers(
         spec = specs.get(name)
         if spec is None:
             raise BadRequest(
-                f"unknown input {_show(name)}; model {model.model!r} expects {_names(model.inputs)}"
+                f"inputs[{i}]: unknown input {_show(name)}; model {model.model!r} expects "
+                f"{_names(model.inputs)}"
             )
         if name in result:
-            raise BadRequest(f"input {name!r} is given twice")
+            raise BadRequest(f"inputs[{i}]: input {name!r} is given twice")
         datatype = entry.get("datatype")
         if datatype != spec.datatype:
             raise BadRequest(

@@ -5,7 +5,6 @@ quick; the defaults are checked against the settings."""
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -227,9 +226,12 @@ def test_data_nested_deeper_than_the_shape_is_refused(gateway: GatewayServer) ->
 @pytest.mark.parametrize(
     ("entry", "fragment"),
     [
-        ({"name": "input", "shape": [1, 32], "datatype": "FP32", "data": [0.0] * 32}, "twice"),
-        ({"name": "other", "shape": [1], "datatype": "FP32", "data": [0.0]}, "unknown input"),
-        (1, "inputs[0]"),
+        (
+            {"name": "input", "shape": [1, 32], "datatype": "FP32", "data": [0.0] * 32},
+            "inputs[1]: input 'input' is given twice",
+        ),
+        ({"name": "other", "shape": [1], "datatype": "FP32", "data": [0.0]}, "inputs[0]: unknown"),
+        (1, "inputs[0] must be"),
     ],
     ids=["duplicates", "unknown", "not-objects"],
 )
@@ -237,15 +239,13 @@ def test_a_huge_list_of_inputs_is_refused_at_the_first_extra_entry(
     gateway: GatewayServer, entry: Any, fragment: str
 ) -> None:
     """16 MB of inputs: each entry past the model's inputs is unknown or a duplicate, so
-    decoding stops there; parsing them is the cost (about 0.3 s here)."""
+    decoding stops at the first of them, which the message names by its index (parsing the
+    JSON is the rest of the cost: about 0.3 s here, loadtests/ measure speed)."""
     count = (16 << 20) // (len(orjson.dumps(entry)) + 1)
     body = orjson.dumps({"inputs": [entry] * count})
     assert 15 << 20 < len(body) < MAX_BODY
-    start = time.perf_counter()
-    r = httpx.post(gateway.url + "/v2/models/fraud/infer", content=body, timeout=30)
-    elapsed = time.perf_counter() - start
+    r = httpx.post(gateway.url + "/v2/models/fraud/infer", content=body, timeout=60)
     refused(r, 400, fragment)
-    assert elapsed < 5.0, elapsed  # upload and parse; generous for a loaded CI machine
 
 
 # -- header size ----------------------------------------------------------------------------------
