@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
-import uuid
 from typing import Any
 
 import orjson
 
 from gateway.background.fleet import CountsExchange
-from gateway.background.tasks import stop_task
+from gateway.background.tasks import holder_id, stop_task
 from gateway.serving.registry import Loaded, Registry
 from gateway.serving.types import Emit
 from monitors.export import MonitorCounts
@@ -59,7 +56,7 @@ class DriftWatcher:
         self.emit = emit
         self.tick_s = tick_s
         self.lease_ttl_s = lease_ttl_s
-        self.holder = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.holder = holder_id()
         self.leader = False
         self._last: dict[str, str] | None = None  # "feature:model/version/column" -> status
         self._task: asyncio.Task[None] | None = None

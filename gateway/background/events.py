@@ -43,7 +43,7 @@ from typing import Any
 import httpx
 import orjson
 
-from gateway.background.tasks import stop_task
+from gateway.background.tasks import holder_id, stop_task
 from router.state.outbox import Entry, Outbox, OutboxUnavailable, Page
 
 log = logging.getLogger("turnout.events")
@@ -246,7 +246,7 @@ class Events:
         self.source = source or f"turnout/{socket.gethostname()}"
         self.tick_s = tick_s
         self.lease_ttl_s = lease_ttl_s
-        self.holder = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.holder = holder_id()
         self.emitted: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.deliveries: Counter[tuple[str, str]] = Counter()

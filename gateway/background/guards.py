@@ -20,10 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import math
-import os
-import socket
 import time
-import uuid
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +30,7 @@ import numpy as np
 
 from gateway.background.quality import Quality
 from gateway.background.shadow import ShadowRunner
-from gateway.background.tasks import stop_task
+from gateway.background.tasks import holder_id, stop_task
 from gateway.errors import GatewayError, NotFound
 from gateway.serving.registry import Registry
 from gateway.serving.traffic import GuardMetrics, Traffic, judged
@@ -128,7 +125,7 @@ class GuardEvaluator:
         self.tick_s = tick_s
         self.lease_ttl_s = lease_ttl_s
         self.metrics = metrics
-        self.holder = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.holder = holder_id()
         self._history: deque[_Snapshot] = deque()
         self._last: _Snapshot | None = None  # the latest tick's snapshot
         self._states: dict[str, _ModelState] = {}

@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
 import httpx
 
 from gateway.background.guards import GuardEvaluator
-from gateway.background.tasks import stop_task
+from gateway.background.tasks import holder_id, stop_task
 from gateway.errors import Conflict, GatewayError
 from gateway.serving.registry import Registry
 from gateway.serving.repository import version_key
@@ -83,7 +80,7 @@ class RolloutEngine:
         self.tick_s = tick_s
         self.lease_ttl_s = lease_ttl_s
         self.confirm_timeout_s = confirm_timeout_s
-        self.holder = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.holder = holder_id()
         self.leader = False
         # As read from the store by the latest tick (every replica reads; only the leader acts).
         self.templates: dict[str, tuple[int, RolloutTemplate]] = {}

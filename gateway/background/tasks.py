@@ -1,9 +1,12 @@
-"""Stopping a background loop within a bound."""
+"""Helpers of the background loops: stopping one within a bound, naming a lease holder."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import uuid
 
 log = logging.getLogger("turnout.tasks")
 
@@ -25,3 +28,9 @@ async def stop_task(task: asyncio.Task[None] | None, *, timeout_s: float = 5.0) 
         await asyncio.wait({task}, timeout=min(0.1, left))
     if not task.cancelled() and task.exception() is not None:
         log.error("%s ended with an error", task.get_name(), exc_info=task.exception())
+
+
+def holder_id() -> str:
+    """This process's name for a lease it takes (``StateStore.acquire_lease``): host, pid and a
+    random part, so two components or two restarts never pass for one holder."""
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
