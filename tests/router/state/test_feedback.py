@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
-import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from router.state.join import ENTRY_BYTES, MAX_ID_CHARS, id_bytes
 from router.state.redis_store import RedisStore
 from router.state.store import MemoryStore, StoreUnavailable
 from router.state.table import RewardConflict, RouteTable, UnknownInference
+from tests.support.memory import held_by
 from tests.support.redis_server import RedisServer, fresh_prefix
 
 pytestmark = pytest.mark.anyio
@@ -243,26 +243,14 @@ async def test_the_join_holds_at_most_its_bytes_and_says_what_it_holds() -> None
     route = table.get("fraud")
     assert route is not None
     decision = table.choose(route, {}, {})
-    # Only what this test, the table and the join allocate: another thread of the test process
-    # (a server a previous test left behind, a writer thread) allocates meanwhile under xdist.
-    ours = [
-        tracemalloc.Filter(True, f, all_frames=True)
-        for f in (join.__file__, table_module.__file__, __file__)
-    ]
-    tracemalloc.start(16)  # frames enough to see who called: an allocation in our call stack
-    try:
-        before = tracemalloc.take_snapshot().filter_traces(ours)
+    with held_by(join.__file__, table_module.__file__, __file__) as held:
         for i in range(2000):  # 2,000 ids of the largest size the gateway accepts: 1.7 MiB
             table.served(route, decision, f"{i:0{MAX_ID_CHARS}d}")
-        after = tracemalloc.take_snapshot().filter_traces(ours)
-        held = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
-    finally:
-        tracemalloc.stop()
     one = sys.getsizeof("0" * MAX_ID_CHARS) + ENTRY_BYTES
     assert table.join.bytes == table.join.entries * one <= cap < (table.join.entries + 1) * one
     assert table.join.evictions["bytes"] == 2000 - table.join.entries
     # the estimate is what the join really holds (tracemalloc), within 10 %
-    assert abs(held - table.join.bytes) < 0.1 * table.join.bytes, (held, table.join.bytes)
+    assert abs(held.bytes - table.join.bytes) < 0.1 * table.join.bytes, (held, table.join.bytes)
 
 
 async def test_a_new_policy_revision_frees_the_join_of_the_old_one(replica: Replica) -> None:

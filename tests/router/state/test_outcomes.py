@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 import time
-import tracemalloc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -25,6 +24,7 @@ from router.state.outcomes import (
 )
 from router.state.redis_outcomes import RedisPredictions
 from router.state.store import StoreUnavailable
+from tests.support.memory import held_by
 from tests.support.redis_server import fresh_prefix
 
 pytestmark = pytest.mark.anyio
@@ -138,24 +138,15 @@ async def test_the_memory_join_is_bounded_by_entries_and_bytes() -> None:
     one = sys.getsizeof("0" * MAX_ID_CHARS) + ENTRY_BYTES
     cap = 500 * one + one // 2
     store = MemoryPredictions(HORIZON_S, max_entries=1_000_000, max_bytes=cap)
-    # Only what this test and the store allocate: other threads of the test process allocate
-    # meanwhile under xdist.
-    ours = [tracemalloc.Filter(True, f, all_frames=True) for f in (outcomes.__file__, __file__)]
-    tracemalloc.start(16)  # frames enough to see who called: an allocation in our call stack
-    try:
-        before = tracemalloc.take_snapshot().filter_traces(ours)
+    with held_by(outcomes.__file__, __file__) as held:
         # ids of the largest size the gateway accepts, as the request path hands them over
         served = [Served("m", f"{i:0{MAX_ID_CHARS}d}", "1", 0.5, now) for i in range(2000)]
         await store.remember(served)
         del served
-        after = tracemalloc.take_snapshot().filter_traces(ours)
-        held = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
-    finally:
-        tracemalloc.stop()
     assert store.entries == 500 and store.bytes == 500 * one <= cap
     assert store.evictions["bytes"] == 1500
     # the estimate is what the join really holds (tracemalloc), within 10 %
-    assert abs(held - store.bytes) < 0.1 * store.bytes, (held, store.bytes)
+    assert abs(held.bytes - store.bytes) < 0.1 * store.bytes, (held, store.bytes)
 
 
 async def test_redis_down_is_store_unavailable() -> None:
