@@ -1,7 +1,9 @@
 """A real HTTP event sink for tests, on a free port in a thread: it checks each request's
 content type and ``Turnout-Signature`` as docs/events.md tells a receiver to, and keeps the
 CloudEvents it took. ``status`` is what it answers (503: an outage); ``refuse`` holds event ids
-it answers 400 for (poison); ``stop()``/``start()`` take it off the network and back."""
+it answers 400 for (poison); ``stop()``/``start()`` take it off the network and back.
+``signed`` keeps each taken event's ``(Turnout-Signature header, raw body)``, for a test that
+checks the signature with a receiver's code of its own."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class EventSink:
         self.status = 200
         self.refuse: set[str] = set()
         self.events: list[dict[str, Any]] = []  # taken (2xx answered), in arrival order
+        self.signed: list[tuple[str, bytes]] = []  # the same, as received: (signature, body)
         self.attempts: list[str] = []  # every event id POSTed, whatever the answer
         self.bad: list[str] = []  # requests whose signature or content type failed
         self.lock = threading.Lock()
@@ -49,6 +52,7 @@ class EventSink:
                         status = 400 if event["id"] in sink.refuse else sink.status
                         if 200 <= status < 300:
                             sink.events.append(event)
+                            sink.signed.append((header, body))
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

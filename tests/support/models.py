@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
+
+from gateway.demo import FRAUD_TASK
 
 
 def write_slow_fraud(folder: Path, layers: int = 500, width: int = 2048) -> Path:
@@ -156,3 +161,45 @@ def write_fixed_doubler(folder: Path) -> Path:
     path = folder / "model.onnx"
     path.write_bytes(model.SerializeToString())
     return path
+
+
+def write_linear_fraud(
+    folder: Path, weights: np.ndarray, mean: np.ndarray, std: np.ndarray, reference: np.ndarray
+) -> str:
+    """A fraud version as a training pipeline writes one: ``model.onnx`` computing
+    probability = sigmoid(((input - mean) / std) @ weights) for input FP32 [-1, 32], the demo's
+    binary task in ``metadata.json`` and ``reference`` (its training rows, FP32 [n, 32]) as
+    ``reference.npy``. The model file is written last, so a load never sees half a version.
+    Returns the model's sha256 (the artifact the audit trail names)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Sub", ["input", "mean"], ["centred"]),
+            helper.make_node("Div", ["centred", "std"], ["scaled"]),
+            helper.make_node("MatMul", ["scaled", "w"], ["logit"]),
+            helper.make_node("Sigmoid", ["logit"], ["probability"]),
+        ],
+        "linear_fraud",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[
+            numpy_helper.from_array(np.asarray(mean, np.float32), "mean"),
+            numpy_helper.from_array(np.asarray(std, np.float32), "std"),
+            numpy_helper.from_array(np.asarray(weights, np.float32).reshape(32, 1), "w"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(reference, np.float32), allow_pickle=False)
+    (folder / "reference.npy").write_bytes(buffer.getvalue())
+    metadata = {
+        "task": FRAUD_TASK,
+        "reference_input": "input",
+        "training_data_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+    }
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    data = model.SerializeToString()
+    (folder / "model.onnx").write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
