@@ -47,7 +47,7 @@ SECRET = "closed-loop-sink-secret-0123456789"
 DEADLINE_S = 180.0  # per stage: generous for a loaded 2-core CI machine; never a figure asserted
 SHIFT = 4.0  # the first feature's move, in its own units (its reference sd is 0.5)
 MIN_LABELS = 30
-DROP = "max_quality_drop_vs_baseline.accuracy"
+FLOOR = "min_quality.accuracy"  # v2's breaches: this floor and the drop; the floor is named
 TEMPLATE = {
     "shadow_s": 1,
     "steps": [0.25, 0.5],
@@ -57,6 +57,9 @@ TEMPLATE = {
         "min_requests": 5,
         "max_error_ratio": 0.05,
         "min_labels": MIN_LABELS,
+        # v1 is under this floor in the moved world (accuracy 0.5): the reason to retrain,
+        # and no reason to hold its replacement in the shadow
+        "min_quality": {"accuracy": 0.6},
         "max_quality_drop_vs_baseline": {"accuracy": 0.1},
     },
     "approval": "required",
@@ -327,7 +330,7 @@ def test_drift_retrain_shadow_canary_guard_rollback_approval_promotion(
         (engine, "pin"),
         (engine, "rollout_start"),  # v2's shadow
         (engine, "advance"),  # canary step 1
-        (f"guard:{DROP}", "rollback"),
+        (f"guard:{FLOOR}", "rollback"),
         (engine, "rollout_start"),  # v3's shadow
         (engine, "advance"),
         (engine, "advance"),
@@ -365,9 +368,9 @@ def test_drift_retrain_shadow_canary_guard_rollback_approval_promotion(
             ("policy.changed", engine, "rollout_start"),
             ("rollout.started", "2"),
             ("rollout.advanced", "2"),
-            ("guard.breached", DROP, "2"),
-            ("policy.changed", f"guard:{DROP}", "rollback"),
-            ("guard.acted", DROP, "2"),
+            ("guard.breached", FLOOR, "2"),
+            ("policy.changed", f"guard:{FLOOR}", "rollback"),
+            ("guard.acted", FLOOR, "2"),
             ("rollout.rolled_back", "2"),
             ("model.loaded", "3", sha["3"]),
             ("rollout.started", "3"),

@@ -49,7 +49,7 @@ from router.policy.rollout_spec import (
     remember,
     tried_key,
 )
-from router.policy.spec import CanaryDoc, PolicyDoc, ShadowSpec, SingleDoc, parse_policy
+from router.policy.spec import CanaryDoc, PolicyDoc, SingleDoc, parse_policy
 from router.state.store import AuditEntry, AuditNote, RouteRecord, StaleRevision, StoreUnavailable
 from router.state.table import RouteTable
 
@@ -222,10 +222,7 @@ class RolloutEngine:
         candidate = max(untried, key=version_key)
         sha256 = self.registry.get(model, candidate).info.sha256
         if spec.shadow_s > 0:
-            doc: PolicyDoc = SingleDoc(
-                version=serving, shadow=ShadowSpec((candidate,)), guards=spec.guards,
-                seed=current.seed,
-            )  # fmt: skip
+            doc: PolicyDoc = spec.shadow(serving, candidate, current.seed)
             phase: Phase = "shadow"
             step = -1
             why = f"version {candidate} ready: shadow for {spec.shadow_s:g} s"

@@ -27,7 +27,7 @@ from typing import Any, Literal, get_args
 
 from router.policy.guard_spec import GuardSpec
 from router.policy.policies import PolicyError
-from router.policy.spec import DEFAULT_STEPS, CanaryDoc, parse_policy
+from router.policy.spec import DEFAULT_STEPS, CanaryDoc, ShadowSpec, SingleDoc, parse_policy
 
 Approval = Literal["auto", "required"]
 Phase = Literal[
@@ -117,6 +117,18 @@ class RolloutTemplate:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out
+
+    def shadow(self, serving: str, candidate: str, seed: int | None) -> SingleDoc:
+        """The shadow phase: ``serving`` answers, ``candidate`` gets copies. The guards are the
+        template's without its quality conditions: here they would judge the serving version,
+        the one the candidate is to replace, and a serving version under its quality floor
+        (often the very reason for the new version) would hold its replacement in the shadow
+        for good, with nothing a guard can do about it. The canary judges the candidate's
+        quality on its own labels."""
+        guards = self.guards
+        if guards is not None and guards.judges_quality:
+            guards = replace(guards, min_quality=(), max_quality_drop_vs_baseline=())
+        return SingleDoc(version=serving, shadow=ShadowSpec((candidate,)), guards=guards, seed=seed)
 
     def canary(self, baseline: str, candidate: str, step: int, seed: int | None) -> CanaryDoc:
         """The canary at ``step`` (an index into ``steps``)."""

@@ -18,11 +18,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from redis.asyncio import Redis
 
 from gateway.background.guards import GuardEvaluator
+from gateway.background.quality import Quality
 from gateway.background.rollout import RolloutEngine
 from gateway.background.shadow import ShadowRunner
 from gateway.errors import Conflict
@@ -32,6 +34,7 @@ from gateway.serving.traffic import GuardMetrics, Traffic
 from gateway.settings import Settings
 from router.policy.rollout_spec import Rollout
 from router.policy.spec import CanaryDoc, ShadowSpec, SingleDoc, parse_policy
+from router.state.outcomes import MemoryPredictions
 from router.state.redis_store import RedisStore
 from router.state.store import MemoryStore, StateStore
 from router.state.table import RouteTable
@@ -88,10 +91,12 @@ class Parts:
         return route.doc
 
 
-def make_parts(registry: Registry, store: StateStore, shadows: ShadowRunner) -> Parts:
+def make_parts(
+    registry: Registry, store: StateStore, shadows: ShadowRunner, quality: Quality | None = None
+) -> Parts:
     table = RouteTable(store)
     traffic = Traffic()
-    guards = GuardEvaluator(table, registry, shadows, traffic, GuardMetrics())
+    guards = GuardEvaluator(table, registry, shadows, traffic, GuardMetrics(), quality=quality)
     return Parts(registry, table, traffic, shadows, Events(), guards)
 
 
@@ -316,6 +321,47 @@ async def test_a_breaching_guard_rolls_back_and_ends_the_rollout(parts: Parts) -
     assert parts.events.kinds() == ["rollout.started", "rollout.rolled_back"]
     await engine.tick(500.0)  # nothing more written for it
     assert (await parts.store.audit("fraud", 1))[0].who == "guard:max_error_ratio"
+
+
+async def test_a_baseline_under_its_quality_floor_does_not_hold_the_shadow(
+    registry: Registry,
+) -> None:
+    """The version a retrained candidate is to replace is often under its quality floor: that
+    is why there is a candidate. The shadow's policy leaves the quality conditions out (they
+    would judge the serving version, and no guard can act on a single), so the shadow ends on
+    time; the canary judges the candidate's quality. (It held for good before.)"""
+    shadows = ShadowRunner(registry, 8)
+    quality = Quality(registry, MemoryPredictions(3600.0, 1000, 1 << 20), window_s=3600)
+    parts = make_parts(registry, MemoryStore(), shadows, quality)
+    try:
+        await pin(parts)
+        info = registry.get("fraud", "1").info
+        labels = []
+        for i in range(30):  # version 1 is wrong on every label: far under the floor
+            score = 0.9 if i % 2 else 0.1
+            quality.served(info, {"probability": np.array([[score]], np.float32)}, f"b-{i}")
+            labels.append({"id": f"b-{i}", "label": int(score < 0.5)})
+        answer, _ = await quality.take("fraud", {"outcomes": labels})
+        assert answer["accepted"] == 30
+        floor = {"min_labels": 20, "min_quality": {"accuracy": 0.6}}
+        await template(parts, shadow_s=10, guards={**GUARDS, "min_requests": 10, **floor})
+        engine = parts.engine()
+        await engine.tick(100.0)
+        shadow = parts.doc()
+        assert isinstance(shadow, SingleDoc) and shadow.shadow_versions() == ("2",)
+        await parts.guards.tick(100.0)
+        parts.serve("1", "primary", 50)
+        await parts.guards.tick(101.0)
+        assert parts.guards.verdict("fraud") == "pass"
+        await engine.tick(110.0)
+        canary = parts.doc()
+        assert isinstance(canary, CanaryDoc) and canary.candidate == "2"
+        assert canary.guards is not None and canary.guards.min_quality == (("accuracy", 0.6),)
+        # the shadow kept the template's other conditions
+        assert shadow.guards is not None and shadow.guards.max_error_ratio == 0.05
+        assert not shadow.guards.judges_quality
+    finally:
+        await shadows.close()
 
 
 class Webhook:

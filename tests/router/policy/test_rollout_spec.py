@@ -7,7 +7,7 @@ import pytest
 
 from router.policy.policies import PolicyError
 from router.policy.rollout_spec import MAX_TRIED, Rollout, RolloutTemplate, remember
-from router.policy.spec import CanaryDoc
+from router.policy.spec import CanaryDoc, ShadowSpec, SingleDoc
 
 
 def test_defaults_and_the_normalised_form_round_trip() -> None:
@@ -31,6 +31,21 @@ def test_a_step_is_the_canary_the_template_describes() -> None:
     assert doc == CanaryDoc(
         baseline="1", candidate="2", weight=0.6, steps=(0.1, 0.6), guards=template.guards, seed=7
     )
+
+
+def test_the_shadow_leaves_the_quality_conditions_to_the_canary() -> None:
+    """In the shadow they would judge the serving version, the one being replaced."""
+    guards = {"max_error_ratio": 0.02, "min_labels": 50, "min_quality": {"recall": 0.7},
+              "max_quality_drop_vs_baseline": {"roc_auc": 0.02}}  # fmt: skip
+    template = RolloutTemplate.parse({"shadow_s": 60, "guards": guards})
+    assert template.guards is not None and template.guards.judges_quality
+    doc = template.shadow("1", "2", seed=7)
+    assert doc == SingleDoc(version="1", shadow=ShadowSpec(("2",)), seed=7, guards=doc.guards)
+    assert doc.guards is not None and not doc.guards.judges_quality
+    assert doc.guards.max_error_ratio == 0.02 and doc.guards.min_labels == 50
+    assert template.canary("1", "2", 0, seed=7).guards == template.guards
+    plain = RolloutTemplate.parse({"guards": {"max_error_ratio": 0.02}})
+    assert plain.shadow("1", "2", None).guards == plain.guards
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, None])
