@@ -416,6 +416,38 @@ def event_alerts(targets: Targets) -> list[Yaml]:
             "sink and no listing. outbox_full: the outbox is full of events a sink has not taken.",
             f"{targets.runbook}#turnout-events-dropped",
         ),
+        _alert(
+            "TurnoutEventSinkRefusing",
+            'sum by (sink) (increase(turnout_event_deliveries_total{outcome="poisoned"}[15m])) > 0',
+            "0m",
+            "ticket",
+            "event sink {{ $labels.sink }} refuses events",
+            "Sink {{ $labels.sink }} answered a 4xx to events until the gateway skipped them "
+            "(poison_attempts) in the last 15 minutes: the sink never got them, and the outbox "
+            "does not look stuck. A wrong secret, a clock off by more than 5 minutes, or a "
+            "receiver that does not know an event kind.",
+            f"{targets.runbook}#turnout-event-sink-refusing",
+        ),
+    ]
+
+
+# Rollout templates (gateway.background.rollout; docs/rollouts.md). A rollout that waits for a
+# person longer than this holds its candidate at its last step: someone should decide.
+APPROVAL_PENDING_HOURS = 4
+
+
+def rollout_alerts(targets: Targets) -> list[Yaml]:
+    return [
+        _alert(
+            "TurnoutRolloutApprovalPending",
+            "max by (model) (turnout_rollout_approvals_pending) > 0",
+            f"{APPROVAL_PENDING_HOURS}h",
+            "ticket",
+            "{{ $labels.model }}: a rollout waits for approval",
+            "The rollout of {{ $labels.model }} has waited for an operator's approve or reject "
+            f"for {APPROVAL_PENDING_HOURS} hours; its candidate holds at its step meanwhile.",
+            f"{targets.runbook}#turnout-rollout-approval-pending",
+        ),
     ]
 
 
@@ -429,6 +461,7 @@ def rules(targets: Targets) -> Yaml:
             {"name": "turnout-client-alerts", "rules": client_alerts(targets)},
             {"name": "turnout-quality-alerts", "rules": quality_alerts(targets)},
             {"name": "turnout-event-alerts", "rules": event_alerts(targets)},
+            {"name": "turnout-rollout-alerts", "rules": rollout_alerts(targets)},
         ]
     }
 

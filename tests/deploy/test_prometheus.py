@@ -208,7 +208,7 @@ def test_every_alert_has_a_unit_test_that_fires_it_and_one_that_does_not() -> No
     # A firing case lists exp_labels; a quiet case has `exp_alerts: []`.
     fired = set(re.findall(r"alertname: (\w+)\n\s+exp_alerts:\n\s+- exp_labels", tests))
     quiet = set(re.findall(r"alertname: (\w+),? *\n?\s*exp_alerts: \[\]", tests))
-    assert len(alerts) == 21
+    assert len(alerts) == 23
     assert alerts - fired == set()
     assert alerts - quiet == set()
 
@@ -216,7 +216,7 @@ def test_every_alert_has_a_unit_test_that_fires_it_and_one_that_does_not() -> No
 def test_every_alert_is_labelled_and_annotated() -> None:
     text = RULES.read_text()
     blocks = text.split("      - alert: ")[1:]
-    assert len(blocks) == 21
+    assert len(blocks) == 23
     for block in blocks:
         name = block.split("\n", 1)[0]
         assert re.search(r"severity: (page|ticket|warning)\n", block), name
@@ -586,5 +586,5 @@ def test_rules_evaluate_cleanly_and_drift_alerts_go_pending(stack: Stack) -> Non
     assert poll(burns, 30.0, "burn rates of both SLOs") == {"availability", "latency"}
     groups = stack.get("/api/v1/rules").json()["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == 31
+    assert len(rules) == 33
     assert {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"} == {}
