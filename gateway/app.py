@@ -196,6 +196,7 @@ def create_app(settings: Settings) -> Gateway:
         registry,
         guards,
         emit=events.emit,
+        fleet=exchange,
         tick_s=settings.guard_tick_s,
         lease_ttl_s=settings.lease_ttl_s,
     )

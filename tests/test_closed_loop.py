@@ -47,6 +47,7 @@ SECRET = "closed-loop-sink-secret-0123456789"
 DEADLINE_S = 180.0  # per stage: generous for a loaded 2-core CI machine; never a figure asserted
 SHIFT = 4.0  # the first feature's move, in its own units (its reference sd is 0.5)
 MIN_LABELS = 30
+LOADS_APART_S = 3.0  # the pipeline's time between two replicas' loads: over the shadow phase
 FLOOR = "min_quality.accuracy"  # v2's breaches: this floor and the drop; the floor is named
 TEMPLATE = {
     "shadow_s": 1,
@@ -178,27 +179,33 @@ class Fleet:
         return None
 
     def load(self, version: str) -> None:
-        """What a pipeline does with a new version: load it on every replica, the rollout
-        leader last, so that no policy names it before every replica serves it."""
+        """What a pipeline does with a new version: load it on every replica, one after the
+        other, a few seconds apart, while traffic flows; the replica that drives rollouts
+        first, the order that used to fail: the canary started on its load, and the other
+        replica failed the requests it sent there (``drive`` asserts every answer). The
+        rollout starts once every replica serves the version."""
         leader = self.rollout_leader()
-        for i in sorted(range(len(self.replicas)), key=lambda i: i == leader):
+        for i in sorted(range(len(self.replicas)), key=lambda i: i != leader):
             url = self.replicas[i].url + "/v2/repository/models/fraud/load"
             r = self.client.post(url, json={"parameters": {"versions": [version]}}, headers=ADMIN)
             assert r.status_code == 200, r.text
+            apart = time.monotonic() + LOADS_APART_S
+            while time.monotonic() < apart:
+                self.drive()
 
     def rollout_leader(self) -> int:
+        """The replica holding the rollout lease (``turnout_rollout_leader`` 1)."""
+
         def leader() -> int | None:
             for i, replica in enumerate(self.replicas):
-                text = self.client.get(replica.url + "/metrics").text
-                if "\nturnout_rollout_leader 1.0" in text:
+                if "\nturnout_rollout_leader 1.0" in self.client.get(replica.url + "/metrics").text:
                     return i
             return None
 
-        found = self.driving(lambda: leader() is not None, "a rollout leader")
-        assert found
-        index = leader()
-        assert index is not None
-        return index
+        found: list[int] = self.driving(
+            lambda: [i for i in [leader()] if i is not None], "a rollout leader"
+        )
+        return found[0]
 
     def pages(self, path: str, key: str, **params: Any) -> list[dict[str, Any]]:
         """Every entry of a paged admin listing (newest first), oldest first."""
@@ -225,8 +232,9 @@ def fleet(tmp_path: Path, demo_repo: Path, prefix: str) -> Iterator[Fleet]:
         "--admin-token", f"ops:operator={OPERATOR_TOKEN}",
     ]  # fmt: skip
     # production lease TTL: nothing here waits for a lease to move, and a stalled replica on a
-    # loaded machine must not hand its leases over mid-scenario
-    env = {"TURNOUT_LEASE_TTL_S": "3"}
+    # loaded machine must not hand its leases over mid-scenario; nor drop out of the fleet's
+    # view (what each replica serves: kept 5 publish periods) while a version loads
+    env = {"TURNOUT_LEASE_TTL_S": "3", "TURNOUT_PUBLISH_S": "0.5"}
     replicas = [Server(repository, args=args, env=env, wait_ready=False) for _ in range(2)]
     try:
         for s in replicas:

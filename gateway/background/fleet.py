@@ -35,6 +35,7 @@ Scope = Literal["process", "group", "fleet"]
 _TRAFFIC = "traffic"
 _MONITOR = "monitor/"
 _RUNTIME = "runtime/"
+_READY = "ready"  # the [model, version, sha256] this process serves READY
 
 
 class CountsExchange:
@@ -100,6 +101,24 @@ class CountsExchange:
         found = [blobs for member, blobs in members.items() if member != self.member]
         return found, 1 + len(found)
 
+    async def lacking(self, model: str, version: str, sha256: str) -> int:
+        """Other live processes of the fleet that do not serve this artifact as ``model``'s
+        ``version`` (READY), by their last publish. A process that publishes no list of what it
+        serves (an older gateway) is not counted; 0 without a shared store."""
+        others, _ = await self.others("fleet")
+        wanted = [model, version, sha256]
+        lacking = 0
+        for blobs in others:
+            raw = blobs.get(_READY)
+            if raw is None:
+                continue
+            try:
+                serving = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            lacking += wanted not in serving
+        return lacking
+
     def blobs(self, now: float) -> dict[str, bytes]:
         view = self.local(now)
         out = {
@@ -111,6 +130,11 @@ class CountsExchange:
             out[f"{_MONITOR}{model}/{version}"] = counts.to_bytes()
         for (model, version), figures in view.runtimes.items():
             out[f"{_RUNTIME}{model}/{version}"] = figures.to_bytes()
+        out[_READY] = orjson.dumps(
+            sorted(
+                [lv.info.model, lv.info.version, lv.info.sha256] for lv in self.registry.loaded()
+            )
+        )
         for source in self.sources:
             out.update(source(now))
         return out

@@ -20,7 +20,10 @@ The level is what triggers, not the load event: a rollout starts for the highest
 above the serving one that was not rolled out before (``Rollout.tried`` keeps ``version@sha256``),
 however it got loaded (the repository API, start-up) and whichever replica loaded it. A newer
 version loaded during a rollout waits (queued, not superseding): when the running rollout ends,
-the highest untried version above the one then serving starts.
+the highest untried version above the one then serving starts. With a shared store it
+starts once every live replica serves the candidate's artifact READY (``CountsExchange.
+lacking``): the repository API is per replica, and a canary would send requests to a replica
+that has not loaded the version yet.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
 from gateway.background.tasks import holder_id, stop_task
 from gateway.errors import Conflict, GatewayError
@@ -68,6 +72,7 @@ class RolloutEngine:
         guards: GuardEvaluator | None = None,
         *,
         emit: Emit = emit_nothing,
+        fleet: CountsExchange | None = None,
         tick_s: float = 0.5,
         lease_ttl_s: float = 3.0,
         confirm_timeout_s: float = CONFIRM_TIMEOUT_S,
@@ -77,6 +82,8 @@ class RolloutEngine:
         self.registry = registry
         self.guards = guards
         self.emit = emit
+        # what the other replicas serve: a candidate starts once every one serves it
+        self.fleet = fleet
         self.tick_s = tick_s
         self.lease_ttl_s = lease_ttl_s
         self.confirm_timeout_s = confirm_timeout_s
@@ -87,6 +94,7 @@ class RolloutEngine:
         self.rollouts: dict[str, tuple[int, Rollout]] = {}
         self.confirm_failures: Counter[str] = Counter()  # model -> non-2xx or failed calls
         self._not_started: dict[str, int] = {}  # model -> a canary revision not a rollout's
+        self._waiting: dict[str, str] = {}  # model -> the candidate logged as waiting
         self._http: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -221,6 +229,15 @@ class RolloutEngine:
             return
         candidate = max(untried, key=version_key)
         sha256 = self.registry.get(model, candidate).info.sha256
+        lacking = await self.fleet.lacking(model, candidate, sha256) if self.fleet else 0
+        if lacking:  # a replica without it would fail the requests a canary sends it
+            if self._waiting.get(model) != f"{candidate}@{sha256}":
+                self._waiting[model] = f"{candidate}@{sha256}"
+                log.info(
+                    "rollout of %s version %s waits: not READY on %d other replica(s)",
+                    model, candidate, lacking,
+                )  # fmt: skip
+            return
         if spec.shadow_s > 0:
             doc: PolicyDoc = spec.shadow(serving, candidate, current.seed)
             phase: Phase = "shadow"

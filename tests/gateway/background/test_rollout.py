@@ -23,6 +23,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
 from gateway.background.quality import Quality
 from gateway.background.rollout import RolloutEngine
@@ -362,6 +363,36 @@ async def test_a_baseline_under_its_quality_floor_does_not_hold_the_shadow(
         assert not shadow.guards.judges_quality
     finally:
         await shadows.close()
+
+
+async def test_a_version_starts_once_every_replica_serves_it(parts: Parts) -> None:
+    """The repository API is per replica: a canary written when only the leader had loaded the
+    candidate sent the other replicas requests for a version they did not have (404)."""
+    exchange = CountsExchange(parts.store, parts.registry, parts.traffic, shared=True, workers=1)
+    engine = RolloutEngine(parts.table, parts.registry, parts.guards, fleet=exchange)
+    await pin(parts)
+    await template(parts)
+    sha = {v: parts.registry.get("fraud", v).info.sha256 for v in ("1", "2")}
+
+    async def other_replica(member: str, serves: dict[str, str] | None) -> None:
+        """What another replica publishes: version -> sha256 it serves (None: says nothing)."""
+        blobs = {"traffic": b'{"requests": [], "inflight": {}}'}
+        if serves is not None:
+            blobs["ready"] = orjson.dumps([["fraud", v, h] for v, h in serves.items()])
+        await parts.store.publish_counts(member, blobs, ttl_s=60)
+
+    await other_replica("b:1:1", {"1": sha["1"]})  # has not loaded version 2 yet
+    await other_replica("c:1:1", None)  # an older gateway, which says nothing: not waited for
+    await engine.tick(100.0)
+    assert parts.doc() == SingleDoc(version="1")
+    assert "fraud" not in await parts.store.rollout_states()
+    await other_replica("b:1:1", {"1": sha["1"], "2": "0" * 64})  # another artifact as 2
+    await engine.tick(100.5)
+    assert parts.doc() == SingleDoc(version="1")
+    await other_replica("b:1:1", sha)
+    await engine.tick(101.0)
+    assert isinstance(parts.doc(), CanaryDoc) and parts.doc().candidate == "2"
+    assert (await parts.rollout()).started_at == 101.0
 
 
 class Webhook:
