@@ -14,7 +14,6 @@ file and handler_cost.py, bare.py copied into it) to compare commits.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import statistics
 import sys
@@ -24,26 +23,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
 import uvloop
 
-from gateway.app import create_app
 from gateway.demo import write_demo_repository
 from gateway.settings import Settings
 from loadtests.bare import create_app as bare_app
-from loadtests.handler_cost import POLICIES, TOKEN, _call, request_body
+from loadtests.handler_cost import POLICIES, TOKEN, _call, request_body, started
 
 
 async def _batches(repo: Path, policy: str | None, batches: int, n: int) -> dict[str, list[float]]:
     body = request_body(repo)
     async with contextlib.AsyncExitStack() as stack:
-        app = create_app(Settings(repo, monitors=True, admin_tokens={"bench": TOKEN}))
-        await stack.enter_async_context(app.router.lifespan_context(app))
-        while not app.state.endpoints.registry.started:
-            await asyncio.sleep(0.05)
-        if policy is not None:
-            put = orjson.dumps({"policy": POLICIES[policy], "reason": "best_cost"})
-            await _call(app, put, "PUT", "/admin/routes/fraud", auth=True)
+        settings = Settings(repo, monitors=True, admin_tokens={"bench": TOKEN})
+        app = await started(stack, settings, policy)
         apps: dict[str, Any] = {"turnout": app, "bare": bare_app(repo, ["fraud"])}
         for each in apps.values():
             for _ in range(1000):

@@ -116,6 +116,21 @@ async def _call(
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
+async def started(
+    stack: contextlib.AsyncExitStack, settings: Settings, policy: str | None = None
+) -> Any:
+    """A Turnout app with its models loaded (its lifespan held by ``stack``), ``fraud`` routed
+    through ``POLICIES[policy]`` when one is given."""
+    app = create_app(settings)
+    await stack.enter_async_context(app.router.lifespan_context(app))
+    while not app.state.endpoints.registry.started:
+        await asyncio.sleep(0.05)
+    if policy is not None:
+        put = orjson.dumps({"policy": POLICIES[policy], "reason": "benchmark"})
+        await _call(app, put, "PUT", "/admin/routes/fraud", auth=True)
+    return app
+
+
 async def _per_request_us(
     app: ASGIApp, body: bytes, n: int, clock: Callable[[], float] = time.perf_counter
 ) -> float:
@@ -143,14 +158,7 @@ async def _measure(
             limits = os.environ.get("TURNOUT_LIMITS")
             extra: dict[str, Any] = {"limits": Path(limits)} if limits else {}
             settings = Settings(repo, monitors=monitors, admin_tokens={"bench": TOKEN}, **extra)
-            app = create_app(settings)
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            while not app.state.endpoints.registry.started:
-                await asyncio.sleep(0.05)
-            if policy is not None:
-                put = orjson.dumps({"policy": POLICIES[policy], "reason": "handler_cost"})
-                await _call(app, put, "PUT", "/admin/routes/fraud", auth=True)
-            apps[name] = app
+            apps[name] = await started(stack, settings, policy)
         apps["bare"] = bare_app(repo, ["fraud"])
         for app in apps.values():  # warm every path (and the CPU caches' view of it)
             await _per_request_us(app, body, 500)
