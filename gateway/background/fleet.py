@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import orjson
@@ -87,14 +87,17 @@ class CountsExchange:
             view.members += 1
         return view
 
-    async def others(self, scope: Scope) -> tuple[list[dict[str, bytes]], int]:
-        """The last publish of every other live member of ``scope``, and the number of
-        processes in the view (this one included); only this process without a shared store
-        or when the store does not answer."""
+    async def others(
+        self, scope: Scope, fields: Sequence[str] | None = None
+    ) -> tuple[list[dict[str, bytes]], int]:
+        """The last publish of every other live member of ``scope`` (only its ``fields``, when
+        given), and the number of processes in the view (this one included); only this process
+        without a shared store or when the store does not answer."""
         if not self.shared or scope == "process" or (scope == "group" and self.workers == 1):
             return [], 1
         try:
-            members = await self.store.read_counts(self.group if scope == "group" else "")
+            prefix = self.group if scope == "group" else ""
+            members = await self.store.read_counts(prefix, fields)
         except StoreUnavailable as exc:
             log.warning("%s view is this process only: %s", scope, exc)
             return [], 1
@@ -105,7 +108,7 @@ class CountsExchange:
         """Other live processes of the fleet that do not serve this artifact as ``model``'s
         ``version`` (READY), by their last publish. A process that publishes no list of what it
         serves (an older gateway) is not counted; 0 without a shared store."""
-        others, _ = await self.others("fleet")
+        others, _ = await self.others("fleet", (_READY,))
         wanted = [model, version, sha256]
         lacking = 0
         for blobs in others:

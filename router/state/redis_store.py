@@ -563,17 +563,28 @@ class RedisStore:
                 pipe.sadd(self._key("members"), member)
                 await pipe.execute()
 
-    async def read_counts(self, prefix: str = "") -> dict[str, dict[str, bytes]]:
+    async def read_counts(
+        self, prefix: str = "", fields: Sequence[str] | None = None
+    ) -> dict[str, dict[str, bytes]]:
         with _translated():
             members = sorted(_text(m) for m in await self._redis.smembers(self._key("members")))
             members = [m for m in members if m.startswith(prefix)]
             async with self._redis.pipeline(transaction=False) as pipe:
                 for member in members:
-                    pipe.hgetall(self._key("counts", member))
+                    if fields is None:
+                        pipe.hgetall(self._key("counts", member))
+                    else:
+                        pipe.hmget(self._key("counts", member), list(fields))
                 found = await pipe.execute()
-            gone = [m for m, blobs in zip(members, found, strict=True) if not blobs]
-            if gone:  # expired: forget the member too
-                await self._redis.srem(self._key("members"), *gone)
+            if fields is not None:  # a member without them may be alive: nothing to forget
+                found = [
+                    {f: v for f, v in zip(fields, values, strict=True) if v is not None}
+                    for values in found
+                ]
+            else:
+                gone = [m for m, blobs in zip(members, found, strict=True) if not blobs]
+                if gone:  # expired: forget the member too
+                    await self._redis.srem(self._key("members"), *gone)
         return {
             m: {_text(k): bytes(v) for k, v in blobs.items()}
             for m, blobs in zip(members, found, strict=True)

@@ -243,8 +243,12 @@ class StateStore(Protocol):
         ``ttl_s`` seconds after the last publish, so a dead process drops out by itself."""
         ...
 
-    async def read_counts(self, prefix: str = "") -> dict[str, dict[str, bytes]]:
-        """Every live member whose name starts with ``prefix`` -> its published counters."""
+    async def read_counts(
+        self, prefix: str = "", fields: Sequence[str] | None = None
+    ) -> dict[str, dict[str, bytes]]:
+        """Every live member whose name starts with ``prefix`` -> its published counters; only
+        the ``fields`` named, when given (a member that published none of them is left out),
+        so that a small fact costs its own bytes, not every member's whole publish."""
         ...
 
     async def put_limits(self, doc: dict[str, Any], *, who: str, reason: str) -> int:
@@ -567,11 +571,17 @@ class MemoryStore:
     async def publish_counts(self, member: str, blobs: Mapping[str, bytes], ttl_s: float) -> None:
         self._counts[member] = (time.monotonic() + ttl_s, dict(blobs))
 
-    async def read_counts(self, prefix: str = "") -> dict[str, dict[str, bytes]]:
+    async def read_counts(
+        self, prefix: str = "", fields: Sequence[str] | None = None
+    ) -> dict[str, dict[str, bytes]]:
         now = time.monotonic()
         for member in [m for m, (deadline, _) in self._counts.items() if deadline <= now]:
             del self._counts[member]
-        return {m: dict(b) for m, (_, b) in self._counts.items() if m.startswith(prefix)}
+        found = {m: dict(b) for m, (_, b) in self._counts.items() if m.startswith(prefix)}
+        if fields is None:
+            return found
+        picked = {m: {f: b[f] for f in fields if f in b} for m, b in found.items()}
+        return {m: b for m, b in picked.items() if b}
 
     async def put_limits(self, doc: dict[str, Any], *, who: str, reason: str) -> int:
         after = orjson.dumps(doc)

@@ -576,6 +576,16 @@ async def test_published_counts_are_read_back_by_prefix_and_expire(store: StateS
     assert await store.read_counts("host-a:") == {"host-a:1:12": {"risk/1": b"\x04"}}
 
 
+async def test_published_counts_are_read_by_field(store: StateStore) -> None:
+    """A small fact (what each process serves) is read without every member's whole publish."""
+    await store.publish_counts("host-a:1:11", {"ready": b"[]", "traffic": b"{}"}, ttl_s=5.0)
+    await store.publish_counts("host-b:7:70", {"traffic": b"{}"}, ttl_s=5.0)  # an older gateway
+    assert await store.read_counts(fields=("ready",)) == {"host-a:1:11": {"ready": b"[]"}}
+    both = await store.read_counts("host-a:", ("ready", "traffic"))
+    assert both == {"host-a:1:11": {"ready": b"[]", "traffic": b"{}"}}
+    assert set(await store.read_counts()) == {"host-a:1:11", "host-b:7:70"}  # nobody forgotten
+
+
 async def test_a_change_that_timed_out_on_a_hung_redis_is_not_applied_when_it_resumes(
     tmp_path: Path,
 ) -> None:
