@@ -105,9 +105,10 @@ class CountsExchange:
         return found, 1 + len(found)
 
     async def lacking(self, model: str, version: str, sha256: str) -> int:
-        """Other live processes of the fleet that do not serve this artifact as ``model``'s
-        ``version`` (READY), by their last publish. A process that publishes no list of what it
-        serves (an older gateway) is not counted; 0 without a shared store."""
+        """Other live processes of the fleet that serve ``model`` but not this artifact as its
+        ``version`` (READY), by their last publish. A process that serves no version of the
+        model (a fleet sharded by model) or publishes no list of what it serves (an older
+        gateway) is not counted; 0 without a shared store."""
         others, _ = await self.others("fleet", (_READY,))
         wanted = [model, version, sha256]
         lacking = 0
@@ -119,7 +120,7 @@ class CountsExchange:
                 serving = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 continue
-            lacking += wanted not in serving
+            lacking += wanted not in serving and any(item[0] == model for item in serving)
         return lacking
 
     def blobs(self, now: float) -> dict[str, bytes]:

@@ -383,6 +383,9 @@ async def test_a_version_starts_once_every_replica_serves_it(parts: Parts) -> No
 
     await other_replica("b:1:1", {"1": sha["1"]})  # has not loaded version 2 yet
     await other_replica("c:1:1", None)  # an older gateway, which says nothing: not waited for
+    await parts.store.publish_counts(  # a replica of a fleet sharded by model: not waited for
+        "d:1:1", {"ready": orjson.dumps([["risk", "1", "ab"]])}, ttl_s=60
+    )
     await engine.tick(100.0)
     assert parts.doc() == SingleDoc(version="1")
     assert "fraud" not in await parts.store.rollout_states()
