@@ -23,12 +23,13 @@ import threading
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from operator import itemgetter
 from typing import Any, Protocol
 
 import numpy as np
 
-from gateway.background.prediction_records import Queued, encode
+from gateway.background.prediction_records import SIZE, Batch, pack
 from gateway.serving.types import ModelVersion
 
 log = logging.getLogger("turnout.predictions")
@@ -45,13 +46,16 @@ _OBJECT = np.dtype(object)
 _STRING_OVERHEAD = 64
 
 
+class SinkError(Exception):
+    """A batch could not be written or delivered (it is counted as dropped)."""
+
+
 class Sink(Protocol):
     """Where batches of records go; called on the writer thread only."""
 
-    def write(self, taken: Sequence[Queued], lines: list[bytes]) -> int:
-        """Write a batch: the queued tuples and each one's JSON line (gateway.background.
-        prediction_records); the bytes written. Raise to have the batch counted as dropped
-        (``sink_error``)."""
+    def write(self, batch: Batch) -> int:
+        """Write a batch (gateway.background.prediction_records); the bytes written. Raise to
+        have the batch counted as dropped (``sink_error``)."""
         ...
 
     def tick(self, now: float) -> None:
@@ -85,6 +89,15 @@ def sampled(threshold: int, inference_id: str | None) -> bool:
     return random.getrandbits(32) < threshold
 
 
+def owned(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays, with each view of a larger array copied: a queued view would keep the whole
+    base alive (a merged batch's outputs) while the queue's byte cap counts only the view."""
+    return {
+        name: a.copy() if type(a.base) is np.ndarray and a.base.nbytes > a.nbytes else a
+        for name, a in arrays.items()
+    }
+
+
 def string_bytes(array: np.ndarray) -> int:
     """Memory a string tensor holds: each element's length plus an overhead."""
     size = _STRING_OVERHEAD * array.size
@@ -113,7 +126,7 @@ class PredictionLog:
         self.max_bytes = max_bytes
         self.flush_s = flush_s
         self._clock = clock
-        self._queue: deque[Queued] = deque()
+        self._queue: deque[tuple[Any, ...]] = deque()
         # Bytes queued = offered - taken, each written by one thread only.
         self.offered_bytes = 0
         self.taken_bytes = 0
@@ -160,6 +173,10 @@ class PredictionLog:
         for array in inputs.values():
             size += array.nbytes if array.dtype is not _OBJECT else string_bytes(array)
         for array in outputs.values():
+            if type(array.base) is np.ndarray and array.base.nbytes > array.nbytes:
+                outputs = owned(outputs)  # views of a merged batch's outputs
+                break
+        for array in outputs.values():
             size += array.nbytes if array.dtype is not _OBJECT else string_bytes(array)
         queue = self._queue
         if len(queue) >= self.max_records or self.offered_bytes - self.taken_bytes + size > (
@@ -202,15 +219,18 @@ class PredictionLog:
         queue = self._queue
         taken = [queue.popleft() for _ in range(len(queue))]
         if taken:
+            batch = pack(taken)
             counts = self.logged
             try:
-                self.written_bytes += self.sink.write(taken, encode(taken))
+                self.written_bytes += self.sink.write(batch)
             except Exception:
                 log.exception("the prediction log's sink failed: %d records dropped", len(taken))
                 counts = self.failed
-            for t in taken:
-                counts[t[2].model] += 1
-            self.taken_bytes += sum(t[9] for t in taken)
+            for group in batch.groups:
+                counts[group.model] += len(group.rows)
+            for _, fields in batch.records:
+                counts[fields["model"]] += 1
+            self.taken_bytes += sum(map(itemgetter(SIZE), taken))
         try:
             self.sink.tick(self._clock())
         except Exception:

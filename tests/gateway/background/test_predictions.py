@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 import pytest
 
-from gateway.background.prediction_records import Queued, dumps, encode, record
+from gateway.background.prediction_records import Batch, dumps, encode, pack, record
 from gateway.background.prediction_sinks import (
     BATCH_CONTENT_TYPE,
     CLOUDEVENT_TYPE,
@@ -56,7 +56,8 @@ class Keep:
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
 
-    def write(self, taken: Sequence[Queued], lines: list[bytes]) -> int:
+    def write(self, batch: Batch) -> int:
+        lines = encode(batch)
         self.records += [orjson.loads(line) for line in lines]
         return sum(map(len, lines))
 
@@ -184,7 +185,7 @@ def test_encoding_by_columns_writes_the_bytes_of_one_record_at_a_time() -> None:
         taken.append(
             (text + str(i), 1e9 + i / 7, info, role, revision, p, inputs, outputs, text, 0)
         )
-    lines = encode(taken)
+    lines = encode(pack(taken))
     assert lines == [dumps(record(t)) + b"\n" for t in taken]
     assert [orjson.loads(line)["id"] for line in lines] == [t[0] for t in taken]
 
