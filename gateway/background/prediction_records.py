@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ Queued = tuple[Any, ...]
 _DATATYPE_OF = {dtype: name for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"}
 _SHAPE = attrgetter("shape")
 _DTYPE = attrgetter("dtype")
+_INFO = itemgetter(INFO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,11 @@ def record(t: Queued) -> dict[str, Any]:
 
 def pack(taken: Sequence[Queued]) -> Batch:
     """The queued tuples of one period as a batch, in their order (holds the GIL: kept short)."""
+    infos = list(map(_INFO, taken))
+    if infos.count(infos[0]) == len(infos):  # one version (identity first: no field compared)
+        group = _group(taken, range(len(taken)))
+        if group is not None:
+            return Batch(len(taken), [group], [])
     by_version: dict[int, list[int]] = {}
     for i, t in enumerate(taken):
         members = by_version.get(id(t[INFO]))
@@ -159,11 +165,12 @@ def _layout(t: Queued) -> tuple[Any, ...]:
             tuple(outputs), tuple(map(_SHAPE, outputs.values())))  # fmt: skip
 
 
-def _group(taken: Sequence[Queued], rows: list[int]) -> Group | None:
+def _group(taken: Sequence[Queued], rows: Sequence[int]) -> Group | None:
     """The records at ``rows`` (of one version) as columns; None when their tensors do not
     stack (string tensors, other names, shapes or dtypes)."""
+    members = taken if len(rows) == len(taken) else [taken[i] for i in rows]
     ids, times, infos, roles, revisions, props, inputs, outputs, principals, _ = zip(
-        *[taken[i] for i in rows], strict=True
+        *members, strict=True
     )
     info = infos[0]
     n = len(rows)

@@ -11,6 +11,7 @@ import random
 import socket
 import time
 import zlib
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -246,7 +247,7 @@ def prediction_log(settings: Settings) -> PredictionLog | None:
     """The log these settings ask for; None when no model is sampled."""
     if not any(rate > 0 for rate in settings.prediction_log_sample.values()):
         return None
-    make: partial[Sink]
+    make: Callable[[], Sink]
     if settings.prediction_log_dir is not None:
         make = partial(
             DirectorySink,

@@ -135,7 +135,8 @@ def serve(conn: Connection) -> None:
                 elif kind == "write":
                     answer = (True, sink.write(value))
                 else:
-                    answer = (True, sink.tick(value))
+                    sink.tick(value)
+                    answer = (True, None)
             except Exception as exc:
                 log.exception("prediction log writer: %s failed", kind)
                 answer = (False, f"{type(exc).__name__}: {exc}")

@@ -135,7 +135,7 @@ class PredictionLog:
         self.logged: Counter[str] = Counter()  # model -> records written
         self.written_bytes = 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.thread: threading.Thread | None = None
 
     @property
     def queued(self) -> int:
@@ -193,15 +193,15 @@ class PredictionLog:
     # -- the writer thread ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="turnout-predictions", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._run, name="turnout-predictions", daemon=True)
+        self.thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Write what is queued, close the sink and end the thread."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        if self.thread is not None:
+            self.thread.join(timeout)
+            self.thread = None
         else:
             self.drain()
             self.sink.close()
