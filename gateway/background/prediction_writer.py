@@ -39,8 +39,9 @@ class WriterProcess:
     """A ``Sink`` that runs the sink ``make()`` builds in a child process. ``make`` must pickle
     (a sink class with its arguments: ``functools.partial``). Writer thread only."""
 
-    def __init__(self, make: Callable[[], Sink]) -> None:
+    def __init__(self, make: Callable[[], Sink], *, restart_s: float = RESTART_S) -> None:
         self.make = make
+        self.restart_s = restart_s
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._next_start = 0.0
@@ -84,7 +85,7 @@ class WriterProcess:
     def _start(self) -> Connection:
         if time.monotonic() < self._next_start:
             raise SinkError("the prediction log's writer process is down (restarted soon)")
-        self._next_start = time.monotonic() + RESTART_S
+        self._next_start = time.monotonic() + self.restart_s
         ours, theirs = socket.socketpair()
         path = os.pathsep.join(filter(None, (_ROOT, os.environ.get("PYTHONPATH"))))
         with theirs:

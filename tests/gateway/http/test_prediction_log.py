@@ -16,8 +16,8 @@ import pytest
 
 from gateway.cli import serve_settings
 from gateway.settings import Settings, SettingsError
+from tests.support.event_sink import EventSink
 from tests.support.server import ADMIN, InProcessServer, until
-from tests.support.sink import Receiver, receiving
 
 KEY = {"X-API-Key": "alpha-key-0123"}
 FRAUD = "/v2/models/fraud/infer"
@@ -51,8 +51,8 @@ def metric(server: InProcessServer, series: str) -> float:
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with receiving() as server:
+def receiver() -> Iterator[EventSink]:
+    with EventSink(None) as server:
         yield server
 
 
@@ -100,7 +100,7 @@ def test_records_of_routed_requests_are_complete_and_exact(demo_repo: Path, tmp_
 
 
 def test_no_request_waits_for_a_blocked_sink_and_the_overflow_is_counted(
-    demo_repo: Path, receiver: Receiver
+    demo_repo: Path, receiver: EventSink
 ) -> None:
     receiver.release.clear()  # the sink takes the first batch and answers nothing
     args = ["--prediction-log-sample", "*=1", "--prediction-log-url", receiver.url,
