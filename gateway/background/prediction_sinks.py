@@ -258,7 +258,12 @@ def prediction_log(settings: Settings) -> PredictionLog | None:
         )
     else:
         assert settings.prediction_log_url is not None  # Settings.check
-        make = partial(CloudEventsSink, settings.prediction_log_url)
+        secret = settings.prediction_log_secret
+        make = partial(
+            CloudEventsSink,
+            settings.prediction_log_url,
+            secret=None if secret is None else secret.encode(),
+        )
     sink = WriterProcess(make)
     return PredictionLog(
         settings.prediction_log_sample,
