@@ -6,9 +6,11 @@ The request path pays for a sampling decision and, for a sampled request, one tu
 references appended to a deque (``PredictionLog.offer``: no copy, no serialisation, no lock,
 never a wait). A request whose record would take the queue past its count or byte cap is not
 logged, and counted (``dropped``). A writer thread wakes every ``flush_s``, takes what is
-queued, turns it into records and hands the batch to the sink, whose failures are counted the
-same way. What is queued and not yet written when the process dies is lost: at most one period
-of records (plus, for the directory sink, nothing already written: see ``DirectorySink``).
+queued, packs it by columns (prediction_records.pack) and hands the batch to the sink, whose
+failures are counted the same way; the gateway's sink is a writer process
+(prediction_writer.WriterProcess), where the JSON text, gzip and I/O run off this process's GIL.
+What is queued and not yet written when the process dies is lost: at most one period of records
+(plus, for the directory sink, nothing already written: see ``DirectorySink``).
 
 Threads: ``offer`` runs on the event loop thread only; everything else on the writer thread,
 except the counters that the metrics collector reads (plain ints and dicts, each written by one
