@@ -60,6 +60,8 @@ class WriterProcess:
         return int(self._call("write", batch))
 
     def tick(self, now: float) -> None:
+        if self._conn is None and time.monotonic() < self._next_start:
+            return  # down: the next write says so (and counts its records)
         self._call("tick", now)
 
     def close(self) -> None:

@@ -195,6 +195,9 @@ class PredictionLog:
     # -- the writer thread ---------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the writer thread. The sink's first tick runs here: a sink that cannot start
+        (a writer process whose directory cannot be made) fails the gateway's start."""
+        self.sink.tick(self._clock())
         self.thread = threading.Thread(target=self._run, name="turnout-predictions", daemon=True)
         self.thread.start()
 

@@ -30,7 +30,7 @@ from gateway.background.prediction_sinks import (
     file_name,
 )
 from gateway.background.prediction_writer import WriterProcess
-from gateway.background.predictions import QUEUE_FULL, SINK_ERROR, PredictionLog
+from gateway.background.predictions import QUEUE_FULL, SINK_ERROR, PredictionLog, SinkError
 from gateway.serving.types import ModelVersion, TensorSpec
 from tests.support.event_sink import EventSink
 from tests.support.server import until
@@ -470,10 +470,14 @@ def test_the_writer_process_writes_the_files_and_a_dead_one_costs_one_batch(
     assert len(read_dir(tmp_path)) == 9 and not list(tmp_path.glob("*.partial"))
 
 
-def test_a_sink_the_writer_process_cannot_build_fails_its_batches(tmp_path: Path) -> None:
+def test_a_sink_the_writer_process_cannot_build_fails_the_start_and_its_batches(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "file").write_text("not a directory")
     writer = WriterProcess(partial(DirectorySink, tmp_path / "file"), restart_s=0)
     log = PredictionLog({"fraud": 1.0}, writer)
+    with pytest.raises(SinkError, match="FileExistsError"):
+        log.start()  # the gateway does not start, and says why
     batch(log, 2, np.random.default_rng(11))
     assert log.dropped() == {("fraud", SINK_ERROR): 2} and writer.pid is None
 
