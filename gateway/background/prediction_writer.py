@@ -151,6 +151,7 @@ def serve(conn: Connection) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway stops it, after its last batch
+    for number in (signal.SIGINT, signal.SIGTERM):  # the gateway stops it, after its last batch
+        signal.signal(number, signal.SIG_IGN)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(Connection(int(sys.argv[1])))
