@@ -3,8 +3,8 @@ the request was routed), written beside the request path to a sink. docs/predict
 describes the format and the settings.
 
 The request path pays for a sampling decision and, for a sampled request, one tuple of
-references appended to a deque (``PredictionLog.offer``: no copy, no serialisation, no lock,
-never a wait). A request whose record would take the queue past its count or byte cap is not
+references appended to a deque (``PredictionLog.offer``: no serialisation, no lock, never a
+wait; no copy, but of an output that is a view of a larger array: see ``owned``). A request whose record would take the queue past its count or byte cap is not
 logged, and counted (``dropped``). A writer thread wakes every ``flush_s``, takes what is
 queued, packs it by columns (prediction_records.pack) and hands the batch to the sink, whose
 failures are counted the same way; the gateway's sink is a writer process
