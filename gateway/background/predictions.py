@@ -4,8 +4,9 @@ describes the format and the settings.
 
 The request path pays for a sampling decision and, for a sampled request, one tuple of
 references appended to a deque (``PredictionLog.offer``: no serialisation, no lock, never a
-wait; no copy, but of an output that is a view of a larger array: see ``owned``). A request whose record would take the queue past its count or byte cap is not
-logged, and counted (``dropped``). A writer thread wakes every ``flush_s``, takes what is
+wait; no copy, but of an output that is a view of a larger array: see ``owned``). A request
+whose record would take the queue past its count or byte cap is not logged, and counted
+(``dropped``). A writer thread wakes every ``flush_s``, takes what is
 queued, packs it by columns (prediction_records.pack) and hands the batch to the sink, whose
 failures are counted the same way; the gateway's sink is a writer process
 (prediction_writer.WriterProcess), where the JSON text, gzip and I/O run off this process's GIL.
@@ -69,10 +70,6 @@ class Sink(Protocol):
 
 # What the request path hands over: called for every answered request.
 Record = Callable[..., None]
-
-
-def record_nothing(*references: Any) -> None:
-    """The null ``Record``: the prediction log is off for every model."""
 
 
 def thresholds(rates: Mapping[str, float]) -> tuple[dict[str, int], int]:
