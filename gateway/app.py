@@ -346,6 +346,7 @@ def create_app(settings: Settings) -> Gateway:
         exception_handlers=dict(HANDLERS),
     )
     app.state.endpoints = ep
+    app.state.predictions = predictions  # None when off (loadtests read its writer's CPU)
     return app
 
 

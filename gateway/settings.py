@@ -116,6 +116,9 @@ class Settings:
     prediction_log_sample: Mapping[str, float] = field(default_factory=dict)
     prediction_log_dir: Path | None = None
     prediction_log_url: str | None = None
+    # Signs the URL's batches as the event stream signs its events (Turnout-Signature);
+    # read from the environment only, never shown.
+    prediction_log_secret: str | None = field(default=None, repr=False)
     # A file is closed at this compressed size or age; the directory is kept under
     # retain_bytes by deleting the oldest closed files.
     prediction_log_rotate_bytes: int = 64 << 20
@@ -284,6 +287,12 @@ class Settings:
         url = self.prediction_log_url
         if url and not url.startswith(("http://", "https://")):
             raise SettingsError(f"{ENV_PREFIX}PREDICTION_LOG_URL must be an http(s) URL")
+        secret = self.prediction_log_secret
+        if secret is not None and (not url or len(secret) < 16):  # as an event sink's secret
+            raise SettingsError(
+                f"{ENV_PREFIX}PREDICTION_LOG_SECRET signs the batches sent to "
+                f"{ENV_PREFIX}PREDICTION_LOG_URL (which it needs): at least 16 characters"
+            )
         if self.prediction_log_rotate_bytes < 1024 or self.prediction_log_rotate_s < 1:
             raise SettingsError(
                 f"{ENV_PREFIX}PREDICTION_LOG_ROTATE_BYTES must be at least 1024 and "
@@ -455,7 +464,7 @@ def _cast(env_name: str, field_name: str, raw: str) -> object:
         return Path(raw)
     if field_name in (
         "host", "redis_url", "redis_prefix", "log_level", "graph_optimization",
-        "prediction_log_url", "event_source",
+        "prediction_log_url", "prediction_log_secret", "event_source",
     ):  # fmt: skip
         return raw
     if field_name in ("version_override", "batching", "monitors"):

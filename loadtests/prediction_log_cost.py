@@ -1,13 +1,17 @@
 """What the prediction log costs at 100 % sampling on the light model (``fraud``, batch 1).
 
-In process (``loadtests.handler_cost``'s method): two Turnout apps in one process on one event
-loop, the log off and the log on (every request recorded to a gzip JSONL directory), called in
-turn with the same bodies (512 distinct reference rows, cycled), paired rounds; the ratio of
-their throughputs is the median over rounds. Beside it: the writer thread's CPU per record (its
-own CPU clock over the records it wrote) and the request path's (``PredictionLog.offer`` alone).
+In process (``loadtests.handler_cost``'s method): Turnout apps in one process on one event loop,
+pinned to one CPU, called in turn with the same bodies (512 distinct reference rows, cycled),
+paired rounds; the ratio of their throughputs is the median over rounds. ``log off`` is the
+default gateway; the two ``log on`` apps record every request to a gzip JSONL directory, one
+with its writer process on the gateway's CPU (``writer shares the CPU``), one with it pinned to
+``--writer-cpu`` (``writer on its own CPU``). Beside them, per record: the request path's CPU
+(``PredictionLog.offer`` alone), the gateway's writer thread (packing and sending each batch,
+under the GIL) and the writer process (JSON, gzip, files).
 
-Over HTTP: wrk (loadtests/wrk.py) against a real ``turnout serve`` process, log off then on, in
-alternating runs, server on CPU 1 and wrk on CPU 0 by default (as loadtests/run.py); medians.
+Over HTTP: wrk (loadtests/wrk.py) against a real ``turnout serve`` process, the same three
+settings in alternating runs, server on CPU 1 and wrk on CPU 0 by default (as loadtests/run.py),
+the writer process moved to ``--writer-cpu`` for the third; medians.
 
 Run: ``python -m loadtests.prediction_log_cost [--rounds 6] [-n 5000] [--http-runs 3]
 [--write]``; pin the in-process part with ``taskset -c 1`` (the HTTP part pins itself).
@@ -23,7 +27,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,25 +37,29 @@ import orjson
 import uvloop
 
 from gateway.app import create_app
-from gateway.background.prediction_records import Queued
+from gateway.background.prediction_records import Batch
 from gateway.background.predictions import PredictionLog
 from gateway.demo import write_demo_repository
 from gateway.serving.registry import Registry
 from gateway.settings import Settings
 from loadtests import compare_commits
 from loadtests.handler_cost import _call, paired_ratio, request_body
-from loadtests.harness import ServerProcess, free_port
+from loadtests.harness import ServerProcess, cpu_seconds, free_port, process_tree
 from loadtests.wrk import WrkPoint, run_wrk
 
 START, END = "<!-- prediction-log-cost -->", "<!-- /prediction-log-cost -->"
 
 
-def _writer_cpu_s() -> float:
-    """CPU seconds of the prediction log's writer thread so far (0 when there is none)."""
-    for thread in threading.enumerate():
-        if thread.name == "turnout-predictions" and thread.ident is not None:
-            return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
-    return 0.0
+def _writer_cpu(app: Any) -> tuple[float, float]:
+    """CPU seconds so far of an app's prediction log: its writer thread, its writer process."""
+    predictions = app.state.predictions
+    thread, pid = predictions.thread, predictions.sink.pid
+    assert thread is not None and thread.ident is not None and pid is not None
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident)), cpu_seconds([pid])
+
+
+def _pin_writer(pid: int, cpu: int) -> None:
+    os.sched_setaffinity(pid, {cpu})
 
 
 def request_bodies(repo: Path, count: int = 512) -> list[bytes]:
@@ -66,21 +73,29 @@ def request_bodies(repo: Path, count: int = 512) -> list[bytes]:
     ]  # fmt: skip
 
 
-async def _per_request_us(app: Any, bodies: list[bytes], n: int) -> float:
-    start = time.perf_counter()
+async def _per_request_us(app: Any, bodies: list[bytes], n: int) -> tuple[float, float]:
+    """µs per request: wall clock, and the CPU of this thread (the event loop's) alone."""
+    start, cpu = time.perf_counter(), time.thread_time()
     count = len(bodies)
     for i in range(n):
         await _call(app, bodies[i % count])
-    return (time.perf_counter() - start) / n * 1e6
+    return (time.perf_counter() - start) / n * 1e6, (time.thread_time() - cpu) / n * 1e6
 
 
-async def _measure(repo: Path, log_dir: Path, rounds: int, n: int) -> dict[str, Any]:
+SHARED, OWN = "log on, writer shares the CPU", "log on, writer on its own CPU"
+
+
+async def _measure(
+    repo: Path, log_dir: Path, rounds: int, n: int, writer_cpu: int
+) -> dict[str, Any]:
     body = request_bodies(repo)
     async with contextlib.AsyncExitStack() as stack:
         apps: dict[str, Any] = {}
-        on: dict[str, Any] = {"prediction_log_sample": {"fraud": 1.0}}
-        on["prediction_log_dir"] = log_dir
-        for name, extra in (("log off", {}), ("log on", on)):
+        for name in ("log off", SHARED, OWN):
+            extra: dict[str, Any] = {}
+            if name != "log off":
+                extra = {"prediction_log_sample": {"fraud": 1.0}}
+                extra["prediction_log_dir"] = log_dir / ("own" if name == OWN else "shared")
             app = create_app(Settings(repo, **extra))
             await stack.enter_async_context(app.router.lifespan_context(app))
             while not app.state.endpoints.registry.started:
@@ -88,26 +103,32 @@ async def _measure(repo: Path, log_dir: Path, rounds: int, n: int) -> dict[str, 
             apps[name] = app
         for app in apps.values():
             await _per_request_us(app, body, 500)
+        await asyncio.sleep(0.5)  # the writers' first batch: their processes run
+        _pin_writer(apps[OWN].state.predictions.sink.pid, writer_cpu)
         results: dict[str, list[float]] = {name: [] for name in apps}
+        loop_cpu: dict[str, list[float]] = {name: [] for name in apps}
         order = list(apps)
-        cpu_before = _writer_cpu_s()
+        before = {name: _writer_cpu(apps[name]) for name in (SHARED, OWN)}
         for i in range(rounds):
-            for name in order if i % 2 == 0 else order[::-1]:
-                results[name].append(await _per_request_us(apps[name], body, n))
-        await asyncio.sleep(0.5)  # the writer's last batch
-        writer_s = _writer_cpu_s() - cpu_before
-        offer_us = _offer_us(apps["log on"].state.endpoints.registry)
-        return {
-            "results": results,
-            "writer_us": writer_s / (rounds * n) * 1e6,
-            "offer_us": offer_us,
-        }
+            for name in order[i % len(order) :] + order[: i % len(order)]:
+                wall, cpu = await _per_request_us(apps[name], body, n)
+                results[name].append(wall)
+                loop_cpu[name].append(cpu)
+        await asyncio.sleep(0.5)  # the writers' last batch
+        writer: dict[str, list[float]] = {}
+        for name in (SHARED, OWN):
+            after = _writer_cpu(apps[name])
+            writer[name] = [
+                (a - b) / (rounds * n) * 1e6 for a, b in zip(after, before[name], strict=True)
+            ]
+        offer_us = _offer_us(apps[SHARED].state.endpoints.registry)
+        return {"results": results, "loop_cpu": loop_cpu, "writer_us": writer, "offer_us": offer_us}
 
 
 class _Discard:
-    """A sink that keeps nothing (the offer is timed alone, never drained)."""
+    """A sink that keeps nothing (the offer is timed alone)."""
 
-    def write(self, taken: Sequence[Queued], lines: list[bytes]) -> int:
+    def write(self, batch: Batch) -> int:
         return 0
 
     def tick(self, now: float) -> None:
@@ -117,8 +138,10 @@ class _Discard:
         pass
 
 
-def _offer_us(registry: Registry, n: int = 100_000) -> float:
-    """µs of one ``offer`` as the request path makes it (sampled, queued), median of 5."""
+def _offer_us(registry: Registry, n: int = 200_000, period: int = 1000) -> float:
+    """µs of one ``offer`` as the request path makes it (sampled, queued), minimum of 5. The
+    queue is emptied every ``period`` offers, as the writer does every 0.2 s at 5,000 req/s (a
+    queue left to grow to 10⁵ tuples makes each offer pay for the collector walking them)."""
     loaded = registry.latest("fraud")
     row = np.ones((1, 32), np.float32)
     inputs, outputs = {"input": row}, {"probability": np.ones((1, 1), np.float32)}
@@ -126,48 +149,64 @@ def _offer_us(registry: Registry, n: int = 100_000) -> float:
     for _ in range(5):
         log = PredictionLog({"fraud": 1.0}, _Discard(), max_records=n + 1, max_bytes=1 << 40)
         offer = log.offer
-        start = time.perf_counter()
-        for _ in range(n):
-            offer("id", None, loaded.info, "default", None, None, inputs, outputs, "addr:x")
-        figures.append((time.perf_counter() - start) / n * 1e6)
-    return statistics.median(figures)
+        spent = 0.0
+        for _ in range(n // period):
+            start = time.perf_counter()
+            for _ in range(period):
+                offer("id", None, loaded.info, "default", None, None, inputs, outputs, "addr:x")
+            spent += time.perf_counter() - start
+            log.drain()
+        figures.append(spent / n * 1e6)
+    return min(figures)
 
 
-def in_process(rounds: int, n: int) -> dict[str, Any]:
+def in_process(rounds: int, n: int, writer_cpu: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "models"
         write_demo_repository(repo, heavy=False)
-        out = uvloop.run(_measure(repo, Path(tmp) / "log", rounds, n))
-        out["file_bytes"] = sum(p.stat().st_size for p in (Path(tmp) / "log").iterdir())
+        out = uvloop.run(_measure(repo, Path(tmp) / "log", rounds, n, writer_cpu))
+        files = (Path(tmp) / "log" / "shared").iterdir()
+        out["file_bytes"] = sum(p.stat().st_size for p in files)
     return out
 
 
 def over_http(
-    runs: int, duration_s: float, connections: int, server_cpus: str | None, wrk_cpus: str | None
+    runs: int,
+    duration_s: float,
+    connections: int,
+    server_cpus: str | None,
+    wrk_cpus: str | None,
+    writer_cpu: int,
 ) -> dict[str, list[WrkPoint]]:
-    """wrk runs of ``turnout serve`` with the log off and on, alternating, ``runs`` each."""
-    figures: dict[str, list[WrkPoint]] = {"log off": [], "log on": []}
+    """wrk runs of ``turnout serve``: log off, on, on with the writer process moved to
+    ``writer_cpu``; in a rotating order, ``runs`` each."""
+    names = ["log off", SHARED, OWN]
+    figures: dict[str, list[WrkPoint]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "models"
         write_demo_repository(repo, heavy=False)
         body_path = Path(tmp) / "body.json"
         body_path.write_bytes(request_body(repo))
         for i in range(runs):
-            for name in ("log off", "log on") if i % 2 == 0 else ("log on", "log off"):
+            for name in names[i % 3 :] + names[: i % 3]:
                 port = free_port()
                 args = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repo)]
                 args += ["--port", str(port), "--log-level", "warning"]
-                if name == "log on":
+                if name != "log off":
                     args += ["--prediction-log-sample", "fraud=1"]
                     args += ["--prediction-log-dir", str(Path(tmp) / f"log{i}")]
                 server = ServerProcess(
-                    name.replace(" ", "-"), args, port, Path(tmp), cpus=server_cpus
+                    name.split(",")[0].replace(" ", "-"), args, port, Path(tmp), cpus=server_cpus
                 )
                 server.start()
                 try:
                     server.wait_ready()
                     url = f"{server.url}/v2/models/fraud/infer"
                     run_wrk(url, body_path, connections=connections, duration_s=2, cpus=wrk_cpus)
+                    if name == OWN:
+                        root = server.pids()[0]
+                        for pid in process_tree(root)[1:]:  # the writer process
+                            _pin_writer(pid, writer_cpu)
                     point = run_wrk(
                         url, body_path, connections=connections, duration_s=duration_s,
                         cpus=wrk_cpus, server_cpu=server.cpu_seconds,
@@ -184,57 +223,69 @@ def section(
     inproc: dict[str, Any], http: dict[str, list[WrkPoint]], args: argparse.Namespace
 ) -> str:
     results = inproc["results"]
-    ratio = paired_ratio(results, "log on", "log off")
-    off, on = (statistics.median(results[k]) for k in ("log off", "log on"))
     lines = [
         START,
         "## Prediction log at 100 % sampling (`fraud`, batch 1)",
         "",
         f"`python -m loadtests.prediction_log_cost --rounds {args.rounds} -n {args.n} "
         f"--http-runs {args.http_runs}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}). In process: two apps in "
-        "one process pinned to one CPU, paired rounds; every request of `log on` is recorded to "
-        "a gzip JSONL directory by the writer thread, which shares that CPU.",
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}). In process: three apps "
+        "in one process pinned to one CPU, paired rounds in a rotating order; every request of "
+        "`log on` is recorded to a gzip JSONL directory by the writer process, which runs on "
+        f"that CPU or on CPU {args.writer_cpu}.",
         "",
-        "| in process | µs/request (median) | throughput ÷ log off |",
-        "|---|---|---|",
-        f"| log off | {off:.1f} | 1.000 |",
-        f"| log on (100 %) | {on:.1f} | {ratio:.3f} |",
+        "| in process | µs/request (median) | throughput ÷ log off (median of paired rounds) "
+        "| event loop thread CPU µs/request | writer thread CPU µs/record (GIL) "
+        "| writer process CPU µs/record | GIL-bound CPU ÷ log off |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    loop_off = statistics.median(inproc["loop_cpu"]["log off"])
+    lines.append(
+        f"| log off | {statistics.median(results['log off']):.1f} | 1.000 | {loop_off:.1f} "
+        "| | | 1.000 |"
+    )
+    for name in (SHARED, OWN):
+        thread_us, process_us = inproc["writer_us"][name]
+        loop_on = statistics.median(inproc["loop_cpu"][name])
+        lines.append(
+            f"| {name} | {statistics.median(results[name]):.1f} "
+            f"| {paired_ratio(results, name, 'log off'):.3f} | {loop_on:.1f} | {thread_us:.2f} "
+            f"| {process_us:.2f} | {(loop_on + thread_us) / loop_off:.3f} |"
+        )
+    lines += [
         "",
-        f"Per record: request path (`offer`, timed alone) {inproc['offer_us']:.2f} µs; writer "
-        f"thread {inproc['writer_us']:.2f} µs of CPU (records built, one `orjson.dumps` per "
-        f"batch, gzip level 1); {inproc['file_bytes'] / (args.rounds * args.n):.0f} bytes per "
-        "record on disk.",
+        f"Request path (`offer`, timed alone): {inproc['offer_us']:.2f} µs a record; "
+        f"{inproc['file_bytes'] / (args.rounds * args.n):.0f} bytes per record on disk.",
     ]
     if http["log off"]:
         rps = {k: [p.rps for p in v] for k, v in http.items()}
         cpu = {k: [p.server_cpu_us_per_request for p in v] for k, v in http.items()}
         other = statistics.median(p.other_cpu for v in http.values() for p in v)
-        r_off, r_on = (statistics.median(rps[k]) for k in ("log off", "log on"))
-        c_off, c_on = (statistics.median(cpu[k]) for k in ("log off", "log on"))
 
         def each(values: list[float]) -> str:
             return ", ".join(f"{x:.0f}" for x in values)
 
+        r_off, c_off = statistics.median(rps["log off"]), statistics.median(cpu["log off"])
         lines += [
             "",
             f"Over HTTP: `turnout serve` on CPUs {args.server_cpus or 'any'}, wrk on CPUs "
             f"{args.wrk_cpus or 'any'} ({args.connections} connections, "
-            f"{args.duration:.0f} s runs, {args.http_runs} runs each, alternating; one body, "
-            "so the records compress better than real traffic's). The server's CPU per request "
-            "(its process tree, writer thread included) is the steadier figure on a shared "
-            f"machine: other tenants took a median {other:.2f} of a CPU during the runs.",
+            f"{args.duration:.0f} s runs, {args.http_runs} runs each, rotating; one body, "
+            "so the records compress better than real traffic's). Server CPU: its process tree, "
+            f"writer process included. Other tenants took a median {other:.2f} of a CPU.",
             "",
-            "| HTTP | req/s (median) | runs | server CPU µs/request (median) | runs |",
-            "|---|---|---|---|---|",
-            f"| log off | {r_off:.0f} | {each(rps['log off'])} | {c_off:.0f} "
-            f"| {each(cpu['log off'])} |",
-            f"| log on (100 %) | {r_on:.0f} | {each(rps['log on'])} | {c_on:.0f} "
-            f"| {each(cpu['log on'])} |",
-            "",
-            f"Log on ÷ off: req/s {r_on / r_off:.3f}; CPU per request {c_on / c_off:.3f} (a "
-            f"throughput of {c_off / c_on:.3f} where the server's CPU is the limit).",
+            "| HTTP | req/s (median) | runs | ÷ log off | server CPU µs/request (median) | runs |",
+            "|---|---|---|---|---|---|",
         ]
+        for name in ("log off", SHARED, OWN):
+            r, c = statistics.median(rps[name]), statistics.median(cpu[name])
+            lines.append(
+                f"| {name} | {r:.0f} | {each(rps[name])} | {r / r_off:.3f} | {c:.0f} "
+                f"| {each(cpu[name])} |"
+            )
+        lines.append(
+            f"\nCPU per request, log on ÷ off: {statistics.median(cpu[SHARED]) / c_off:.3f}."
+        )
     lines.append(END)
     return "\n".join(lines)
 
@@ -248,13 +299,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--server-cpus", default="1", help="taskset list for the server ('': any)")
     p.add_argument("--wrk-cpus", default="0", help="taskset list for wrk ('': any)")
+    p.add_argument("--writer-cpu", type=int, default=0, help="the writer process's own CPU")
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = p.parse_args(argv)
-    inproc = in_process(args.rounds, args.n)
-    http: dict[str, list[WrkPoint]] = {"log off": [], "log on": []}
+    inproc = in_process(args.rounds, args.n, args.writer_cpu)
+    http: dict[str, list[WrkPoint]] = {"log off": []}
     if args.http_runs:
         cpus = (args.server_cpus or None, args.wrk_cpus or None)
-        http = over_http(args.http_runs, args.duration, args.connections, *cpus)
+        http = over_http(args.http_runs, args.duration, args.connections, *cpus, args.writer_cpu)
     text = section(inproc, http, args)
     print(text)
     if args.write:

@@ -1,6 +1,7 @@
 """Where the prediction log writes (gateway.background.predictions): a rotating directory of gzip
-JSON-lines files, or CloudEvents POSTed in batches to an HTTP URL. Both run on the log's writer
-thread, so blocking I/O is theirs to do; neither is ever called by a request."""
+JSON-lines files, or CloudEvents POSTed in batches to an HTTP URL. Both run in the log's writer
+process (gateway.background.prediction_writer), so blocking I/O and the encoding are theirs to
+do, off the gateway's GIL; neither is ever called by a request."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ import random
 import socket
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 
-from gateway.background.prediction_records import ID, INFO, TIME, Queued, dumps
-from gateway.background.predictions import PredictionLog, Sink
+from gateway.background.events import SIGNATURE_HEADER, cloudevent, signature
+from gateway.background.prediction_records import Batch, encode
+from gateway.background.prediction_writer import WriterProcess
+from gateway.background.predictions import PredictionLog, Sink, SinkError
 from gateway.settings import Settings
 
 log = logging.getLogger("turnout.predictions")
@@ -29,10 +33,6 @@ LEVEL = 1
 _GZIP = 16 + zlib.MAX_WBITS  # zlib's wbits for a gzip header and trailer
 CLOUDEVENT_TYPE = "dev.turnout.prediction"
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
-
-
-class SinkError(Exception):
-    """A batch could not be delivered (it is counted as dropped)."""
 
 
 def file_name(opened: float, host: str, pid: int, sequence: int) -> str:
@@ -89,8 +89,8 @@ class DirectorySink:
         directory.mkdir(parents=True, exist_ok=True)
         self.recovered = self._recover()
 
-    def write(self, taken: Sequence[Queued], lines: list[bytes]) -> int:
-        data = b"".join(lines)
+    def write(self, batch: Batch) -> int:
+        data = b"".join(encode(batch))
         if self._file is None:
             self._open()
         assert self._file is not None
@@ -188,11 +188,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def rfc3339(seconds: float) -> str:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    return f"{stamp}.{int(seconds % 1 * 1e6):06d}Z"
-
-
 class CloudEventsSink:
     """Each batch POSTed as one CloudEvents 1.0 batch (``application/cloudevents-batch+json``,
     a JSON array of structured events of type ``dev.turnout.prediction``, ``id`` the inference
@@ -205,44 +200,41 @@ class CloudEventsSink:
         url: str,
         *,
         source: str | None = None,
+        secret: bytes | None = None,
         timeout_s: float = 5.0,
         attempts: int = 3,
         backoff_s: float = 0.2,
     ) -> None:
         self.url = url
         self.source = source or f"/turnout/{socket.gethostname()}"
+        self.secret = secret
         self.attempts = attempts
         self.backoff_s = backoff_s
         self._client = httpx.Client(timeout=timeout_s)
-        self._head = (
-            b'{"specversion":"1.0","type":"' + CLOUDEVENT_TYPE.encode() + b'","source":'
-            + dumps(self.source).replace(b"%", b"%%") + b',"id":%s,"time":"%s","subject":%s,'
-            b'"datacontenttype":"application/json","data":%s}'
-        )  # fmt: skip
 
-    def write(self, taken: Sequence[Queued], lines: list[bytes]) -> int:
-        head = self._head
+    def write(self, batch: Batch) -> int:
+        source = self.source
         events = [
-            head % (dumps(t[ID]), rfc3339(t[TIME]).encode(),
-                    dumps(f"{t[INFO].model}/{t[INFO].version}"), line[:-1])
-            for t, line in zip(taken, lines, strict=True)
-        ]  # fmt: skip
+            cloudevent(CLOUDEVENT_TYPE, source, ident, subject, at, line[:-1])
+            for (ident, at, subject), line in zip(batch.events(), encode(batch), strict=True)
+        ]
         body = b"[" + b",".join(events) + b"]"
         problem = ""
         for attempt in range(self.attempts):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
+            headers = {"content-type": BATCH_CONTENT_TYPE}
+            if self.secret is not None:  # signed at each attempt: the timestamp is fresh
+                headers[SIGNATURE_HEADER] = signature(self.secret, int(time.time()), body)
             try:
-                response = self._client.post(
-                    self.url, content=body, headers={"content-type": BATCH_CONTENT_TYPE}
-                )
+                response = self._client.post(self.url, content=body, headers=headers)
             except httpx.HTTPError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
                 continue
             if response.is_success:
                 return len(body)
             problem = f"HTTP {response.status_code}"
-        raise SinkError(f"{len(taken)} records not delivered to {self.url}: {problem}")
+        raise SinkError(f"{batch.size} records not delivered to {self.url}: {problem}")
 
     def tick(self, now: float) -> None:
         pass
@@ -255,9 +247,10 @@ def prediction_log(settings: Settings) -> PredictionLog | None:
     """The log these settings ask for; None when no model is sampled."""
     if not any(rate > 0 for rate in settings.prediction_log_sample.values()):
         return None
-    sink: Sink
+    make: Callable[[], Sink]
     if settings.prediction_log_dir is not None:
-        sink = DirectorySink(
+        make = partial(
+            DirectorySink,
             settings.prediction_log_dir,
             rotate_bytes=settings.prediction_log_rotate_bytes,
             rotate_s=settings.prediction_log_rotate_s,
@@ -265,7 +258,13 @@ def prediction_log(settings: Settings) -> PredictionLog | None:
         )
     else:
         assert settings.prediction_log_url is not None  # Settings.check
-        sink = CloudEventsSink(settings.prediction_log_url)
+        secret = settings.prediction_log_secret
+        make = partial(
+            CloudEventsSink,
+            settings.prediction_log_url,
+            secret=None if secret is None else secret.encode(),
+        )
+    sink = WriterProcess(make)
     return PredictionLog(
         settings.prediction_log_sample,
         sink,

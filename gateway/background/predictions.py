@@ -3,12 +3,15 @@ the request was routed), written beside the request path to a sink. docs/predict
 describes the format and the settings.
 
 The request path pays for a sampling decision and, for a sampled request, one tuple of
-references appended to a deque (``PredictionLog.offer``: no copy, no serialisation, no lock,
-never a wait). A request whose record would take the queue past its count or byte cap is not
-logged, and counted (``dropped``). A writer thread wakes every ``flush_s``, takes what is
-queued, turns it into records and hands the batch to the sink, whose failures are counted the
-same way. What is queued and not yet written when the process dies is lost: at most one period
-of records (plus, for the directory sink, nothing already written: see ``DirectorySink``).
+references appended to a deque (``PredictionLog.offer``: no serialisation, no lock, never a
+wait; no copy, but of an output that is a view of a larger array: see ``owned``). A request
+whose record would take the queue past its count or byte cap is not logged, and counted
+(``dropped``). A writer thread wakes every ``flush_s``, takes what is
+queued, packs it by columns (prediction_records.pack) and hands the batch to the sink, whose
+failures are counted the same way; the gateway's sink is a writer process
+(prediction_writer.WriterProcess), where the JSON text, gzip and I/O run off this process's GIL.
+What is queued and not yet written when the process dies is lost: at most one period of records
+(plus, for the directory sink, nothing already written: see ``DirectorySink``).
 
 Threads: ``offer`` runs on the event loop thread only; everything else on the writer thread,
 except the counters that the metrics collector reads (plain ints and dicts, each written by one
@@ -23,12 +26,13 @@ import threading
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from operator import itemgetter
+from typing import Any, Protocol
 
 import numpy as np
 
-from gateway.background.prediction_records import Queued, encode
+from gateway.background.prediction_records import SIZE, Batch, pack
 from gateway.serving.types import ModelVersion
 
 log = logging.getLogger("turnout.predictions")
@@ -45,13 +49,16 @@ _OBJECT = np.dtype(object)
 _STRING_OVERHEAD = 64
 
 
+class SinkError(Exception):
+    """A batch could not be written or delivered (it is counted as dropped)."""
+
+
 class Sink(Protocol):
     """Where batches of records go; called on the writer thread only."""
 
-    def write(self, taken: Sequence[Queued], lines: list[bytes]) -> int:
-        """Write a batch: the queued tuples and each one's JSON line (gateway.background.
-        prediction_records); the bytes written. Raise to have the batch counted as dropped
-        (``sink_error``)."""
+    def write(self, batch: Batch) -> int:
+        """Write a batch (gateway.background.prediction_records); the bytes written. Raise to
+        have the batch counted as dropped (``sink_error``)."""
         ...
 
     def tick(self, now: float) -> None:
@@ -79,6 +86,15 @@ def sampled(threshold: int, inference_id: str | None) -> bool:
     if inference_id is not None:
         return zlib.crc32(inference_id.encode("utf-8", "surrogatepass")) < threshold
     return random.getrandbits(32) < threshold
+
+
+def owned(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays, with each view of a larger array copied: a queued view would keep the whole
+    base alive (a merged batch's outputs) while the queue's byte cap counts only the view."""
+    return {
+        name: a.copy() if type(a.base) is np.ndarray and a.base.nbytes > a.nbytes else a
+        for name, a in arrays.items()
+    }
 
 
 def string_bytes(array: np.ndarray) -> int:
@@ -109,7 +125,7 @@ class PredictionLog:
         self.max_bytes = max_bytes
         self.flush_s = flush_s
         self._clock = clock
-        self._queue: deque[Queued] = deque()
+        self._queue: deque[tuple[Any, ...]] = deque()
         # Bytes queued = offered - taken, each written by one thread only.
         self.offered_bytes = 0
         self.taken_bytes = 0
@@ -118,7 +134,7 @@ class PredictionLog:
         self.logged: Counter[str] = Counter()  # model -> records written
         self.written_bytes = 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.thread: threading.Thread | None = None
 
     @property
     def queued(self) -> int:
@@ -156,6 +172,10 @@ class PredictionLog:
         for array in inputs.values():
             size += array.nbytes if array.dtype is not _OBJECT else string_bytes(array)
         for array in outputs.values():
+            if type(array.base) is np.ndarray and array.base.nbytes > array.nbytes:
+                outputs = owned(outputs)  # views of a merged batch's outputs
+                break
+        for array in outputs.values():
             size += array.nbytes if array.dtype is not _OBJECT else string_bytes(array)
         queue = self._queue
         if len(queue) >= self.max_records or self.offered_bytes - self.taken_bytes + size > (
@@ -172,15 +192,18 @@ class PredictionLog:
     # -- the writer thread ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="turnout-predictions", daemon=True)
-        self._thread.start()
+        """Start the writer thread. The sink's first tick runs here: a sink that cannot start
+        (a writer process whose directory cannot be made) fails the gateway's start."""
+        self.sink.tick(self._clock())
+        self.thread = threading.Thread(target=self._run, name="turnout-predictions", daemon=True)
+        self.thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Write what is queued, close the sink and end the thread."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        if self.thread is not None:
+            self.thread.join(timeout)
+            self.thread = None
         else:
             self.drain()
             self.sink.close()
@@ -198,15 +221,18 @@ class PredictionLog:
         queue = self._queue
         taken = [queue.popleft() for _ in range(len(queue))]
         if taken:
+            batch = pack(taken)
             counts = self.logged
             try:
-                self.written_bytes += self.sink.write(taken, encode(taken))
+                self.written_bytes += self.sink.write(batch)
             except Exception:
                 log.exception("the prediction log's sink failed: %d records dropped", len(taken))
                 counts = self.failed
-            for t in taken:
-                counts[t[2].model] += 1
-            self.taken_bytes += sum(t[9] for t in taken)
+            for group in batch.groups:
+                counts[group.model] += len(group.rows)
+            for _, fields in batch.records:
+                counts[fields["model"]] += 1
+            self.taken_bytes += sum(map(itemgetter(SIZE), taken))
         try:
             self.sink.tick(self._clock())
         except Exception:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import weakref
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import numpy as np
 import orjson
 import pytest
 
-from gateway.background.prediction_records import Queued, dumps, encode, record
+from gateway.background.prediction_records import Batch, dumps, encode, pack, record
 from gateway.background.prediction_sinks import (
     BATCH_CONTENT_TYPE,
     CLOUDEVENT_TYPE,
@@ -26,10 +29,11 @@ from gateway.background.prediction_sinks import (
     DirectorySink,
     file_name,
 )
-from gateway.background.predictions import QUEUE_FULL, SINK_ERROR, PredictionLog
+from gateway.background.prediction_writer import WriterProcess
+from gateway.background.predictions import QUEUE_FULL, SINK_ERROR, PredictionLog, SinkError
 from gateway.serving.types import ModelVersion, TensorSpec
+from tests.support.event_sink import EventSink
 from tests.support.server import until
-from tests.support.sink import Receiver, receiving
 
 INFO = ModelVersion(
     "fraud", "2", Path("."), "0" * 64,
@@ -56,7 +60,8 @@ class Keep:
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
 
-    def write(self, taken: Sequence[Queued], lines: list[bytes]) -> int:
+    def write(self, batch: Batch) -> int:
+        lines = encode(batch)
         self.records += [orjson.loads(line) for line in lines]
         return sum(map(len, lines))
 
@@ -184,7 +189,7 @@ def test_encoding_by_columns_writes_the_bytes_of_one_record_at_a_time() -> None:
         taken.append(
             (text + str(i), 1e9 + i / 7, info, role, revision, p, inputs, outputs, text, 0)
         )
-    lines = encode(taken)
+    lines = encode(pack(taken))
     assert lines == [dumps(record(t)) + b"\n" for t in taken]
     assert [orjson.loads(line)["id"] for line in lines] == [t[0] for t in taken]
 
@@ -357,12 +362,12 @@ def test_string_tensors_are_charged_by_their_bytes() -> None:
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with receiving() as server:
+def receiver() -> Iterator[EventSink]:
+    with EventSink(None) as server:
         yield server
 
 
-def test_cloudevents_batches_reach_a_real_http_sink(receiver: Receiver) -> None:
+def test_cloudevents_batches_reach_a_real_http_sink(receiver: EventSink) -> None:
     log = PredictionLog({"fraud": 1.0}, CloudEventsSink(receiver.url, source="/test"))
     offer_many(log, 3)
     log.drain()
@@ -380,7 +385,7 @@ def test_cloudevents_batches_reach_a_real_http_sink(receiver: Receiver) -> None:
 
 
 def test_a_failing_sink_is_retried_then_its_batch_is_dropped_and_counted(
-    receiver: Receiver,
+    receiver: EventSink,
 ) -> None:
     receiver.status = 503
     sink = CloudEventsSink(receiver.url, attempts=3, backoff_s=0.001)
@@ -393,7 +398,7 @@ def test_a_failing_sink_is_retried_then_its_batch_is_dropped_and_counted(
 
 
 def test_when_the_writer_lags_behind_a_blocked_sink_records_are_dropped_and_counted(
-    receiver: Receiver,
+    receiver: EventSink,
 ) -> None:
     receiver.release.clear()  # the sink answers nothing until released
     log = PredictionLog(
@@ -411,3 +416,93 @@ def test_when_the_writer_lags_behind_a_blocked_sink_records_are_dropped_and_coun
         receiver.release.set()
         log.stop()
     assert sum(len(orjson.loads(body)) for _, body in receiver.bodies) == 51
+
+
+def test_a_signed_batch_verifies_as_an_event_of_the_stream_does() -> None:
+    secret = "prediction-log-secret-0123"
+    with EventSink(secret) as receiver:
+        log = PredictionLog({"fraud": 1.0}, CloudEventsSink(receiver.url, secret=secret.encode()))
+        offer_many(log, 2)
+        log.drain()
+        unsigned = PredictionLog({"fraud": 1.0}, CloudEventsSink(receiver.url, attempts=1))
+        offer_many(unsigned, 1)
+        unsigned.drain()
+    assert [e["id"] for e in receiver.taken()] == ["r0", "r1"] and len(receiver.bad) == 1
+    assert log.logged == {"fraud": 2} and unsigned.dropped() == {("fraud", SINK_ERROR): 1}
+
+
+# -- merged batches ----------------------------------------------------------------------------
+
+
+def test_a_view_of_a_merged_batch_is_copied_so_the_cap_counts_what_the_queue_keeps() -> None:
+    sink = Keep()
+    log = PredictionLog({"fraud": 1.0}, sink)
+    merged = np.arange(4096, dtype=np.float32).reshape(4096, 1)  # the batch's outputs
+    held = weakref.ref(merged)
+    inputs, _ = arrays(np.random.default_rng(9))
+    log.offer("r", None, INFO, "single", 1, 1.0, inputs, {"probability": merged[7:8]}, "p")
+    del merged
+    assert held() is None  # the queue keeps the request's row, not the batch
+    assert log.queued_bytes == 4 * 4 + 4
+    log.drain()
+    assert sink.records[0]["outputs"][0]["data"] == [7.0]
+
+
+# -- the writer process ------------------------------------------------------------------------
+
+
+def test_the_writer_process_writes_the_files_and_a_dead_one_costs_one_batch(
+    tmp_path: Path,
+) -> None:
+    writer = WriterProcess(partial(DirectorySink, tmp_path), restart_s=0)
+    log = PredictionLog({"fraud": 1.0}, writer)
+    rng = np.random.default_rng(10)
+    batch(log, 5, rng)
+    pid = writer.pid
+    assert pid is not None and pid != os.getpid()
+    os.kill(pid, signal.SIGKILL)
+    batch(log, 3, rng)  # the batch in flight when it died is dropped, and counted
+    assert log.dropped() == {("fraud", SINK_ERROR): 3}
+    batch(log, 4, rng)
+    assert writer.pid not in (None, pid)  # started again; it sealed the dead one's file
+    log.stop()
+    assert writer.pid is None and log.logged == {"fraud": 9}
+    assert len(read_dir(tmp_path)) == 9 and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_sink_the_writer_process_cannot_build_fails_the_start_and_its_batches(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    writer = WriterProcess(partial(DirectorySink, tmp_path / "file"), restart_s=0)
+    log = PredictionLog({"fraud": 1.0}, writer)
+    with pytest.raises(SinkError, match="FileExistsError"):
+        log.start()  # the gateway does not start, and says why
+    batch(log, 2, np.random.default_rng(11))
+    assert log.dropped() == {("fraud", SINK_ERROR): 2} and writer.pid is None
+
+
+ORPHANED_WRITER = """
+import os, sys
+from functools import partial
+from pathlib import Path
+import numpy as np
+from gateway.background.prediction_sinks import DirectorySink
+from gateway.background.prediction_writer import WriterProcess
+from gateway.background.predictions import PredictionLog
+from tests.gateway.background.test_predictions import batch
+log = PredictionLog({"fraud": 1.0}, WriterProcess(partial(DirectorySink, Path(sys.argv[1]))))
+batch(log, 6, np.random.default_rng(12))
+os._exit(3)  # dies without closing the log
+"""
+
+
+def test_the_writer_process_seals_its_file_when_the_gateway_dies(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    died = subprocess.run(
+        [sys.executable, "-c", ORPHANED_WRITER, str(tmp_path)], env=env, check=False
+    )
+    assert died.returncode == 3
+    until(lambda: closed_files(tmp_path) and not list(tmp_path.glob("*.partial")), timeout_s=10)
+    assert len(read_dir(tmp_path)) == 6

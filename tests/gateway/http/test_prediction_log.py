@@ -16,8 +16,8 @@ import pytest
 
 from gateway.cli import serve_settings
 from gateway.settings import Settings, SettingsError
+from tests.support.event_sink import EventSink
 from tests.support.server import ADMIN, InProcessServer, until
-from tests.support.sink import Receiver, receiving
 
 KEY = {"X-API-Key": "alpha-key-0123"}
 FRAUD = "/v2/models/fraud/infer"
@@ -50,9 +50,12 @@ def metric(server: InProcessServer, series: str) -> float:
     return 0.0
 
 
+SECRET = "prediction-log-secret-0123"
+
+
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with receiving() as server:
+def receiver() -> Iterator[EventSink]:
+    with EventSink(SECRET) as server:  # checks every batch's signature
         yield server
 
 
@@ -100,14 +103,16 @@ def test_records_of_routed_requests_are_complete_and_exact(demo_repo: Path, tmp_
 
 
 def test_no_request_waits_for_a_blocked_sink_and_the_overflow_is_counted(
-    demo_repo: Path, receiver: Receiver
+    demo_repo: Path, receiver: EventSink
 ) -> None:
     receiver.release.clear()  # the sink takes the first batch and answers nothing
     args = ["--prediction-log-sample", "*=1", "--prediction-log-url", receiver.url,
             "--prediction-log-queue", "10"]  # fmt: skip
     row = np.zeros(32, np.float32)
     with (
-        InProcessServer(demo_repo, args=args) as gateway,
+        InProcessServer(
+            demo_repo, args=args, env={"TURNOUT_PREDICTION_LOG_SECRET": SECRET}
+        ) as gateway,
         httpx.Client(base_url=gateway.url, timeout=10) as client,
     ):
         assert client.post(FRAUD, json=body(row)).status_code == 200
@@ -120,8 +125,12 @@ def test_no_request_waits_for_a_blocked_sink_and_the_overflow_is_counted(
         assert metric(gateway, "turnout_prediction_log_queue_records") == 10
         receiver.release.set()
         until(lambda: metric(gateway, 'turnout_predictions_logged_total{model="fraud"}') == 11)
-    events = [e for _, b in receiver.bodies for e in orjson.loads(b)]
-    assert len(events) == 11 and {e["type"] for e in events} == {"dev.turnout.prediction"}
+    events = receiver.taken()
+    assert (
+        not receiver.bad
+        and len(events) == 11
+        and {e["type"] for e in events} == {"dev.turnout.prediction"}
+    )
 
 
 def test_the_log_is_off_by_default(server: InProcessServer) -> None:
@@ -142,14 +151,30 @@ def test_the_log_is_off_by_default(server: InProcessServer) -> None:
         (["--prediction-log-url", "ftp://h/"], "http(s) URL"),
         (["--prediction-log-dir", "x", "--prediction-log-retain-bytes", "10"], "RETAIN_BYTES"),
         (["--prediction-log-queue", "0"], "PREDICTION_LOG_QUEUE"),
+        (["--prediction-log-url", "http://h/", "secret=short"], "PREDICTION_LOG_SECRET"),
+        (["--prediction-log-dir", "x", "secret=" + "s" * 16], "PREDICTION_LOG_SECRET"),
     ],
-    ids=["no-sink", "rate-above-one", "no-rate", "twice", "two-sinks", "url", "retain", "queue"],
+    ids=[
+        "no-sink",
+        "rate-above-one",
+        "no-rate",
+        "twice",
+        "two-sinks",
+        "url",
+        "retain",
+        "queue",
+        "short-secret",
+        "secret-without-url",
+    ],
 )
 def test_bad_settings_are_refused_naming_the_setting(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
+    secret = [a.removeprefix("secret=") for a in args if a.startswith("secret=")]
+    env = {"TURNOUT_PREDICTION_LOG_SECRET": secret[0]} if secret else {}
+    argv = [a for a in args if not a.startswith("secret=")]
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        serve_settings(["--model-repository", str(tmp_path), *args], {})
+        serve_settings(["--model-repository", str(tmp_path), *argv], env)
 
 
 def test_sampling_rates_survive_the_trip_to_worker_processes(tmp_path: Path) -> None:
