@@ -43,7 +43,7 @@ from router.state.store import MemoryStore
 from router.state.table import RouteTable
 from tests.conftest import REDIS_URL
 from tests.support.event_sink import EventSink
-from tests.support.redis_server import RedisServer, fresh_prefix
+from tests.support.redis_server import RedisServer, flush_prefix, fresh_prefix
 from tests.support.server import reference_cache
 
 pytestmark = pytest.mark.anyio
@@ -615,6 +615,29 @@ async def test_drift_changes_are_announced_once_across_a_handover(registry: Regi
     fresh = DriftWatcher(registry, exchange, MemoryStore(), MemoryOutbox(10, 1 << 20), events.emit)
     await fresh.tick()
     assert len(await kinds_and_data(events)) == 2
+
+
+async def test_a_redis_outbox_emptied_delivers_every_event_that_follows(
+    sink: EventSink, tmp_path: Path
+) -> None:
+    """Redis restarted empty: the cursors went with the stream. The events emitted after it are
+    numbered from 1 again and every one reaches the sink (none is taken as already passed)."""
+    prefix = await fresh_prefix(REDIS_URL)
+    outbox = RedisOutbox(REDIS_URL, prefix, 1000, 1 << 20)
+    events = make(outbox, [sink_of(sink, tmp_path)])
+    await events.start()
+    try:
+        emit_numbered(events, 3)
+        await until(lambda: len(sink.taken()) == 3)
+        await passed(outbox, "test", 3)
+        assert await flush_prefix(REDIS_URL, prefix) > 0
+        emit_numbered(events, 4, start=3)
+        await until(lambda: numbers(sink) == list(range(7)))
+        await passed(outbox, "test", 4)
+    finally:
+        await events.stop()
+        await flush_prefix(REDIS_URL, prefix)
+    assert not events.dropped
 
 
 async def test_events_wait_in_memory_while_redis_is_down(sink: EventSink, tmp_path: Path) -> None:
