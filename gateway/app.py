@@ -22,7 +22,6 @@ from gateway.background.events import Events, read_sinks
 from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
 from gateway.background.prediction_sinks import prediction_log
-from gateway.background.predictions import record_nothing
 from gateway.background.quality import Quality
 from gateway.background.rollout import RolloutEngine
 from gateway.background.shadow import ShadowRunner
@@ -208,7 +207,7 @@ def create_app(settings: Settings) -> Gateway:
     )
     ep = Endpoints(settings, registry, table, access, keys, exchange, feedback_keys)
     predictions = prediction_log(settings)  # None: off for every model
-    record = record_nothing if predictions is None else predictions.offer
+    record = None if predictions is None else predictions.offer
     triton = Triton(settings, registry, keys, exchange)
     inference = Inference(
         settings, registry, table, shadows, traffic, keys, limits, record, quality=quality

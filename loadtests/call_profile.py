@@ -11,20 +11,18 @@ Run: ``.venv/bin/python -m loadtests.call_profile [--policy canary] [-n 3000]``.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import cProfile
 import pstats
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import orjson
 import uvloop
 
-from gateway.app import create_app
 from gateway.demo import write_demo_repository
 from gateway.settings import Settings
-from loadtests.handler_cost import POLICIES, TOKEN, _call, request_body
+from loadtests.handler_cost import POLICIES, TOKEN, _call, request_body, started
 
 
 async def profile(n: int, policy: str | None) -> list[tuple[float, float, str]]:
@@ -33,13 +31,9 @@ async def profile(n: int, policy: str | None) -> list[tuple[float, float, str]]:
         repo = Path(tmp) / "repo"
         write_demo_repository(repo, heavy=False)
         body = request_body(repo)
-        app = create_app(Settings(repo, monitors=True, admin_tokens={"bench": TOKEN}))
-        async with app.router.lifespan_context(app):
-            while not app.state.endpoints.registry.started:
-                await asyncio.sleep(0.05)
-            if policy is not None:
-                put = orjson.dumps({"policy": POLICIES[policy], "reason": "call_profile"})
-                await _call(app, put, "PUT", "/admin/routes/fraud", auth=True)
+        async with contextlib.AsyncExitStack() as stack:
+            settings = Settings(repo, monitors=True, admin_tokens={"bench": TOKEN})
+            app = await started(stack, settings, policy)
             for _ in range(1000):  # warm every path first
                 await _call(app, body)
             profiler = cProfile.Profile()

@@ -38,10 +38,16 @@ def _git(*args: str) -> str:
 
 
 def _run(
-    tree: Path, policy: str, rounds: int, n: int, request_id: str | None = None
+    tree: Path,
+    policy: str,
+    rounds: int,
+    n: int,
+    request_id: str | None = None,
+    clock: str = "wall",
 ) -> tuple[float, float]:
     """(Turnout ÷ bare throughput, Turnout µs/request) of one handler_cost run in ``tree``."""
     cmd = [sys.executable, "-m", "loadtests.handler_cost", "--rounds", str(rounds), "-n", str(n)]
+    cmd += ["--clock", clock]
     if policy != "none":
         cmd += ["--policy", policy]
     if request_id is not None:
@@ -63,6 +69,7 @@ def measure(
     rounds: int,
     n: int,
     request_id: str | None = None,
+    clock: str = "wall",
 ) -> dict[tuple[str, str], list[tuple[float, float]]]:
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +86,7 @@ def measure(
                 order = list(commits)[i % len(commits) :] + list(commits)[: i % len(commits)]
                 for commit in order:
                     for policy in policies:
-                        figure = _run(trees[commit], policy, rounds, n, request_id)
+                        figure = _run(trees[commit], policy, rounds, n, request_id, clock)
                         results.setdefault((commit, policy), []).append(figure)
                         print(f"{i + 1} {commit:10s} {policy:7s} ratio {figure[0]:.3f} "
                               f"turnout {figure[1]:.1f} µs", flush=True)  # fmt: skip
@@ -118,7 +125,8 @@ def section(text: str, args: argparse.Namespace) -> str:
         "## Commits compared: in-process handler cost",
         "",
         f"`python -m loadtests.compare_commits {' '.join(args.commits)} --iterations "
-        f"{args.iterations}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"{args.iterations} --clock {args.clock}` "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"{os.cpu_count()} CPUs, load average at the end {load}): `loadtests/handler_cost.py` "
         f"({args.rounds} rounds of {args.n} batch-1 `fraud` requests per app) run in a worktree of "
         "each commit, pinned to CPU 1. The ratio is Turnout's throughput over the bare starlette + "
@@ -158,9 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=8000, help="requests per app per round")
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     p.add_argument("--id", dest="request_id", help="handler_cost --id: send an inference id")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="handler_cost --clock")
     args = p.parse_args(argv)
     results = measure(
-        args.commits, args.policies, args.iterations, args.rounds, args.n, args.request_id
+        args.commits,
+        args.policies,
+        args.iterations,
+        args.rounds,
+        args.n,
+        args.request_id,
+        args.clock,
     )
     text = table(args.commits, args.policies, results)
     print(text)

@@ -24,7 +24,7 @@ import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -63,10 +63,6 @@ class Sink(Protocol):
 
 # What the request path hands over: called for every answered request.
 Record = Callable[..., None]
-
-
-def record_nothing(*references: Any) -> None:
-    """The null ``Record``: the prediction log is off for every model."""
 
 
 def thresholds(rates: Mapping[str, float]) -> tuple[dict[str, int], int]:

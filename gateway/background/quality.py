@@ -88,7 +88,7 @@ class _Version:
 
 
 # A routed response waiting for the next drain: its version, its task's output, the client's id
-Response = tuple[ModelVersion, np.ndarray, str | None]
+Response = tuple[ModelVersion, Mapping[str, np.ndarray], str | None]
 
 
 class Quality:
@@ -134,13 +134,10 @@ class Quality:
         self, info: ModelVersion, outputs: Mapping[str, np.ndarray], request_id: str | None
     ) -> None:
         """A routed response of a version with a task (``info.task`` is not None): kept as it
-        is (the version, its task's output, the client's id) until the next flush reads it, so
-        the request pays one dict lookup and one append (loadtests.stage_cost)."""
-        array = outputs.get(info.task.output)  # type: ignore[union-attr]
-        if array is None:
-            self.unshaped += 1
-        elif len(self._responses) < self.max_pending:
-            self._responses.append((info, array, request_id))
+        is (the version, its outputs, the client's id) until the next flush reads it, so the
+        request pays one append (loadtests.stage_cost)."""
+        if len(self._responses) < self.max_pending:
+            self._responses.append((info, outputs, request_id))
         else:
             self.dropped += 1
 
@@ -152,9 +149,13 @@ class Quality:
         if responses:
             wall = time.time()  # when they were served, within a flush period
             pending, bound = self._pending, self._bound
-            for info, array, request_id in responses:
+            for info, outputs, request_id in responses:
                 task = info.task
                 assert task is not None
+                array = outputs.get(task.output)
+                if array is None:
+                    self.unshaped += 1
+                    continue
                 known = bound.get(id(info))
                 if known is None or known[0] is not info:
                     known = bound[id(info)] = (info, self._state(info.model, info.version, task))

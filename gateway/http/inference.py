@@ -24,7 +24,7 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from gateway.background.predictions import Record, record_nothing
+from gateway.background.predictions import Record
 from gateway.background.quality import Quality
 from gateway.background.shadow import ShadowRunner
 from gateway.errors import (
@@ -116,7 +116,7 @@ class Inference:
         traffic: Traffic,
         keys: KeyCheck,
         limits: Limits,
-        record: Record = record_nothing,
+        record: Record | None = None,
         quality: Quality | None = None,
     ) -> None:
         self.settings = settings
@@ -126,7 +126,8 @@ class Inference:
         self.traffic = traffic
         self.keys = keys
         self.limits = limits
-        self.record = record  # the prediction log's offer (gateway.background.predictions)
+        # the prediction log's offer (gateway.background.predictions); None: the log is off
+        self.record = record
         self.quality = quality
         # Chosen once: with monitors off the hot path calls a function that does nothing.
         self.observe: Observe = self._observe if settings.monitors else _unobserved
@@ -168,7 +169,7 @@ class Inference:
             length = encoding = None
             for name, value in scope["headers"]:
                 if name == b"content-length":
-                    length = value.decode("latin-1")
+                    length = value
                 elif name == b"content-encoding":  # repeated, the codings add up (RFC 9110)
                     text = value.decode("latin-1")
                     encoding = text if encoding is None else f"{encoding}, {text}"
@@ -319,10 +320,12 @@ class Inference:
             }
             if decision.shadows:
                 self.shadows.submit(model, info.version, decision.shadows, decoded.inputs, outputs)
-        self.record(
-            request_id, decoded.id, info, role, None if route is None else route.revision,
-            None if decision is None else decision.propensity, decoded.inputs, outputs, principal,
-        )  # fmt: skip
+        if self.record is not None:
+            self.record(
+                request_id, decoded.id, info, role, None if route is None else route.revision,
+                None if decision is None else decision.propensity, decoded.inputs, outputs,
+                principal,
+            )  # fmt: skip
         content, json_length = codec.encode_response(
             info.model, info.version, request_id, outputs, decoded, info.output_specs, parameters
         )

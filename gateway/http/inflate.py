@@ -142,7 +142,7 @@ class Inflater:
 
 
 async def read_inflated(
-    receive: Receive, declared: str | None, coding: str, limit: int, pool: Executor
+    receive: Receive, declared: str | bytes | None, coding: str, limit: int, pool: Executor
 ) -> bytes:
     """The inflated body of a request whose Content-Encoding is ``coding`` and Content-Length
     ``declared``, read from ASGI ``receive``. Up to ``ON_LOOP`` bytes in and out are inflated

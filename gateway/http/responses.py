@@ -50,7 +50,10 @@ def json_response(content: Any, status: int = 200) -> Response:
 
 
 async def read_body(
-    receive: Receive, headers: Mapping[str, str] | None, limit: int, declared: str | None = None
+    receive: Receive,
+    headers: Mapping[str, str] | None,
+    limit: int,
+    declared: str | bytes | None = None,
 ) -> bytes:
     """The whole body from ASGI ``receive``, refused with 413 as soon as it is known to exceed
     ``limit``: from the Content-Length in ``headers`` (or ``declared``, when the caller read
@@ -74,10 +77,15 @@ async def read_body(
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def check_declared_length(declared: str | None, limit: int) -> None:
-    """413 for a body whose Content-Length exceeds ``limit``; 400 for one that is no length."""
+def check_declared_length(declared: str | bytes | None, limit: int) -> None:
+    """413 for a body whose Content-Length exceeds ``limit``; 400 for one that is no length.
+    ``declared`` may be the header's raw bytes (the request path's: no decode)."""
     if declared is not None:
-        size = integer("Content-Length", declared, _MAX_CONTENT_LENGTH)
+        if type(declared) is bytes and declared.isdigit() and len(declared) < 19:
+            size = int(declared)  # bytes.isdigit is ASCII only; the usual header, at 0.1 µs
+        else:
+            text = declared.decode("latin-1") if isinstance(declared, bytes) else declared
+            size = integer("Content-Length", text, _MAX_CONTENT_LENGTH)
         if size > limit:
             raise PayloadTooLarge(f"request body of {size} bytes exceeds the limit of {limit}")
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from gateway.errors import BadRequest, PayloadTooLarge
+from gateway.http.responses import check_declared_length
 from tests.support.server import ADMIN, GatewayServer
 
 BODY = b'{"inputs": []}'
@@ -46,3 +48,23 @@ def test_if_match_must_be_a_revision_number(server: GatewayServer, tag: str) -> 
     assert r.status_code == 400, r.text
     assert r.json()["error"].startswith("If-Match: ")
     assert httpx.get(server.url + "/admin/audit", headers=ADMIN).json()["entries"] == before
+
+
+@pytest.mark.parametrize(
+    "declared", [b"9" * 19, b"9" * 4_301, "²".encode(), b"-1", b"1e3", b"", "9" * 30]
+)
+def test_a_content_length_that_is_no_length_is_400(declared: bytes | str) -> None:
+    """HTTP servers refuse most of these before the app; a server that passes them on (or an
+    ASGI caller) gets a 400 naming the header, from the raw bytes the request path reads and
+    from a decoded string alike."""
+    with pytest.raises(BadRequest) as exc:
+        check_declared_length(declared, 1 << 62)
+    assert exc.value.message.startswith("Content-Length: ")
+
+
+@pytest.mark.parametrize("declared", [b"101", b"000101", b" 101 ", "101", b"9" * 18])
+def test_a_content_length_above_the_cap_is_413(declared: bytes | str) -> None:
+    with pytest.raises(PayloadTooLarge):
+        check_declared_length(declared, 100)
+    check_declared_length(b"100", 100)
+    check_declared_length(b"0", 100)

@@ -339,3 +339,40 @@ def test_multiclass_and_regression_tasks(demo_repo: Path, tmp_path: Path) -> Non
         assert regression["labels"] == 15
         mae = regression["realized"]["mae"]["value"]
         assert abs(mae - 0.1) < 1e-6 and regression["realized"]["bias"]["value"] < 0
+
+
+def unshaped(server: GatewayServer) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    (line,) = (x for x in text.splitlines() if x.startswith("turnout_quality_unshaped_responses"))
+    return float(line.split()[-1])
+
+
+def test_a_response_without_the_task_output_is_counted_not_remembered(
+    demo_repo: Path, tmp_path: Path
+) -> None:
+    """The request path keeps every routed response of a version with a task; the flush finds
+    that one without the task's output (the client asked for another) has no prediction: it is
+    counted as unshaped, and its id is unknown to the outcomes."""
+    root = tmp_path / "models"
+    shutil.copytree(demo_repo / "risk" / "1", root / "risk" / "1")
+    path = root / "risk" / "1" / "metadata.json"
+    task = {"type": "regression", "output": "score"}
+    path.write_text(orjson.dumps({**orjson.loads(path.read_bytes()), "task": task}).decode())
+    rows = sample_inputs("risk", 2, seed=5)
+    inputs = [
+        {"name": "features", "shape": [1, 8], "datatype": "FP32",
+         "data": rows["features"][0].tolist()},
+        {"name": "segment", "shape": [1, 1], "datatype": "INT64",
+         "data": rows["segment"][0].tolist()},
+        {"name": "flags", "shape": [1, 4], "datatype": "BOOL", "data": rows["flags"][0].tolist()},
+    ]  # fmt: skip
+    with InProcessServer(root) as s:
+        before = unshaped(s)
+        for request_id, outputs in (("logits-only", ["logits"]), ("with-score", ["score"])):
+            body = {"id": request_id, "inputs": inputs, "outputs": [{"name": n} for n in outputs]}
+            answer = httpx.post(s.url + "/v2/models/risk/infer", content=orjson.dumps(body))
+            assert answer.status_code == 200, answer.text
+        results = post(s, [{"id": "logits-only", "label": 0.5}, {"id": "with-score", "label": 0.5}],
+                       model="risk").json()  # fmt: skip
+        assert (results["unknown"], results["accepted"]) == (1, 1), results
+        assert unshaped(s) == before + 1
