@@ -54,7 +54,14 @@ from router.policy.rollout_spec import (
     tried_key,
 )
 from router.policy.spec import CanaryDoc, PolicyDoc, SingleDoc, parse_policy
-from router.state.store import AuditEntry, AuditNote, RouteRecord, StaleRevision, StoreUnavailable
+from router.state.store import (
+    AuditEntry,
+    AuditNote,
+    RolloutCopy,
+    RouteRecord,
+    StaleRevision,
+    StoreUnavailable,
+)
 from router.state.table import RouteTable
 
 log = logging.getLogger("turnout.rollout")
@@ -92,6 +99,9 @@ class RolloutEngine:
         # As read from the store by the latest tick (every replica reads; only the leader acts).
         self.templates: dict[str, tuple[int, RolloutTemplate]] = {}
         self.rollouts: dict[str, tuple[int, Rollout]] = {}
+        self._stored: dict[str, tuple[int, dict[str, Any]]] = {}  # the templates as read
+        self._store_behind = False  # logged once a reset, not once a tick
+        table.held_rollouts = self.held  # what a restore of the store puts back
         self.confirm_failures: Counter[str] = Counter()  # model -> non-2xx or failed calls
         self._not_started: dict[str, int] = {}  # model -> a canary revision not a rollout's
         self._waiting: dict[str, str] = {}  # model -> the candidate logged as waiting
@@ -127,10 +137,13 @@ class RolloutEngine:
     # -- one tick -------------------------------------------------------------------------------
     async def tick(self, now: float) -> None:
         try:
-            await self.read()
+            current = await self.read()
         except StoreUnavailable:
             self.leader = False  # the lease cannot be renewed either: stand down
             raise
+        if not current:  # nothing to act on until the store holds the rollouts again
+            self.leader = False
+            return
         models = {m for m in self.templates} | {
             m for m, (_, r) in self.rollouts.items() if r.active
         }
@@ -150,10 +163,23 @@ class RolloutEngine:
             except Exception:  # one model's failure must not stop the others' rollouts
                 log.exception("rollout of %s failed", model)
 
-    async def read(self) -> None:
-        """Templates and rollout states as the store has them now."""
+    async def read(self) -> bool:
+        """Templates and rollout states as the store has them now; False, keeping the copy read
+        before, when the store is behind the route table (it lost its state: the table puts
+        this copy back with its policies, RouteTable.refresh)."""
         # both at once: one round trip's wait, not two, each tick on every replica
         stored, states = await asyncio.gather(self.store.rollouts(), self.store.rollout_states())
+        # Read after them: a store emptied before they were read is behind by now, unless it
+        # was restored meanwhile, and then from this copy, the one still held.
+        behind = await self.store.revision() < self.table.revision
+        if behind != self._store_behind:
+            if behind:
+                log.warning("rollouts: the state store lost its state; held until restored")
+            else:
+                log.info("rollouts: the state store is restored")
+            self._store_behind = behind
+        if behind:
+            return False
         templates: dict[str, tuple[int, RolloutTemplate]] = {}
         for model, (revision, raw) in stored.items():
             try:
@@ -166,7 +192,13 @@ class RolloutEngine:
                 rollouts[model] = (seq, Rollout.from_json(raw))
             except (TypeError, KeyError) as exc:
                 log.error("rollout state of %s unreadable: %s", model, exc)
-        self.templates, self.rollouts = templates, rollouts
+        self.templates, self.rollouts, self._stored = templates, rollouts, stored
+        return True
+
+    def held(self) -> RolloutCopy:
+        """The templates as last read and the rollout states as last read or saved here."""
+        states = {model: (seq, r.as_json()) for model, (seq, r) in self.rollouts.items()}
+        return RolloutCopy(dict(self._stored), states)
 
     async def _lead(self) -> None:
         try:

@@ -5,7 +5,7 @@ A light model's request is cheapest run inline on the event loop (no thread hop)
 alone; when others wait behind it, merging them into one run on the execution thread is
 cheaper per request (measured on the light demo model at 64 connections: 0.84 of the bare
 handler's requests/s inline, 0.98 merged; at one connection the thread hop put the median at
-1.8 times the bare handler's, inline at 1.2). The HTTP protocol (gateway.cli) counts each
+1.8 times the bare handler's, inline at 1.2). The HTTP protocol (gateway.worker) counts each
 request task it starts, the app each request it begins; the difference is the requests whose
 task has not run yet. Both counts only grow. Without the protocol (an ASGI test client) nothing
 is counted as waiting, and every request that can runs inline.

@@ -29,13 +29,24 @@ from router.state.outbox import SCAN_CAP, Backlog, Entry, OutboxUnavailable, Pag
 from router.state.redis_store import ACQUIRE_LEASE, connect
 
 # KEYS: stream, head, bytes, cursors, sinks, batch:<id>. ARGV: max events, max bytes, now, batch
-# marker ttl in ms, then kind, body pairs. Evicts delivered entries (oldest first) to make room;
-# stops at the first item that does not fit. Returns the number of items taken; a batch already
-# applied (its timed-out first try ran late) changes nothing and returns what it took then.
+# marker ttl in ms, the number k of the caller's sinks, the k sinks, then kind, body pairs.
+# Evicts delivered entries (oldest first) to make room; stops at the first item that does not
+# fit. Returns the number of items taken; a batch already applied (its timed-out first try ran
+# late) changes nothing and returns what it took then. A stream without a head was never
+# appended to: new, or emptied (a Redis restarted without persistence, which also lost the
+# cursors): the caller's sinks then start at its beginning, so none skips what follows.
 APPEND = """
 local done = redis.call('GET', KEYS[6])
 if done then return tonumber(done) end
-local head = tonumber(redis.call('GET', KEYS[2]) or '0')
+local k = tonumber(ARGV[5])
+local head = redis.call('GET', KEYS[2])
+if not head then
+  for i = 6, 5 + k do
+    redis.call('HSETNX', KEYS[4], ARGV[i], '0')
+    redis.call('SADD', KEYS[5], ARGV[i])
+  end
+end
+head = tonumber(head or '0')
 local delivered = head
 for _, s in ipairs(redis.call('SMEMBERS', KEYS[5])) do
   local c = tonumber(redis.call('HGET', KEYS[4], s) or tostring(head))
@@ -45,7 +56,7 @@ local maxn, maxb = tonumber(ARGV[1]), tonumber(ARGV[2])
 local bytes = tonumber(redis.call('GET', KEYS[3]) or '0')
 local n = redis.call('XLEN', KEYS[1])
 local taken = 0
-for i = 5, #ARGV, 2 do
+for i = 6 + k, #ARGV, 2 do
   local size = string.len(ARGV[i + 1])
   while n > 0 and (n >= maxn or bytes + size > maxb) do
     local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
@@ -83,11 +94,14 @@ end
 return 1
 """
 
-# KEYS: lease:<sink>, cursors. ARGV: holder, sink, seq. Forward only, and not while another
-# replica holds the lease (a lapsed lease nobody took still lets its holder record its delivery).
+# KEYS: lease:<sink>, cursors, head. ARGV: holder, sink, seq. Forward only, not past the head
+# (a delivery read before the stream was emptied: its seq names an entry that is gone), and not
+# while another replica holds the lease (a lapsed lease nobody took still lets its holder record
+# its delivery).
 ADVANCE = """
 local current_holder = redis.call('GET', KEYS[1])
 if current_holder and current_holder ~= ARGV[1] then return 0 end
+if tonumber(ARGV[3]) > tonumber(redis.call('GET', KEYS[3]) or '0') then return 1 end
 local current = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
 if tonumber(ARGV[3]) > current then redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) end
 return 1
@@ -122,11 +136,13 @@ class RedisOutbox:
         self._register = self._redis.register_script(REGISTER)
         self._advance = self._redis.register_script(ADVANCE)
         self._lease = self._redis.register_script(ACQUIRE_LEASE)
+        self._sinks: list[str] = []  # as registered: an emptied stream starts them again
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
 
     async def register(self, sinks: Sequence[str]) -> None:
+        self._sinks = list(sinks)
         with _translated():
             keys = [self._key("head"), self._key("cursors"), self._key("sinks")]
             await self._register(keys=keys, args=list(sinks))
@@ -137,6 +153,7 @@ class RedisOutbox:
         keys = [self._key(k) for k in ("stream", "head", "bytes", "cursors", "sinks")]
         keys.append(self._key("batch", batch or uuid.uuid4().hex))
         args: list[Any] = [self.max_events, self.max_bytes, f"{time.time():.6f}", BATCH_MEMORY_MS]
+        args += [len(self._sinks), *self._sinks]
         for kind, body in items:
             args += [kind, body]
         with _translated():
@@ -156,7 +173,7 @@ class RedisOutbox:
 
     async def advance(self, sink: str, seq: int, holder: str) -> bool:
         with _translated():
-            keys = [self._key("lease", sink), self._key("cursors")]
+            keys = [self._key("lease", sink), self._key("cursors"), self._key("head")]
             return bool(await self._advance(keys=keys, args=[holder, sink, seq]))
 
     async def backlog(self, sink: str) -> Backlog:

@@ -63,6 +63,7 @@ from router.state.store import (
     AuditEntry,
     AuditNote,
     AuditPage,
+    RolloutCopy,
     RouteRecord,
     StaleRevision,
     StoreUnavailable,
@@ -73,6 +74,8 @@ from router.state.store import (
     page_of,
 )
 
+# The hashes of rollout templates and states, in the order RESTORE takes them.
+ROLLOUT_HASHES = ("rollouts", "rollout_revs", "rollout_states", "rollout_seqs")
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 0.5
 POOL_WAIT_S = 10.0
@@ -143,9 +146,11 @@ return 1
 """
 
 # KEYS: revision, docs, revs, audit, audit_seq, then audit:<model> per record, then
-#       stats:<rev>:<model> per record
+#       stats:<rev>:<model> per record, then rollouts, rollout_revs, rollout_states, rollout_seqs
 # ARGV: revision, channel, cap, record count n, then per record: model, revision, doc JSON, audit
-#       body JSON, increment count k, then k times: field, 'i' (integer) or 'f', amount.
+#       body JSON, increment count k, then k times: field, 'i' (integer) or 'f', amount; then
+#       the template count and per template: model, revision, JSON; then the state count and
+#       per state: model, sequence number, JSON.
 # Returns 1 if it restored, 0 if the store's revision was not below ARGV[1].
 RESTORE = (
     APPEND_AUDIT
@@ -177,6 +182,18 @@ for i = 1, n do
     end
   end
   a = a + 5 + 3 * k
+end
+for pair = 0, 1 do  -- templates (rollouts, rollout_revs), then states (rollout_states, _seqs)
+  local docs, numbers = KEYS[6 + 2 * n + 2 * pair], KEYS[7 + 2 * n + 2 * pair]
+  local m = tonumber(ARGV[a])
+  for i = 1, m do
+    if redis.call('HEXISTS', docs, ARGV[a + 1]) == 0 then
+      redis.call('HSET', docs, ARGV[a + 1], ARGV[a + 3])
+      redis.call('HSET', numbers, ARGV[a + 1], ARGV[a + 2])
+    end
+    a = a + 3
+  end
+  a = a + 1
 end
 redis.call('PUBLISH', ARGV[2], target)
 return 1
@@ -456,6 +473,7 @@ class RedisStore:
         revision: int,
         records: Sequence[RouteRecord],
         stats: Mapping[str, Mapping[str, ArmStats]],
+        rollouts: RolloutCopy | None = None,
         *,
         who: str,
         reason: str,
@@ -463,6 +481,7 @@ class RedisStore:
         keys = [self._key(k) for k in ("revision", "docs", "revs", "audit", "audit_seq")]
         keys += [self._key("audit", r.model) for r in records]
         keys += [self._key("stats", str(r.revision), r.model) for r in records]
+        keys += [self._key(k) for k in ROLLOUT_HASHES]
         args: list[bytes | str | int] = [revision, self._key("changes"), AUDIT_CAP, len(records)]
         for r in records:
             doc = orjson.dumps(r.doc)
@@ -474,6 +493,11 @@ class RedisStore:
             ]
             args += [r.model, r.revision, doc, body, len(fields)]
             args += [part for inc in fields for part in inc]
+        copy = rollouts or RolloutCopy()
+        for held in (copy.templates, copy.states):
+            args.append(len(held))
+            for model, (number, doc_or_state) in held.items():
+                args += [model, number, orjson.dumps(doc_or_state)]
         with _translated():
             return bool(await self._restore(keys=keys, args=args))
 

@@ -136,6 +136,21 @@ class ArmStats:
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutCopy:
+    """A replica's copy of the rollout templates and states (gateway.background.rollout), as it
+    last read or wrote them: model -> (revision, template) and model -> (sequence number,
+    state). ``StateStore.restore`` puts them back after the store lost its state."""
+
+    templates: Mapping[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    states: Mapping[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def revision(self) -> int:
+        """The highest global revision it names (its templates'; 0 with none)."""
+        return max((revision for revision, _ in self.templates.values()), default=0)
+
+
+@dataclass(frozen=True, slots=True)
 class Assignment:
     """What served an inference id, kept for the feedback join."""
 
@@ -189,6 +204,7 @@ class StateStore(Protocol):
         revision: int,
         records: Sequence[RouteRecord],
         stats: Mapping[str, Mapping[str, ArmStats]],
+        rollouts: RolloutCopy | None = None,
         *,
         who: str,
         reason: str,
@@ -199,8 +215,10 @@ class StateStore(Protocol):
         notice, the first restores and the others change nothing. Raises the revision counter to
         ``revision``; puts back each record whose model has none now (under its own revision,
         so replicas that hold it rebuild nothing), with an audit entry ``restore`` and the
-        totals ``stats[model][version]`` of its revision; notifies watchers. Returns whether it
-        restored."""
+        totals ``stats[model][version]`` of its revision; puts back each rollout template and
+        rollout state of ``rollouts`` whose model has none now, under its own revision or
+        sequence number (no audit entry: the policies' entries mark the restore); notifies
+        watchers. Returns whether it restored."""
         ...
 
     async def add_stats(self, deltas: Mapping[tuple[str, int, str], ArmStats], batch: str) -> None:
@@ -500,12 +518,18 @@ class MemoryStore:
         revision: int,
         records: Sequence[RouteRecord],
         stats: Mapping[str, Mapping[str, ArmStats]],
+        rollouts: RolloutCopy | None = None,
         *,
         who: str,
         reason: str,
     ) -> bool:
         if self._revision >= revision:
             return False
+        copy = rollouts or RolloutCopy()
+        for model, (at, template) in copy.templates.items():
+            self._rollouts.setdefault(model, (at, orjson.dumps(template)))
+        for model, (seq, state) in copy.states.items():
+            self._rollout_states.setdefault(model, (seq, orjson.dumps(state)))
         docs = [(r, orjson.dumps(r.doc)) for r in records if r.model not in self._docs]
         now = time.time()
         self._revision = revision

@@ -23,7 +23,14 @@ from router.policy.bandit import bandit_of, with_bandit
 from router.policy.policies import Decision, Policy, PolicyError, sticky_key
 from router.policy.spec import PolicyDoc, parse_policy
 from router.state.join import FeedbackJoin
-from router.state.store import ArmStats, Assignment, RouteRecord, StateStore, StoreUnavailable
+from router.state.store import (
+    ArmStats,
+    Assignment,
+    RolloutCopy,
+    RouteRecord,
+    StateStore,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("turnout.router")
 
@@ -97,6 +104,9 @@ class RouteTable:
         self.synced = asyncio.Event()
         # times this replica found the store behind it (restarted empty) and put its copy back
         self.store_resets = 0
+        # The rollout templates and states this replica holds, put back with its policies (the
+        # rollout engine, gateway.background.rollout, sets it to its copy).
+        self.held_rollouts: Callable[[], RolloutCopy] = RolloutCopy
 
     # -- request path -------------------------------------------------------------------------
     def get(self, model: str) -> Route | None:
@@ -226,8 +236,13 @@ class RouteTable:
             "put back from a replica's copy"
         )
         who = f"restore:{socket.gethostname()}:{os.getpid()}"
-        if await self.store.restore(self.revision, records, stats, who=who, reason=reason):
-            log.warning("state store restored to revision %d by this replica", self.revision)
+        rollouts = self.held_rollouts()
+        target = max(self.revision, rollouts.revision)
+        if await self.store.restore(target, records, stats, rollouts, who=who, reason=reason):
+            log.warning(
+                "state store restored to revision %d by this replica (%d rollout templates, "
+                "%d rollout states)", target, len(rollouts.templates), len(rollouts.states),
+            )  # fmt: skip
 
     async def write(
         self,

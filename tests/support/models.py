@@ -14,9 +14,16 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 from gateway.demo import FRAUD_TASK
 
 
-def write_slow_fraud(folder: Path, layers: int = 500, width: int = 2048) -> Path:
-    """input FP32 [-1, 32] -> probability FP32 [-1, 1], slow: ``layers`` width² MatMuls per call
-    (about 0.3 ms each at batch 1 on one core), weights shared so the file stays small."""
+def write_slow_fraud(
+    folder: Path, layers: int = 500, width: int = 2048, *, per_row: bool = True
+) -> Path:
+    """input FP32 [-1, 32] -> probability FP32 [-1, 1], slow: a Loop of ``layers`` width²
+    MatMuls per call (about 0.3 to 1 ms each at batch 1 on one core, memory-bound). With
+    ``per_row`` the loop runs on every row, so a batch costs more the more rows it has; without,
+    on the rows' mean, so every call costs the same whatever its rows (and the load's cost
+    measure, 12 calls of 1 and 16 rows, costs 12 single-row calls, not 6 of 16 rows). One
+    Loop node rather than ``layers`` MatMul nodes: onnxruntime then prepares the weight once,
+    not once per node (5 s of session creation at 500 layers)."""
     rng = np.random.default_rng(7)
     w_in = numpy_helper.from_array(
         (rng.standard_normal((32, width)) / 32).astype(np.float32), "w_in"
@@ -24,17 +31,43 @@ def write_slow_fraud(folder: Path, layers: int = 500, width: int = 2048) -> Path
     w = numpy_helper.from_array(
         (rng.standard_normal((width, width)) / width).astype(np.float32), "w"
     )
-    nodes = [helper.make_node("MatMul", ["input", "w_in"], ["h0"])]
-    for i in range(layers):
-        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
-    nodes.append(helper.make_node("ReduceMean", [f"h{layers}"], ["m"], axes=[1], keepdims=1))
-    nodes.append(helper.make_node("Sigmoid", ["m"], ["probability"]))
+    trips = numpy_helper.from_array(np.array(layers, np.int64), "trips")
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    layer = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_in", "w"], ["h_out"]),
+            helper.make_node("Identity", ["go_in"], ["go_out"]),
+        ],
+        "layer",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("go_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["rows", width]),
+        ],
+        [
+            helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["rows", width]),
+        ],
+    )
+    if per_row:
+        nodes = [helper.make_node("Identity", ["input"], ["x"])]
+    else:  # one row, the mean; each row's output still depends on its input (times zero)
+        nodes = [helper.make_node("ReduceMean", ["input"], ["x"], axes=[0], keepdims=1)]
+    nodes += [
+        helper.make_node("MatMul", ["x", "w_in"], ["h0"]),
+        helper.make_node("Loop", ["trips", "", "h0"], ["h"], body=layer),
+        helper.make_node("ReduceMean", ["h"], ["m"], axes=[1], keepdims=1),
+        helper.make_node("ReduceMean", ["input"], ["row"], axes=[1], keepdims=1),
+        helper.make_node("Mul", ["row", "zero"], ["nothing"]),
+        helper.make_node("Add", ["nothing", "m"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["probability"]),
+    ]
     graph = helper.make_graph(
         nodes,
         "slow_fraud",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
         [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
-        initializer=[w_in, w],
+        initializer=[w_in, w, trips, zero],
     )
     return _save(graph, folder)
 

@@ -14,6 +14,7 @@ from types import TracebackType
 
 import pytest
 import redis
+from redis.asyncio import Redis as AsyncRedis
 
 from router.state.redis_store import RedisStore
 from tests.support.server import free_port
@@ -94,3 +95,14 @@ async def fresh_prefix(url: str) -> str:
             pytest.fail(f"Redis is not reachable at {url} (CI=true)")
         pytest.skip(f"Redis is not reachable at {url}")
     return prefix
+
+
+async def flush_prefix(url: str, prefix: str) -> int:
+    """Delete every key under ``prefix`` (what a Redis restarted empty holds of a test's state,
+    without restarting the server the other tests share); the number deleted."""
+    client = AsyncRedis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        return int(await client.delete(*keys)) if keys else 0
+    finally:
+        await client.aclose()

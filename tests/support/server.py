@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -77,6 +78,12 @@ def until(
         if time.monotonic() - start > timeout_s:
             raise AssertionError(f"not true within {timeout_s} s: {condition!r} -> {value!r}")
         time.sleep(interval_s)
+
+
+def ready_workers(server: GatewayServer) -> int:
+    """Processes of a gateway (its workers, replacements included) that have finished loading,
+    from its log: one line each."""
+    return len(re.findall(r"turnout INFO ready: \d+ model versions loaded", server.log()))
 
 
 def _serve_args(repository: Path, port: int, args: Sequence[str]) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import time
 from collections.abc import Callable
@@ -28,15 +27,10 @@ from tests.support.load import (
     workers,
 )
 from tests.support.redis_server import RedisServer
-from tests.support.server import GatewayServer, Server
+from tests.support.server import Server, ready_workers
 
 NEW_WORKER_S = 15.0  # the supervisor checks its workers every 0.5 s
 READY_S = 60.0  # a replacement imports, loads and warms everything before it accepts
-
-
-def ready_workers(server: GatewayServer) -> int:
-    """Worker processes that have finished loading, from the log (one line each)."""
-    return len(re.findall(r"turnout INFO ready: \d+ model versions loaded", server.log()))
 
 
 async def kill(pid: int) -> tuple[float, float]:

@@ -21,7 +21,14 @@ import redis
 from gateway.demo import sample_inputs
 from tests.conftest import REDIS_URL
 from tests.support.load import bounded, metric_sum
-from tests.support.server import ADMIN, GatewayServer, InProcessServer, Server, until
+from tests.support.server import (
+    ADMIN,
+    GatewayServer,
+    InProcessServer,
+    Server,
+    ready_workers,
+    until,
+)
 
 ROW = sample_inputs("fraud", 1, seed=2)["input"]
 BODY = orjson.dumps(
@@ -170,21 +177,32 @@ def test_workers_share_state_through_redis(demo_repo: Path, prefix: str) -> None
     with Server(
         demo_repo, args=["--workers", "2", "--redis-url", REDIS_URL, "--redis-prefix", prefix]
     ) as s:
+        # Ready answers once one worker is; both, so that the requests below reach both.
+        until(lambda: ready_workers(s) == 2, timeout_s=60)
         r = httpx.put(
             s.url + "/admin/routes/fraud",
             headers=ADMIN,
             json={"policy": {"strategy": "single", "version": "1"}, "reason": "w"},
         )
         assert r.status_code == 200
-        time.sleep(1.0)  # docs/routing.md: served everywhere within a second
-        with httpx.Client() as client:  # new connections land on either worker
-            versions = {
-                client.post(
-                    s.url + "/v2/models/fraud/infer", content=BODY, headers={"Connection": "close"}
-                ).json()["model_version"]
-                for _ in range(40)
-            }
-        assert versions == {"1"}
+
+        def versions() -> set[str]:
+            with httpx.Client() as client:  # new connections land on either worker
+                return {
+                    client.post(
+                        s.url + "/v2/models/fraud/infer",
+                        content=BODY,
+                        headers={"Connection": "close"},
+                    ).json()["model_version"]
+                    for _ in range(40)
+                }
+
+        # docs/routing.md: served everywhere within a second (tests/system/test_fleet.py holds
+        # that bound); here, on a loaded machine, whether both workers get there at all.
+        until(lambda: versions() == {"1"}, timeout_s=10)
+        assert versions() == {"1"}
+        # uvicorn's supervisor killed neither worker while it started (gateway.cli)
+        assert "died" not in s.log() and ready_workers(s) == 2
 
 
 @pytest.mark.system
@@ -257,6 +275,7 @@ def test_every_worker_reports_the_whole_process_group(demo_repo: Path, prefix: s
         httpx.Client() as client,
         redis.Redis.from_url(REDIS_URL) as store,
     ):
+        until(lambda: ready_workers(s) == 2, timeout_s=60)
         for _ in range(60):  # new connections: both workers serve some
             assert (
                 client.post(

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from redis.asyncio import Redis
 
 from gateway.background.fleet import CountsExchange
 from gateway.background.guards import GuardEvaluator
@@ -39,7 +38,7 @@ from router.state.outcomes import MemoryPredictions
 from router.state.redis_store import RedisStore
 from router.state.store import MemoryStore, StateStore
 from router.state.table import RouteTable
-from tests.support.redis_server import fresh_prefix
+from tests.support.redis_server import flush_prefix, fresh_prefix
 from tests.support.server import reference_cache
 
 pytestmark = pytest.mark.anyio
@@ -468,21 +467,23 @@ async def test_an_unreachable_webhook_holds_too(parts: Parts, webhook: Webhook) 
 
 
 @pytest.fixture
-async def redis_parts(registry: Registry) -> AsyncIterator[tuple[Parts, Parts]]:
-    """Two replicas on one Redis prefix: each its own store handle, table and engine."""
+async def redis_prefix() -> AsyncIterator[str]:
     prefix = await fresh_prefix(REDIS_URL)
+    yield prefix
+    await flush_prefix(REDIS_URL, prefix)
+
+
+@pytest.fixture
+async def redis_parts(registry: Registry, redis_prefix: str) -> AsyncIterator[tuple[Parts, Parts]]:
+    """Two replicas on one Redis prefix: each its own store handle, table and engine."""
     shadows = ShadowRunner(registry, 8)
-    stores = [RedisStore(REDIS_URL, prefix), RedisStore(REDIS_URL, prefix)]
+    stores = [RedisStore(REDIS_URL, redis_prefix), RedisStore(REDIS_URL, redis_prefix)]
     try:
         yield make_parts(registry, stores[0], shadows), make_parts(registry, stores[1], shadows)
     finally:
         for store in stores:
             await store.close()
         await shadows.close()
-        raw = Redis.from_url(REDIS_URL)
-        async for key in raw.scan_iter(match=f"{prefix}*"):
-            await raw.delete(key)
-        await raw.aclose()
 
 
 async def test_on_redis_only_the_leader_drives_and_another_takes_over(
@@ -513,6 +514,39 @@ async def test_on_redis_only_the_leader_drives_and_another_takes_over(
     assert first.doc() == SingleDoc(version="2")
     assert first.events.kinds() == ["rollout.started"]
     assert second.events.kinds() == ["rollout.advanced", "rollout.promoted"]
+
+
+async def test_a_redis_emptied_under_a_rollout_gets_it_back_and_it_goes_on(
+    redis_parts: tuple[Parts, Parts], redis_prefix: str
+) -> None:
+    """Redis restarted empty while a rollout awaits approval: the engines keep their copies and
+    act on nothing; the first replica to notice puts the template and the rollout's state back
+    with the policies (RouteTable.refresh); the approval then goes through."""
+    first, second = redis_parts
+    await pin(first)
+    await template(first, approval="required", steps=[0.5])
+    engine, other = first.engine(), second.engine()
+    await engine.tick(100.0)
+    await engine.tick(105.0)
+    await other.tick(105.0)  # every replica reads the templates and states
+    await second.table.refresh()
+    assert (await first.rollout()).phase == "awaiting_approval"
+    before = (await first.store.rollouts(), await first.store.rollout_states())
+    assert await flush_prefix(REDIS_URL, redis_prefix) > 0
+    for replica in (engine, other):
+        await replica.tick(106.0)
+        assert not replica.leader and replica.rollouts["fraud"][1].phase == "awaiting_approval"
+    assert await first.store.rollouts() == {} and await first.store.rollout_states() == {}
+    await second.table.refresh()  # notices, and restores from its replica's copy
+    assert second.table.store_resets == 1
+    assert (await first.store.rollouts(), await first.store.rollout_states()) == before
+    await first.table.refresh()
+    assert first.table.store_resets == 0  # restored already: its table found nothing missing
+    await engine.decide("fraud", "approved", "carol", "after the reset")
+    await engine.tick(107.0)
+    await first.table.refresh()
+    assert first.doc() == SingleDoc(version="2")
+    assert (await first.rollout()).phase == "promoted"
 
 
 async def test_its_own_write_whose_state_was_lost_is_taken_up(parts: Parts) -> None:

@@ -46,10 +46,10 @@ def repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def slow_repo(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> Path:
-    """The routing repository plus version 9, a slow model (its load alone takes seconds)."""
+    """The routing repository plus version 9, a slow model (its load takes seconds)."""
     root = tmp_path_factory.mktemp("slow") / "models"
     shutil.copytree(repo, root)
-    write_slow_fraud(root / "fraud" / "9")
+    write_slow_fraud(root / "fraud" / "9", per_row=False)
     return root
 
 

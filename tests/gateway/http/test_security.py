@@ -20,12 +20,12 @@ import pytest
 import tritonclient.http as triton  # type: ignore[import-untyped]
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
-from gateway.cli import SafeFormatter
 from gateway.demo import sample_inputs
 from gateway.errors import Unauthorized
 from gateway.http.auth import TokenAuth, key_check
 from gateway.http.openapi import openapi_document
 from gateway.settings import Settings, SettingsError, parse_credentials
+from gateway.worker import SafeFormatter
 from tests.support.server import ADMIN, ADMIN_TOKEN, GatewayServer, InProcessServer, Server
 
 RETIRED = "retired-admin-token-0123456789"  # expired in 2020

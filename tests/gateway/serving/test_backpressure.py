@@ -32,11 +32,12 @@ def body(timeout_us: int | None = None) -> bytes:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Iterator[InProcessServer]:
-    """fraud v1 and a slow v5 (seconds to load: only the tests that need it start this one)."""
+    """fraud v1 and a slow v5 (its cost measure at load takes seconds: only the tests that need
+    it start this one)."""
     root = tmp_path_factory.mktemp("pressure") / "models"
     shutil.copytree(demo_repo / "fraud" / "1", root / "fraud" / "1")
     slow = root / "fraud" / "5"
-    write_slow_fraud(slow)
+    write_slow_fraud(slow, per_row=False)  # each run holds the session ~0.2-0.5 s, any rows
     # No merging and a queue of 2: the third concurrent request must be refused.
     (slow / "config.json").write_text(json.dumps({"enabled": False, "max_queue": 2}))
     with InProcessServer(root) as s:

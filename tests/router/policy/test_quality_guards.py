@@ -5,11 +5,22 @@ named (``guard:min_quality.recall``)."""
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
 from typing import Any
 
+import numpy as np
 import pytest
 
-from monitors.quality import BINARY_FIGURES, MULTICLASS_FIGURES, REGRESSION_FIGURES, Figure
+from monitors.quality import (
+    BINARY_FIGURES,
+    MULTICLASS_FIGURES,
+    REGRESSION_FIGURES,
+    BinaryQuality,
+    Figure,
+    drop_bound,
+    wilson,
+)
 from router.policy.guard_spec import QUALITY_METRICS, GuardSpec
 from router.policy.guards import (
     Figures,
@@ -185,3 +196,82 @@ def test_quality_is_judged_whatever_the_window_traffic() -> None:
     worse = QualityWindow(200, {"recall": figure(0.5, 0.42, 0.58)}, {}, 0)
     evaluation = evaluate(spec, canary(QUALITY), Figures(TRAFFIC, quality={"2": worse}))
     assert evaluation.verdict == "breach"
+
+
+def labelled(tp: int, fn: int, fp: int, tn: int, confidence: float = 0.95) -> dict[str, Figure]:
+    """A binary accumulator's figures (monitors.quality) over labelled scores: ``tp`` positives
+    scored 0.9, ``fn`` scored 0.1, ``fp`` negatives scored 0.9, ``tn`` scored 0.1."""
+    acc = BinaryQuality()
+    scores = [0.9] * tp + [0.1] * fn + [0.9] * fp + [0.1] * tn
+    acc.observe(np.array(scores), np.array([1] * (tp + fn) + [0] * (fp + tn)))
+    return acc.realized(confidence)
+
+
+def window(figures: dict[str, Figure], labels: int) -> QualityWindow:
+    """What the guards judge of them (gateway.background.quality.Quality.windows)."""
+    judged = {m: QualityFigure(f.value, f.low, f.high, f.n) for m, f in figures.items()}
+    return QualityWindow(labels, {m: f for m, f in judged.items() if m in QUALITY_METRICS})
+
+
+def min_quality_check(metric: str, floor: float, judged: QualityWindow, min_labels: int) -> Any:
+    spec = GuardSpec.parse(
+        {"min_requests": 1, "min_labels": min_labels, "min_quality": {metric: floor}}
+    )
+    (check,) = [c for c in judge(spec, judged).checks if c.guard == f"min_quality.{metric}"]
+    return check
+
+
+def test_min_quality_breaches_only_below_the_lower_end_of_the_interval_at_confidence() -> None:
+    figures = labelled(tp=37, fn=13, fp=6, tn=74)
+    recall, fpr = figures["recall"], figures["false_positive_rate"]
+    assert recall.low is not None and fpr.high is not None
+    # the two-sided interval at the guards' confidence (95 %): a one-sided 97.5 % bound
+    assert recall.low == wilson(37, 50, NormalDist().inv_cdf(0.975))[0]
+    judged = window(figures, 130)
+    at = min_quality_check("recall", recall.low, judged, 130)
+    assert (at.status, at.value) == ("pass", recall.low)  # a bound exactly at the floor passes
+    above = min_quality_check("recall", math.nextafter(recall.low, 1.0), judged, 130)
+    assert above.status == "breach"
+    # lower is better: the interval's upper end against a ceiling
+    at = min_quality_check("false_positive_rate", fpr.high, judged, 130)
+    assert (at.status, at.value) == ("pass", fpr.high)
+    below = min_quality_check("false_positive_rate", math.nextafter(fpr.high, 0.0), judged, 130)
+    assert below.status == "breach"
+    # ... given min_labels (labelled predictions): one fewer and no verdict, however bad
+    assert min_quality_check("recall", 0.99, judged, 131).status == "insufficient"
+    assert min_quality_check("recall", 0.99, judged, 130).status == "breach"
+
+
+@pytest.mark.parametrize(
+    ("tp", "fn", "status"), [(37, 13, "breach"), (370, 130, "breach"), (444, 156, "pass")]
+)
+def test_the_documented_recall_example(tp: int, fn: int, status: str) -> None:
+    """docs/operations.md#quality-guards: recall 0.74 against a floor of 0.7."""
+    judged = window(labelled(tp, fn, 0, 0), tp + fn)
+    assert min_quality_check("recall", 0.7, judged, 50).status == status
+
+
+def test_the_drop_breaches_only_above_its_one_sided_upper_bound_at_confidence() -> None:
+    baseline = labelled(tp=90, fn=10, fp=10, tn=90)["accuracy"]  # 180 of 200
+    candidate = labelled(tp=80, fn=20, fp=20, tn=80)["accuracy"]  # 160 of 200
+    drop = drop_bound(candidate, baseline, 0.95)
+    assert drop is not None
+    # one-sided at 95 %: Newcombe's interval from each side's Wilson interval at z(0.95)
+    z = NormalDist().inv_cdf(0.95)
+    high, low = wilson(180, 200, z)[1], wilson(160, 200, z)[0]
+    assert drop == pytest.approx(0.1 + math.hypot(high - 0.9, 0.8 - low), abs=1e-12)
+
+    def check(limit: float, labels: int = 200, baseline_labels: int = 200) -> Any:
+        spec = GuardSpec.parse({"min_requests": 1, "min_labels": 200,
+                                "max_quality_drop_vs_baseline": {"accuracy": limit}})  # fmt: skip
+        judged = QualityWindow(labels, {}, {"accuracy": drop}, baseline_labels)
+        (found,) = [c for c in judge(spec, judged).checks if c.guard.startswith("max_quality")]
+        return found
+
+    at = check(drop)
+    assert (at.status, at.value) == ("pass", drop)  # a bound exactly at the limit passes
+    assert check(math.nextafter(drop, 0.0)).status == "breach"
+    # given min_labels on both sides
+    assert check(0.0, labels=199).status == "insufficient"
+    assert check(0.0, baseline_labels=199).status == "insufficient"
+    assert check(0.0).status == "breach"

@@ -25,7 +25,7 @@ from router.state.outcomes import (
 from router.state.redis_outcomes import RedisPredictions
 from router.state.store import StoreUnavailable
 from tests.support.memory import held_by
-from tests.support.redis_server import fresh_prefix
+from tests.support.redis_server import flush_prefix, fresh_prefix
 
 pytestmark = pytest.mark.anyio
 
@@ -156,3 +156,25 @@ async def test_redis_down_is_store_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         await store.claim("m", [("a", 1.0)], time.time())
     await store.close()
+
+
+async def test_a_redis_emptied_forgets_its_predictions_and_labels() -> None:
+    """Redis restarted empty: labels for predictions served before it are answered ``unknown``
+    (lost: docs/reliability.md), a label taken before it is not taken twice, and predictions
+    served after it join as ever."""
+    prefix = await fresh_prefix(REDIS_URL)
+    store = RedisPredictions(REDIS_URL, prefix, HORIZON_S)
+    now = time.time()
+    try:
+        await store.remember(
+            [Served("fraud", "a", "1", 0.2, now), Served("fraud", "b", "1", 0.8, now)]
+        )
+        assert [c.result for c in await store.claim("fraud", [("a", 1.0)], now)] == ["accepted"]
+        assert await flush_prefix(REDIS_URL, prefix) == 2
+        again = await store.claim("fraud", [("a", 1.0), ("b", 0.0)], now)
+        assert [c.result for c in again] == ["unknown", "unknown"]
+        await store.remember([Served("fraud", "c", "2", 0.6, now)])
+        assert await store.claim("fraud", [("c", 1.0)], now) == [Claimed("accepted", "2", 0.6)]
+    finally:
+        await store.close()
+        await flush_prefix(REDIS_URL, prefix)

@@ -19,6 +19,7 @@ from router.state.store import (
     ArmStats,
     Assignment,
     MemoryStore,
+    RolloutCopy,
     RouteRecord,
     StaleRevision,
     StateStore,
@@ -319,6 +320,33 @@ async def test_a_store_behind_a_replica_takes_back_only_what_it_lost(replicas: R
     assert [e.action for e in await first.audit()] == ["restore", "put"]
     assert (await put(second, "fraud", None)) is None
     assert await first.revision() == 9  # revisions go on from the restored one
+
+
+async def test_a_restore_puts_back_the_rollout_templates_and_states_it_holds(
+    replicas: Replicas,
+) -> None:
+    """Under the same gate as the policies: only what a model has none of now, each under its
+    own revision or sequence number, so the engine's next If-Match write applies."""
+    store = replicas.open()
+    now = {"steps": [1.0]}
+    await store.put_rollout("risk", now, expected=None, who="a", action="rollout_put", reason="")
+    template = {"steps": [0.25, 1.0], "approval": "required"}
+    state = {"model": "fraud", "phase": "awaiting_approval", "decision": None}
+    copy = RolloutCopy(
+        templates={"fraud": (6, template), "risk": (4, {"steps": [0.5]})},
+        states={"fraud": (9, state)},
+    )
+    assert copy.revision == 6
+    assert await store.restore(7, [], {}, copy, who="restore:x", reason="lost") is True
+    assert await store.revision() == 7
+    assert await store.rollouts() == {"fraud": (6, template), "risk": (1, now)}
+    assert await store.rollout_states() == {"fraud": (9, state)}
+    decided = {**state, "decision": "approved"}
+    assert await store.put_rollout_state("fraud", decided, expected=9) == 10
+    # a second replica, behind no more, changes nothing
+    again = RolloutCopy(states={"fraud": (3, state)})
+    assert await replicas.open().restore(7, [], {}, again, who="late", reason="lost") is False
+    assert await store.rollout_states() == {"fraud": (10, decided)}
 
 
 async def test_stats_add_up_exactly_under_concurrency(replicas: Replicas) -> None:
