@@ -4,7 +4,8 @@ loop with the same batch-1 ``fraud`` body, ``batches`` batches of ``n`` requests
 few milliseconds long often runs without being interrupted even on a busy machine, so the
 minimum (and a low percentile) over many batches moves far less with other processes' load than
 a median of long rounds (loadtests.handler_cost): use it to compare two commits while the
-machine is shared, and handler_cost on a quiet machine for the figures to publish.
+machine is shared, and handler_cost (whose medians include the batches in which a background
+task ran, which the fastest batches leave out) on a quiet machine for the figures to publish.
 
 Run: ``.venv/bin/python -m loadtests.best_cost [--policy canary] [--batches 1000] [-n 20]``
 (pinned: ``taskset -c 1``); with ``PYTHONPATH`` set to a worktree of another commit (and this
@@ -14,6 +15,7 @@ file and handler_cost.py, bare.py copied into it) to compare commits.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import statistics
 import sys
@@ -48,6 +50,7 @@ async def _batches(repo: Path, policy: str | None, batches: int, n: int) -> dict
                 start = clock()
                 for _ in range(n):
                     await _call(each, body)
+                    await asyncio.sleep(0)  # as handler_cost: the loop turns between requests
                 times[name].append((clock() - start) / n * 1e6)
         return times
 
