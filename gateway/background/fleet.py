@@ -32,7 +32,9 @@ from router.state.store import StateStore, StoreUnavailable
 log = logging.getLogger("turnout.fleet")
 
 Scope = Literal["process", "group", "fleet"]
-_TRAFFIC = "traffic"
+# Every member publishes its traffic (every version of the gateway has): a field to count the
+# live members by, without reading their whole publish (gateway.http.limits).
+TRAFFIC = "traffic"
 _MONITOR = "monitor/"
 _RUNTIME = "runtime/"
 _READY = "ready"  # the [model, version, sha256] this process serves READY
@@ -126,7 +128,7 @@ class CountsExchange:
     def blobs(self, now: float) -> dict[str, bytes]:
         view = self.local(now)
         out = {
-            _TRAFFIC: orjson.dumps(
+            TRAFFIC: orjson.dumps(
                 {"requests": [[*k, n] for k, n in view.requests.items()], "inflight": view.inflight}
             )
         }
@@ -163,7 +165,7 @@ class CountsExchange:
 def _merge(view: View, blobs: dict[str, bytes]) -> None:
     for name, blob in blobs.items():
         try:
-            if name == _TRAFFIC:
+            if name == TRAFFIC:
                 traffic = orjson.loads(blob)
                 for *key, n in traffic["requests"]:
                     view.requests[(key[0], key[1], key[2], key[3])] += int(n)

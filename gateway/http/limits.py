@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from gateway.background.fleet import TRAFFIC
 from gateway.background.tasks import stop_task
 from gateway.errors import BadRequest, RateLimited
 from gateway.http.clients import Clients
@@ -225,7 +226,10 @@ class Limits:
         try:
             raw = await self.store.limits()
             if self.gate is not None:
-                self.replicas = max(1, len(await self.store.read_counts("")))
+                # one field of each member (the traffic it publishes, a few kB), not its
+                # whole publish (its monitors' and quality's counters: up to MiBs)
+                live = await self.store.read_counts("", fields=(TRAFFIC,))
+                self.replicas = max(1, len(live))
         except StoreUnavailable as exc:
             log.debug("rate limits not refreshed: %s", exc)
             return
