@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from redis.asyncio import Redis
 
 from router.state.redis_store import RedisStore
 from router.state.store import MemoryStore, StateStore
-from tests.support.redis_server import fresh_prefix
+from tests.support.redis_server import flush_prefix, fresh_prefix
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -37,7 +36,4 @@ async def handles(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[], 
     yield make
     for store in opened:
         await store.close()
-    raw = Redis.from_url(REDIS_URL)
-    async for key in raw.scan_iter(match=f"{prefix}*"):
-        await raw.delete(key)
-    await raw.aclose()
+    await flush_prefix(REDIS_URL, prefix)

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis
 
 from router.policy.policies import PolicyError
 from router.policy.spec import PolicyDoc, parse_policy
@@ -24,7 +23,7 @@ from router.state.redis_store import RedisStore
 from router.state.store import MemoryStore, StoreUnavailable
 from router.state.table import RewardConflict, RouteTable, UnknownInference
 from tests.support.memory import held_by
-from tests.support.redis_server import RedisServer, fresh_prefix
+from tests.support.redis_server import RedisServer, flush_prefix, fresh_prefix
 
 pytestmark = pytest.mark.anyio
 
@@ -59,10 +58,7 @@ async def replica(request: pytest.FixtureRequest) -> AsyncIterator[Replica]:
     yield make
     for table in tables:
         await table.store.close()
-    raw = Redis.from_url(REDIS_URL)
-    async for key in raw.scan_iter(match=f"{prefix}*"):
-        await raw.delete(key)
-    await raw.aclose()
+    await flush_prefix(REDIS_URL, prefix)
 
 
 async def write(table: RouteTable, doc: PolicyDoc | None, model: str = "fraud") -> int:
@@ -199,10 +195,7 @@ async def test_of_two_replicas_racing_on_each_id_exactly_one_reward_is_taken() -
     finally:
         for table in (a, b):
             await table.store.close()
-        raw = Redis.from_url(REDIS_URL)
-        async for key in raw.scan_iter(match=f"{prefix}*"):
-            await raw.delete(key)
-        await raw.aclose()
+        await flush_prefix(REDIS_URL, prefix)
 
 
 async def test_feedback_while_redis_hangs_is_unavailable_and_counts_once_when_retried(

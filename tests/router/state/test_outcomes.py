@@ -47,10 +47,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[PredictionStore
     redis_store = RedisPredictions(REDIS_URL, prefix, HORIZON_S)
     yield redis_store
     await redis_store.close()
-    raw = Redis.from_url(REDIS_URL)
-    async for key in raw.scan_iter(match=f"{prefix}*"):
-        await raw.delete(key)
-    await raw.aclose()
+    await flush_prefix(REDIS_URL, prefix)
 
 
 async def test_a_label_joins_the_prediction_once(store: PredictionStore) -> None:
@@ -104,8 +101,7 @@ async def test_redis_keeps_a_prediction_for_the_horizon_and_its_grace() -> None:
         assert 0 < await raw.pttl(f"{prefix}outcome:fraud:id-1") <= keep_ms
     finally:
         await store.close()
-        async for key in raw.scan_iter(match=f"{prefix}*"):
-            await raw.delete(key)
+        await flush_prefix(REDIS_URL, prefix)
         await raw.aclose()
 
 

@@ -25,7 +25,7 @@ from router.state.store import (
     StateStore,
     StoreUnavailable,
 )
-from tests.support.redis_server import RedisServer, fresh_prefix
+from tests.support.redis_server import RedisServer, flush_prefix, fresh_prefix
 
 pytestmark = pytest.mark.anyio
 
@@ -65,10 +65,7 @@ async def replicas(request: pytest.FixtureRequest) -> AsyncIterator[Replicas]:
     yield handles
     for store in handles.opened:
         await store.close()
-    raw = Redis.from_url(REDIS_URL)
-    async for key in raw.scan_iter(match=f"{prefix}*"):
-        await raw.delete(key)
-    await raw.aclose()
+    await flush_prefix(REDIS_URL, prefix)
 
 
 @pytest.fixture
@@ -467,8 +464,7 @@ async def test_redis_keys_of_an_inference_id_expire_with_the_feedback_window() -
         for key in ("assign:req-1", "reward:req-1"):
             assert 3_500_000 < await raw.pttl(prefix + key) <= 3_600_000, key
     finally:
-        async for key in raw.scan_iter(match=f"{prefix}*"):
-            await raw.delete(key)
+        await flush_prefix(REDIS_URL, prefix)
         await raw.aclose()
         await store.close()
 
