@@ -86,8 +86,12 @@ class Batch:
 
 
 def _default(value: Any) -> Any:
-    """What orjson cannot write itself: string tensors, non-native arrays, bytes."""
+    """What orjson cannot write itself: string tensors, strided arrays, bytes. A strided
+    numeric array is written as a contiguous copy, so its floats keep their own shortest text
+    (float32: ``0.2``, not ``tolist``'s float64 ``0.20000000298023224``)."""
     if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biuf" and not value.flags.c_contiguous:
+            return np.ascontiguousarray(value)
         return value.tolist()
     if isinstance(value, bytes):
         return value.decode("utf-8", "backslashreplace")

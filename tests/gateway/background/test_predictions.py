@@ -506,3 +506,10 @@ def test_the_writer_process_seals_its_file_when_the_gateway_dies(tmp_path: Path)
     assert died.returncode == 3
     until(lambda: closed_files(tmp_path) and not list(tmp_path.glob("*.partial")), timeout_s=10)
     assert len(read_dir(tmp_path)) == 6
+
+
+def test_a_strided_float32_array_keeps_its_float32_text() -> None:
+    """orjson writes only contiguous arrays; the fallback for a strided view must not turn
+    float32 values into float64 text (0.2 would read 0.20000000298023224)."""
+    array = (np.arange(12, dtype=np.float32).reshape(3, 4) / 10)[:, ::2]
+    assert dumps(array) == b"[[0.0,0.2],[0.4,0.6],[0.8,1.0]]"
