@@ -88,7 +88,7 @@ class _Version:
 
 
 # A routed response waiting for the next drain: its version, its task's output, the client's id
-Response = tuple[ModelVersion, Mapping[str, np.ndarray], str | None]
+Response = tuple[ModelVersion, np.ndarray | None, str | None]
 
 
 class Quality:
@@ -134,10 +134,10 @@ class Quality:
         self, info: ModelVersion, outputs: Mapping[str, np.ndarray], request_id: str | None
     ) -> None:
         """A routed response of a version with a task (``info.task`` is not None): kept as it
-        is (the version, its outputs, the client's id) until the next flush reads it, so the
-        request pays one append (loadtests.stage_cost)."""
+        is (the version, its task's output alone, the client's id) until the next flush reads
+        it, so the request pays one lookup and one append (loadtests.stage_cost)."""
         if len(self._responses) < self.max_pending:
-            self._responses.append((info, outputs, request_id))
+            self._responses.append((info, outputs.get(info.task.output), request_id))  # type: ignore[union-attr]
         else:
             self.dropped += 1
 
@@ -149,11 +149,10 @@ class Quality:
         if responses:
             wall = time.time()  # when they were served, within a flush period
             pending, bound = self._pending, self._bound
-            for info, outputs, request_id in responses:
+            for info, array, request_id in responses:
                 task = info.task
                 assert task is not None
-                array = outputs.get(task.output)
-                if array is None:
+                if array is None:  # the client asked for other outputs
                     self.unshaped += 1
                     continue
                 known = bound.get(id(info))
